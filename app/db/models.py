@@ -1,0 +1,98 @@
+"""Metadata schema. The vector store holds vectors; this holds what they are and how they got there.
+
+Every change here is one new Alembic migration under migrations/versions.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class VersionStatus:
+    BUILDING = "building"
+    FINALIZING = "finalizing"
+    READY = "ready"
+    RETIRED = "retired"
+    FAILED = "failed"
+    ACTIVATABLE = (READY, RETIRED)
+
+
+class ShardStatus:
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Memory(Base):
+    __tablename__ = "memories"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    active_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("memory_versions.id", use_alter=True, name="fk_memories_active_version", ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    versions: Mapped[list["MemoryVersion"]] = relationship(
+        back_populates="memory", foreign_keys="MemoryVersion.memory_id", order_by="MemoryVersion.version"
+    )
+
+
+class MemoryVersion(Base):
+    __tablename__ = "memory_versions"
+    __table_args__ = (UniqueConstraint("memory_id", "version", name="uq_memory_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    memory_id: Mapped[int] = mapped_column(ForeignKey("memories.id", ondelete="CASCADE"), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=VersionStatus.BUILDING)
+    backbone: Mapped[str] = mapped_column(Text, nullable=False)  # canonical spec string
+    backbone_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 of weights/config, when files
+    dim: Mapped[int] = mapped_column(Integer, nullable=False)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    source_format: Mapped[str] = mapped_column(String(16), nullable=False)
+    collection: Mapped[str] = mapped_column(String(128), nullable=False)
+    items_stored: Mapped[int] = mapped_column(Integer, default=0)
+    items_skipped: Mapped[int] = mapped_column(Integer, default=0)
+    activate_when_ready: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    memory: Mapped[Memory] = relationship(back_populates="versions", foreign_keys=[memory_id])
+    shards: Mapped[list["IngestShard"]] = relationship(
+        back_populates="version", order_by="IngestShard.index", cascade="all, delete-orphan"
+    )
+
+
+class IngestShard(Base):
+    __tablename__ = "ingest_shards"
+    __table_args__ = (UniqueConstraint("version_id", "index", name="uq_shard_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("memory_versions.id", ondelete="CASCADE"), nullable=False)
+    index: Mapped[int] = mapped_column(Integer, nullable=False)
+    spec: Mapped[dict] = mapped_column(JSON, nullable=False)  # what the reader needs to find this shard
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=ShardStatus.PENDING)
+    items_stored: Mapped[int] = mapped_column(Integer, default=0)
+    items_skipped: Mapped[int] = mapped_column(Integer, default=0)
+    skip_reasons: Mapped[dict] = mapped_column(JSON, default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    version: Mapped[MemoryVersion] = relationship(back_populates="shards")

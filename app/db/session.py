@@ -1,0 +1,128 @@
+"""Engine and sessions for the metadata DB, and schema upgrades through the Alembic migrations we ship."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..errors import RecoError
+from ..settings import mask_url
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def _alembic_config(connection=None):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+class Database:
+    """One engine per process. `upgrade()` is idempotent; `auto_upgrade` applies it on first use (embedded)."""
+
+    def __init__(self, url: str, auto_upgrade: bool = False):
+        self.url = url
+        kwargs: dict = {"future": True, "pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 60}
+        else:
+            kwargs["connect_args"] = {"connect_timeout": 5}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if auto_upgrade:
+            self.upgrade()
+        else:
+            self.check_schema()
+
+    def _connect_error(self, exc: Exception) -> RecoError:
+        return RecoError(
+            f"cannot reach the metadata database at {mask_url(self.url)} ({str(exc).splitlines()[0]}); "
+            "check RECO_DATABASE_URL and that the server is running"
+        )
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        try:
+            with self.engine.connect() as conn:
+                return MigrationContext.configure(conn).get_current_revision()
+        except OperationalError as exc:
+            raise self._connect_error(exc) from exc
+
+    def upgrade(self) -> tuple[str | None, str]:
+        """Bring the schema to the newest migration. Returns (before, after)."""
+        from alembic import command
+
+        before = self.current_revision()
+        head = head_revision()
+        if before != head:
+            try:
+                with self.engine.begin() as conn:
+                    command.upgrade(_alembic_config(conn), "head")
+            except (OperationalError, ProgrammingError) as exc:
+                # another process may have upgraded at the same moment: fine if we are now at head
+                if self.current_revision() != head:
+                    raise RecoError(f"database upgrade failed: {str(exc).splitlines()[0]}") from exc
+        return before, head
+
+    def check_schema(self) -> None:
+        current = self.current_revision()
+        if current != head_revision():
+            raise RecoError(
+                f"the metadata database at {mask_url(self.url)} is at schema {current or 'none'}, "
+                f"this code needs {head_revision()}: run `reco db upgrade`"
+            )
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A unit of work: commits on success, rolls back on error."""
+        s = self._sessions()
+        try:
+            yield s
+            s.commit()
+        except OperationalError as exc:
+            s.rollback()
+            raise self._connect_error(exc) from exc
+        except BaseException:
+            s.rollback()
+            raise
+        finally:
+            s.close()
+
+    def ping(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except OperationalError as exc:
+            raise self._connect_error(exc) from exc
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.close()

@@ -1,0 +1,219 @@
+"""Embedded backend: Qdrant's engine in-process (qdrant-edge-py), one shard directory per memory version.
+
+The engine allows one open shard per directory (it locks the WAL), so a shard is opened only for the work at
+hand, under a file lock beside it: an ingest worker and the CLI on one machine take turns instead of colliding.
+Within one process, concurrent users (threads, a `hold()` block) share a single open handle.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from filelock import FileLock
+
+from ..errors import RecoError
+from .base import MODALITIES, Hit, VectorStore, as_matrix, check_modality
+
+HNSW_M = 16
+HNSW_EF_CONSTRUCT = 128
+DEFAULT_EF = 128
+
+
+def _edge():
+    import qdrant_edge
+
+    return qdrant_edge
+
+
+class _Handle:
+    def __init__(self, shard, lock: FileLock):
+        self.shard = shard
+        self.lock = lock
+        self.users = 0
+
+
+class EdgeStore(VectorStore):
+    kind = "embedded"
+    _handles: dict[str, _Handle] = {}  # process-wide: the engine allows one open shard per directory
+    _registry_lock = threading.RLock()
+
+    def __init__(self, root: Path | str, hnsw_ef: int = DEFAULT_EF, lock_timeout: float = 600.0):
+        self.root = Path(root)
+        self.hnsw_ef = hnsw_ef
+        self.lock_timeout = lock_timeout
+
+    # -- shard lifecycle -------------------------------------------------------------------------------
+    def _dir(self, collection: str) -> Path:
+        return self.root / collection
+
+    def _config(self, dim: int, indexing: bool = False):
+        e = _edge()
+        return e.EdgeConfig(
+            vectors={name: e.EdgeVectorParams(size=dim, distance=e.Distance.Cosine) for name in MODALITIES},
+            hnsw_config=e.HnswIndexConfig(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT, full_scan_threshold=1000),
+            # 0 disables indexing while a version is written; sealing switches it on and builds HNSW once
+            optimizers=e.EdgeOptimizersConfig(indexing_threshold=1 if indexing else 0),
+        )
+
+    @contextmanager
+    def _open(self, collection: str, create_dim: int | None = None) -> Iterator:
+        path = self._dir(collection)
+        key = str(path)
+        with self._registry_lock:
+            h = self._handles.get(key)
+            if h is None:
+                self.root.mkdir(parents=True, exist_ok=True)
+                lock = FileLock(str(path) + ".lock", timeout=self.lock_timeout, thread_local=False)
+                lock.acquire()
+                try:
+                    e = _edge()
+                    if path.exists() and any(path.iterdir()):
+                        shard = e.EdgeShard.load(str(path))
+                    elif create_dim is not None:
+                        shard = e.EdgeShard.create(str(path), self._config(create_dim))
+                    else:
+                        raise RecoError(f"vector collection {collection} does not exist under {self.root}")
+                except BaseException:
+                    lock.release()
+                    raise
+                h = self._handles[key] = _Handle(shard, lock)
+            h.users += 1
+        try:
+            yield h.shard
+        finally:
+            with self._registry_lock:
+                h.users -= 1
+                if h.users == 0:
+                    try:
+                        h.shard.flush()
+                        h.shard.close()
+                    finally:
+                        del self._handles[key]
+                        h.lock.release()
+
+    @contextmanager
+    def hold(self, collection: str) -> Iterator[None]:
+        with self._open(collection):
+            yield
+
+    # -- contract --------------------------------------------------------------------------------------
+    def ping(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RecoError(f"cannot create the embedded vector directory {self.root}: {exc}; check RECO_HOME") from exc
+
+    def create(self, collection: str, dim: int) -> None:
+        with self._open(collection, create_dim=dim):
+            pass
+
+    def exists(self, collection: str) -> bool:
+        path = self._dir(collection)
+        return path.exists() and any(path.iterdir())
+
+    def upsert(self, collection, ids, image, text, payloads) -> None:
+        e = _edge()
+        image, text = as_matrix(image), as_matrix(text)
+        if not (len(ids) == len(image) == len(text) == len(payloads)):
+            raise ValueError("ids, vectors and payloads must have the same length")
+        points = [
+            e.Point(id=pid, vector={"image": image[i].tolist(), "text": text[i].tolist()}, payload=payloads[i])
+            for i, pid in enumerate(ids)
+        ]
+        with self._open(collection) as shard:
+            shard.update(e.UpdateOperation.upsert_points(points))
+            shard.flush()
+
+    def count(self, collection: str) -> int:
+        e = _edge()
+        with self._open(collection) as shard:
+            return shard.count(e.CountRequest(exact=True))
+
+    def search(self, collection, queries, using, k, with_vector=None, exclude=None, score_threshold=None,
+               with_payload=True) -> list[list[Hit]]:
+        check_modality(using)
+        check_modality(with_vector, allow_none=True)
+        e = _edge()
+        q = as_matrix(queries)
+        params = e.SearchParams(hnsw_ef=max(self.hnsw_ef, k))
+        requests = []
+        for i in range(len(q)):
+            flt = None
+            if exclude is not None and exclude[i]:
+                flt = e.Filter(must_not=[e.HasIdCondition({uuid.UUID(x) for x in exclude[i]})])
+            requests.append(
+                e.QueryRequest(
+                    limit=k,
+                    query=e.Query.Nearest(q[i].tolist(), using=using),
+                    filter=flt,
+                    with_payload=with_payload,
+                    with_vector=[with_vector] if with_vector else False,
+                    score_threshold=score_threshold,
+                    params=params,
+                )
+            )
+        if not requests:
+            return []
+        with self._open(collection) as shard:
+            results = shard.query_batch(e.QueryBatchRequest(requests))
+        return [[_hit(p, with_vector) for p in row] for row in results]
+
+    def retrieve(self, collection, ids, with_vector=None) -> list[Hit]:
+        check_modality(with_vector, allow_none=True)
+        with self._open(collection) as shard:
+            recs = shard.retrieve(list(ids), with_payload=True, with_vector=[with_vector] if with_vector else False)
+        by_id = {str(r.id): r for r in recs}
+        return [_hit(by_id[i], with_vector, score=1.0) for i in ids if i in by_id]
+
+    def iter_ids(self, collection, batch=1024) -> Iterator[list[str]]:
+        e = _edge()
+        offset = None
+        with self._open(collection) as shard:
+            while True:
+                recs, offset = shard.scroll(
+                    e.ScrollRequest(offset=offset, limit=batch, with_payload=False, with_vector=False)
+                )
+                if recs:
+                    yield [str(r.id) for r in recs]
+                if offset is None:
+                    return
+
+    def seal(self, collection: str) -> None:
+        e = _edge()
+        path = self._dir(collection)
+        with self._registry_lock:
+            if str(path) in self._handles:
+                raise RecoError(f"cannot seal {collection} while it is open in this process")
+            with FileLock(str(path) + ".lock", timeout=self.lock_timeout, thread_local=False):
+                dim = json.loads((path / "edge_config.json").read_text())["vectors"]["image"]["size"]
+                # reloading with indexing switched on persists the new config; optimize() builds HNSW now
+                shard = e.EdgeShard.load(str(path), self._config(dim, indexing=True))
+                try:
+                    shard.optimize()
+                    shard.flush()
+                finally:
+                    shard.close()
+
+    def drop(self, collection: str) -> None:
+        path = self._dir(collection)
+        with self._registry_lock:
+            if str(path) in self._handles:
+                raise RecoError(f"cannot delete {collection} while it is open in this process")
+            with FileLock(str(path) + ".lock", timeout=self.lock_timeout, thread_local=False):
+                shutil.rmtree(path, ignore_errors=True)
+        Path(str(path) + ".lock").unlink(missing_ok=True)
+
+
+def _hit(p, with_vector: str | None, score: float | None = None) -> Hit:
+    vec = None
+    if with_vector:
+        v = p.vector or {}
+        vec = np.asarray(v.get(with_vector), dtype=np.float32) if v.get(with_vector) is not None else None
+    return Hit(id=str(p.id), score=float(p.score if score is None else score), payload=dict(p.payload or {}), vector=vec)

@@ -1,0 +1,189 @@
+"""Server backend: a Qdrant server or cluster through qdrant-client (HNSW, sharding, replication, aliases).
+
+Tests run it against qdrant-client's local mode (`ServerStore(":memory:")`), which speaks the same API.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import RecoError, TransientError
+from ..settings import mask_url
+from .base import MODALITIES, Hit, VectorStore, as_matrix, check_modality
+
+DEFAULT_EF = 128
+
+
+class ServerStore(VectorStore):
+    kind = "server"
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: int = 30, hnsw_ef: int = DEFAULT_EF,
+                 shard_number: int | None = None, replication_factor: int | None = None):
+        from qdrant_client import QdrantClient
+
+        self.url = url
+        self.hnsw_ef = hnsw_ef
+        self.shard_number = shard_number
+        self.replication_factor = replication_factor
+        if url == ":memory:" or url.startswith("path:"):
+            self.client = QdrantClient(location=":memory:") if url == ":memory:" else QdrantClient(path=url[5:])
+        else:
+            self.client = QdrantClient(url=url, api_key=api_key, timeout=timeout)
+
+    def _call(self, fn, *args, **kwargs):
+        """Connection problems become TransientError (the ingest task retries them with backoff)."""
+        from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+        try:
+            return fn(*args, **kwargs)
+        except ResponseHandlingException as exc:
+            raise TransientError(f"Qdrant at {mask_url(self.url)} did not answer: {exc}") from exc
+        except UnexpectedResponse as exc:
+            if exc.status_code in (502, 503, 504, 429):
+                raise TransientError(f"Qdrant at {mask_url(self.url)} is busy: {exc}") from exc
+            raise RecoError(f"Qdrant at {mask_url(self.url)} refused the request: {exc}") from exc
+
+    def ping(self) -> None:
+        try:
+            self._call(self.client.get_collections)
+        except TransientError as exc:
+            raise RecoError(f"{exc}; check RECO_QDRANT_URL (and RECO_QDRANT_API_KEY) and that Qdrant is running") from exc
+
+    def create(self, collection: str, dim: int) -> None:
+        from qdrant_client import models
+
+        if self.exists(collection):
+            return
+        try:
+            self._call(
+                self.client.create_collection,
+                collection_name=collection,
+                vectors_config={n: models.VectorParams(size=dim, distance=models.Distance.COSINE) for n in MODALITIES},
+                hnsw_config=models.HnswConfigDiff(m=16, ef_construct=128),
+                # no indexing while the version is written; seal() switches it on
+                optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0),
+                shard_number=self.shard_number,
+                replication_factor=self.replication_factor,
+            )
+        except RecoError:
+            if not self.exists(collection):  # lost a race with a concurrent task: fine if it now exists
+                raise
+
+    def exists(self, collection: str) -> bool:
+        return bool(self._call(self.client.collection_exists, collection))
+
+    def upsert(self, collection, ids, image, text, payloads) -> None:
+        from qdrant_client import models
+
+        image, text = as_matrix(image), as_matrix(text)
+        if not (len(ids) == len(image) == len(text) == len(payloads)):
+            raise ValueError("ids, vectors and payloads must have the same length")
+        self._call(
+            self.client.upsert,
+            collection_name=collection,
+            points=models.Batch(
+                ids=list(ids),
+                vectors={"image": image.tolist(), "text": text.tolist()},
+                payloads=list(payloads),
+            ),
+            wait=True,
+        )
+
+    def count(self, collection: str) -> int:
+        return self._call(self.client.count, collection, exact=True).count
+
+    def search(self, collection, queries, using, k, with_vector=None, exclude=None, score_threshold=None,
+               with_payload=True) -> list[list[Hit]]:
+        from qdrant_client import models
+
+        check_modality(using)
+        check_modality(with_vector, allow_none=True)
+        q = as_matrix(queries)
+        params = models.SearchParams(hnsw_ef=max(self.hnsw_ef, k))
+        requests = []
+        for i in range(len(q)):
+            flt = None
+            if exclude is not None and exclude[i]:
+                flt = models.Filter(must_not=[models.HasIdCondition(has_id=list(exclude[i]))])
+            requests.append(
+                models.QueryRequest(
+                    query=q[i].tolist(), using=using, limit=k, filter=flt, params=params,
+                    with_payload=with_payload, with_vector=[with_vector] if with_vector else False,
+                    score_threshold=score_threshold,
+                )
+            )
+        if not requests:
+            return []
+        results = self._call(self.client.query_batch_points, collection, requests=requests)
+        return [[_hit(p, with_vector) for p in r.points] for r in results]
+
+    def retrieve(self, collection, ids, with_vector=None) -> list[Hit]:
+        check_modality(with_vector, allow_none=True)
+        recs = self._call(
+            self.client.retrieve, collection, ids=list(ids), with_payload=True,
+            with_vectors=[with_vector] if with_vector else False,
+        )
+        by_id = {str(r.id): r for r in recs}
+        return [_hit(by_id[i], with_vector, score=1.0) for i in ids if i in by_id]
+
+    def iter_ids(self, collection, batch=1024) -> Iterator[list[str]]:
+        offset = None
+        while True:
+            recs, offset = self._call(
+                self.client.scroll, collection, limit=batch, offset=offset, with_payload=False, with_vectors=False
+            )
+            if recs:
+                yield [str(r.id) for r in recs]
+            if offset is None:
+                return
+
+    def seal(self, collection: str) -> None:
+        from qdrant_client import models
+
+        self._call(
+            self.client.update_collection,
+            collection_name=collection,
+            optimizers_config=models.OptimizersConfigDiff(indexing_threshold=10000),
+        )
+
+    def drop(self, collection: str) -> None:
+        self._call(self.client.delete_collection, collection)
+
+    def point_alias(self, alias: str, collection: str) -> None:
+        """One aliases request with delete + create: Qdrant applies it atomically."""
+        from qdrant_client import models
+
+        ops = []
+        if any(a.alias_name == alias for a in self._call(self.client.get_aliases).aliases):
+            ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+        ops.append(
+            models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=collection, alias_name=alias))
+        )
+        self._call(self.client.update_collection_aliases, change_aliases_operations=ops)
+
+    def drop_alias(self, alias: str) -> None:
+        from qdrant_client import models
+
+        if any(a.alias_name == alias for a in self._call(self.client.get_aliases).aliases):
+            self._call(
+                self.client.update_collection_aliases,
+                change_aliases_operations=[models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))],
+            )
+
+    def alias_target(self, alias: str) -> str | None:
+        for a in self._call(self.client.get_aliases).aliases:
+            if a.alias_name == alias:
+                return a.collection_name
+        return None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _hit(p, with_vector: str | None, score: float | None = None) -> Hit:
+    vec = None
+    if with_vector and isinstance(p.vector, dict) and p.vector.get(with_vector) is not None:
+        vec = np.asarray(p.vector[with_vector], dtype=np.float32)
+    return Hit(id=str(p.id), score=float(p.score if score is None else score), payload=dict(p.payload or {}), vector=vec)
