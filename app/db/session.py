@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import RecoError
+from ..errors import RecoError, TransientError
 from ..settings import mask_url
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -33,9 +33,10 @@ def head_revision() -> str:
 
 
 class Database:
-    """One engine per process. `upgrade()` is idempotent; `auto_upgrade` applies it on first use (embedded)."""
+    """One engine per process. `upgrade()` is idempotent; `auto_upgrade` applies it on first use (embedded);
+    otherwise a schema behind the code is refused with a pointer to `reco db upgrade` (`check=False` skips that)."""
 
-    def __init__(self, url: str, auto_upgrade: bool = False):
+    def __init__(self, url: str, auto_upgrade: bool = False, check: bool = True):
         self.url = url
         kwargs: dict = {"future": True, "pool_pre_ping": True}
         if url.startswith("sqlite"):
@@ -51,11 +52,11 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if auto_upgrade:
             self.upgrade()
-        else:
+        elif check:
             self.check_schema()
 
-    def _connect_error(self, exc: Exception) -> RecoError:
-        return RecoError(
+    def _connect_error(self, exc: Exception) -> TransientError:
+        return TransientError(
             f"cannot reach the metadata database at {mask_url(self.url)} ({str(exc).splitlines()[0]}); "
             "check RECO_DATABASE_URL and that the server is running"
         )

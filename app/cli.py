@@ -1,0 +1,293 @@
+"""`reco`: the admin CLI. One click group per noun; every command gets the shared Runtime as ctx.obj."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import RecoError
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _table(rows: list[list], headers: list[str]) -> None:
+    rows = [[("" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+class RecoGroup(click.Group):
+    """Turns RecoError (and service outages) into one `Error: ...` line and exit code 1, for every subcommand."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RecoError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=RecoGroup)
+@click.version_option(package_name="reco")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """RECO admin: memory versions, workers, the metadata DB.
+
+    Zero config runs embedded under ./.reco (SQLite + Qdrant's in-process engine + in-process tasks);
+    RECO_DATABASE_URL, RECO_QDRANT_URL and RECO_BROKER_URL switch to PostgreSQL, a Qdrant server and Celery.
+    """
+    from .runtime import Runtime
+
+    ctx.obj = Runtime()
+    ctx.call_on_close(ctx.obj.close)
+
+
+@cli.command()
+@click.pass_obj
+def info(rt) -> None:
+    """Show the effective settings (secrets masked)."""
+    _echo_json(rt.settings.describe())
+
+
+# -- db -------------------------------------------------------------------------------------------------
+@cli.group()
+def db() -> None:
+    """The metadata database schema."""
+
+
+@db.command("upgrade")
+@click.pass_obj
+def db_upgrade(rt) -> None:
+    """Apply every pending migration (idempotent)."""
+    from .db import Database
+
+    before, after = Database(rt.settings.database_url, check=False).upgrade()
+    click.echo(f"schema {before or 'empty'} -> {after}" if before != after else f"schema already at {after}")
+
+
+@db.command("current")
+@click.pass_obj
+def db_current(rt) -> None:
+    """Print the schema revision of the database and the one this code needs."""
+    from .db import Database
+    from .db.session import head_revision
+
+    current = Database(rt.settings.database_url, check=False).current_revision()
+    click.echo(f"database: {current or 'empty'}  code: {head_revision()}")
+
+
+# -- memory ---------------------------------------------------------------------------------------------
+@cli.group()
+def memory() -> None:
+    """Image-text memories and their versions."""
+
+
+@memory.command("build")
+@click.argument("name")
+@click.argument("source")
+@click.option("--format", "fmt", type=click.Choice(["wds", "manifest", "embeddings"]), default=None,
+              help="Corpus layout (default: detected from SOURCE).")
+@click.option("--backbone", required=True, help="MODEL:TAG, MODEL:/path/weights, MODEL, or /path/config.json[:/path/weights].")
+@click.option("--activate", is_flag=True, help="Make the version active as soon as it is ready.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the version is ready (distributed profile).")
+@click.option("--image-column", default="image", show_default=True, help="Manifest column with image paths.")
+@click.option("--caption-column", default="caption", show_default=True, help="Manifest column with captions.")
+@click.option("--key-column", default=None, help="Manifest column with item keys (default: the row number).")
+@click.option("--shard-size", default=10_000, show_default=True, help="Manifest rows per shard (one task each).")
+@click.option("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
+@click.pass_obj
+def memory_build(rt, name, source, fmt, backbone, activate, wait, image_column, caption_column, key_column,
+                 shard_size, timeout) -> None:
+    """Create the next version of NAME from SOURCE: one ingest task per shard."""
+    from .build import enqueue, run_in_process, start_build, wait_for
+
+    v = start_build(rt, name, source, backbone=backbone, fmt=fmt, activate=activate, image_column=image_column,
+                    caption_column=caption_column, key_column=key_column, shard_size=shard_size)
+    click.echo(f"{name} v{v.version}: building from {source}", err=True)
+    if rt.settings.in_process_tasks:
+        run_in_process(rt, v.id)
+        status = _status(rt, v.id)
+    else:
+        ids = enqueue(rt, v.id)
+        click.echo(f"queued {len(ids)} shard task(s) on 'ingest'", err=True)
+        if not wait:
+            click.echo(f"{name} v{v.version} building")
+            return
+        status = wait_for(rt, v.id, timeout=timeout)
+    _report_build(rt, name, v.version, status)
+
+
+def _status(rt, version_id: int) -> str:
+    from .db.models import MemoryVersion
+
+    with rt.db.session() as s:
+        return s.get(MemoryVersion, version_id).status
+
+
+def _report_build(rt, name: str, version: int, status: str) -> None:
+    from .memory import get_memory, get_version, summary
+
+    with rt.db.session() as s:
+        mem = get_memory(s, name)
+        d = summary(s, get_version(s, name, version), mem.active_version_id)
+    skipped = ", ".join(f"{k}={n}" for k, n in sorted(d["skip_reasons"].items())) or "none"
+    click.echo(f"{name} v{version} {status}{' (active)' if d['active'] else ''}: "
+               f"{d['items_stored']} items stored, {d['items_skipped']} skipped ({skipped})")
+    if status != "ready":
+        raise RecoError(f"{name} v{version} {status}: {d['error']}")
+
+
+@memory.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def memory_list(rt, as_json) -> None:
+    """Every memory with its versions."""
+    from sqlalchemy import select
+
+    from .db.models import Memory
+    from .memory import summary
+
+    with rt.db.session() as s:
+        out = []
+        for mem in s.scalars(select(Memory).order_by(Memory.name)):
+            out.append({"name": mem.name, "versions": [summary(s, v, mem.active_version_id) for v in mem.versions]})
+    if as_json:
+        _echo_json(out)
+        return
+    rows = [[m["name"], v["version"], v["status"] + (" *" if v["active"] else ""), v["items_stored"],
+             v["items_skipped"], f"{v['shards_done']}/{v['shards_total']}", v["backbone"], v["created_at"][:19]]
+            for m in out for v in m["versions"]]
+    _table(rows, ["NAME", "VERSION", "STATUS", "ITEMS", "SKIPPED", "SHARDS", "BACKBONE", "CREATED"])
+    if rows:
+        click.echo("(* = active)")
+
+
+@memory.command("show")
+@click.argument("name")
+@click.option("--version", "version", type=int, default=None, help="Default: the active version, else the newest.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def memory_show(rt, name, version, as_json) -> None:
+    """Status, counts, skip reasons and per-shard progress of one version."""
+    from .memory import get_memory, get_version, summary
+
+    with rt.db.session() as s:
+        mem = get_memory(s, name)
+        v = get_version(s, name, version)
+        d = summary(s, v, mem.active_version_id)
+        d["name"] = name
+        d["shards"] = [{"index": sh.index, "name": sh.spec.get("name"), "status": sh.status,
+                        "items_stored": sh.items_stored, "items_skipped": sh.items_skipped,
+                        "skip_reasons": sh.skip_reasons, "attempts": sh.attempts, "error": sh.error}
+                       for sh in v.shards]
+    if as_json:
+        _echo_json(d)
+        return
+    for k in ("name", "version", "status", "active", "backbone", "dim", "source", "format", "collection",
+              "items_stored", "items_skipped", "created_at", "ready_at", "activated_at", "error"):
+        if d.get(k) is not None:
+            click.echo(f"{k:14} {d[k]}")
+    for r, n in sorted(d["skip_reasons"].items()):
+        click.echo(f"  skipped {r}: {n}")
+    _table([[sh["index"], sh["name"], sh["status"], sh["items_stored"], sh["items_skipped"], sh["attempts"],
+             sh["error"] or ""] for sh in d["shards"]],
+           ["SHARD", "NAME", "STATUS", "STORED", "SKIPPED", "ATTEMPTS", "ERROR"])
+
+
+@memory.command("activate")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.pass_obj
+def memory_activate(rt, name, version) -> None:
+    """Make VERSION the one queries read (atomic: a query sees the old or the new version, never a mix)."""
+    from .memory import activate
+
+    activate(rt, name, version)
+    click.echo(f"{name} v{version} is active")
+
+
+@memory.command("verify")
+@click.argument("name")
+@click.option("--version", "version", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def memory_verify(rt, name, version, as_json) -> None:
+    """Reconcile the metadata with the vector store; exit 1 on any mismatch."""
+    from dataclasses import asdict
+
+    from .memory import verify
+
+    r = verify(rt, name, version)
+    if as_json:
+        _echo_json({**asdict(r), "ok": r.ok})
+    else:
+        click.echo(f"{name} v{r.version} ({r.status}): metadata {r.shard_sum}, store {r.store_count}, "
+                   f"shards {r.shards_done}/{r.shards_total} done")
+        for p in r.problems:
+            click.echo(f"  MISMATCH: {p}")
+        click.echo("OK" if r.ok else "FAILED")
+    if not r.ok:
+        sys.exit(1)
+
+
+@memory.command("delete")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--force", is_flag=True, help="Also delete the active version (the memory is then inactive).")
+@click.pass_obj
+def memory_delete(rt, name, version, force) -> None:
+    """Delete one version: its metadata and its vector collection."""
+    from .memory import delete
+
+    delete(rt, name, version, force=force)
+    click.echo(f"deleted {name} v{version}")
+
+
+@memory.command("query")
+@click.argument("name")
+@click.option("--text", "text", default=None, help="Find memory items whose caption is near this text.")
+@click.option("--image", "image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Find memory items whose image is near this image.")
+@click.option("-k", "k", default=10, show_default=True)
+@click.option("--version", "version", type=int, default=None, help="Default: the active version.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def memory_query(rt, name, text, image, k, version, as_json) -> None:
+    """Nearest memory items to a text or an image (uni-modal search, as RECO retrieves): a sanity check."""
+    from .query import query_memory
+
+    if (text is None) == (image is None):
+        raise RecoError("give exactly one of --text or --image")
+    hits = query_memory(rt, name, text=text, image=image, k=k, version=version)
+    if as_json:
+        _echo_json([{"rank": i + 1, "score": h.score, "key": h.payload.get("key"), "caption": h.payload.get("caption"),
+                     "id": h.id} for i, h in enumerate(hits)])
+        return
+    _table([[i + 1, f"{h.score:.4f}", h.payload.get("key"), h.payload.get("caption")] for i, h in enumerate(hits)],
+           ["RANK", "SCORE", "KEY", "CAPTION"])
+
+
+# -- worker ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--queues", "-Q", default="ingest", show_default=True, help="Comma-separated queues to consume.")
+@click.option("--concurrency", "-c", default=1, show_default=True, help="Task processes (solo pool when 1).")
+@click.option("--loglevel", "-l", default="info", show_default=True)
+@click.pass_obj
+def worker(rt, queues, concurrency, loglevel) -> None:
+    """Start a Celery worker (distributed profile; needs RECO_BROKER_URL)."""
+    if rt.settings.in_process_tasks:
+        raise RecoError("RECO_BROKER_URL is not set: the embedded profile runs tasks in-process and needs no worker")
+    from workers.celery_app import app, check_broker
+
+    check_broker()
+    pool = "solo" if concurrency == 1 else "prefork"
+    app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "--pool", pool, "-l", loglevel])
+
+
+def main() -> None:
+    cli(prog_name="reco")

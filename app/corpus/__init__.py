@@ -1,0 +1,55 @@
+"""Corpus readers. Each format cuts a source into shards (JSON-able specs, one ingest task each) and
+streams the items of one shard; nothing has to fit in memory.
+
+  wds        WebDataset tars as img2dataset writes them: <key>.jpg|png|webp, <key>.txt, optional <key>.json
+  manifest   CSV / TSV / JSONL / Parquet with an image-path column and a caption column
+  embeddings clip-retrieval output: img_emb/img_emb_*.npy, text_emb/text_emb_*.npy, metadata/metadata_*.parquet
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import RecoError
+from .base import Item, SkipReason  # noqa: F401
+
+FORMATS = ("wds", "manifest", "embeddings")
+
+
+def detect_format(source: str) -> str:
+    p = Path(source)
+    if p.is_dir() and (p / "img_emb").is_dir():
+        return "embeddings"
+    if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".parquet", ".json"):
+        return "manifest"
+    return "wds"
+
+
+def plan_shards(source: str, fmt: str | None = None, **options) -> tuple[str, list[dict]]:
+    """(format, shard specs) for a source; raises RecoError with what to fix when the source is unusable."""
+    fmt = fmt or detect_format(source)
+    if fmt == "wds":
+        from .wds import plan
+    elif fmt == "manifest":
+        from .manifest import plan
+    elif fmt == "embeddings":
+        from .embeddings import plan
+    else:
+        raise RecoError(f"unknown corpus format {fmt!r}: use one of {', '.join(FORMATS)}")
+    shards = plan(source, **options)
+    if not shards:
+        raise RecoError(f"no shards found in {source} (format {fmt})")
+    return fmt, shards
+
+
+def read_shard(fmt: str, spec: dict) -> Iterator[Item]:
+    if fmt == "wds":
+        from .wds import read
+    elif fmt == "manifest":
+        from .manifest import read
+    elif fmt == "embeddings":
+        from .embeddings import read
+    else:
+        raise RecoError(f"unknown corpus format {fmt!r}")
+    return read(spec)

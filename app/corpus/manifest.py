@@ -1,0 +1,155 @@
+"""Manifests: CSV, TSV, JSONL or Parquet rows with an image path (relative to the manifest) and a caption.
+
+Planning makes one streaming pass that records where every N-th row starts (a byte offset for text formats,
+a row number for Parquet), so each shard task seeks straight to its rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import RecoError
+from .base import Item, SkipReason, clean_caption
+
+DEFAULT_SHARD_SIZE = 10_000
+
+
+def _kind(path: Path) -> str:
+    ext = path.suffix.lower()
+    if ext in (".csv", ".tsv"):
+        return ext[1:]
+    if ext in (".jsonl", ".json"):
+        return "jsonl"
+    if ext == ".parquet":
+        return "parquet"
+    raise RecoError(f"manifest {path} must be .csv, .tsv, .jsonl or .parquet")
+
+
+def _text_rows(path: Path, kind: str, offset: int = 0) -> Iterator[tuple[int, dict]]:
+    """(byte offset where the row starts, row dict). CSV rows may span lines (quoted newlines)."""
+    with open(path, "rb") as f:
+        header_line = f.readline()
+        if kind == "jsonl":
+            f.seek(max(offset, 0))
+            pos = f.tell()
+            for raw in f:
+                start, pos = pos, pos + len(raw)
+                if raw.strip():
+                    try:
+                        row = json.loads(raw)
+                    except ValueError as exc:
+                        raise RecoError(f"{path}: line at byte {start} is not JSON ({exc})") from exc
+                    yield start, row
+            return
+        delim = "\t" if kind == "tsv" else ","
+        header = next(csv.reader([header_line.decode("utf-8-sig")], delimiter=delim))
+        f.seek(max(offset, len(header_line)))
+        state = {"pos": f.tell()}
+
+        def lines():
+            for raw in f:
+                state["pos"] += len(raw)
+                yield raw.decode("utf-8")
+
+        reader = csv.reader(lines(), delimiter=delim)
+        start = state["pos"]
+        for values in reader:
+            if values:
+                yield start, dict(zip(header, values))
+            start = state["pos"]
+
+
+def _columns(path: Path, kind: str) -> list[str]:
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).schema_arrow.names
+    if kind == "jsonl":
+        for _, row in _text_rows(path, kind):
+            return list(row)
+        return []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return next(csv.reader(f, delimiter="\t" if kind == "tsv" else ","), [])
+
+
+def plan(source: str, image_column: str = "image", caption_column: str = "caption", key_column: str | None = None,
+         shard_size: int = DEFAULT_SHARD_SIZE, **_options) -> list[dict]:
+    path = Path(source)
+    if not path.is_file():
+        raise RecoError(f"manifest {source} not found")
+    kind = _kind(path)
+    cols = _columns(path, kind)
+    for what, col in (("image", image_column), ("caption", caption_column), ("key", key_column)):
+        if col and col not in cols:
+            raise RecoError(
+                f"manifest {source} has no {what} column {col!r} (columns: {', '.join(cols) or 'none'}); "
+                f"name it with --{what}-column"
+            )
+    base = {"path": str(path.resolve()), "kind": kind, "image_column": image_column,
+            "caption_column": caption_column, "key_column": key_column}
+    shards = []
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        n = pq.ParquetFile(path).metadata.num_rows
+        for start in range(0, n, shard_size):
+            shards.append({**base, "row": start, "rows": min(shard_size, n - start), "offset": None})
+    else:
+        row = 0
+        for offset, _ in _text_rows(path, kind):
+            if row % shard_size == 0:
+                shards.append({**base, "row": row, "rows": 0, "offset": offset})
+            shards[-1]["rows"] += 1
+            row += 1
+    for i, s in enumerate(shards):
+        s["name"] = f"{path.name}[{s['row']}:{s['row'] + s['rows']}]"
+    return shards
+
+
+def _rows(spec: dict) -> Iterator[dict]:
+    path = Path(spec["path"])
+    n = spec["rows"]
+    if spec["kind"] == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        cols = [c for c in (spec["image_column"], spec["caption_column"], spec.get("key_column")) if c]
+        first, seen = spec["row"], 0
+        for g in range(pf.num_row_groups):
+            g_rows = pf.metadata.row_group(g).num_rows
+            if seen + g_rows <= first:
+                seen += g_rows
+                continue
+            table = pf.read_row_group(g, columns=cols)
+            for r in table.to_pylist():
+                if seen >= first + n:
+                    return
+                if seen >= first:
+                    yield r
+                seen += 1
+        return
+    for i, (_, row) in enumerate(_text_rows(path, spec["kind"], spec["offset"])):
+        if i >= n:
+            return
+        yield row
+
+
+def read(spec: dict) -> Iterator[Item]:
+    base = Path(spec["path"]).parent
+    for i, row in enumerate(_rows(spec)):
+        number = spec["row"] + i
+        key = str(row.get(spec["key_column"])) if spec.get("key_column") else str(number)
+        caption = clean_caption(row.get(spec["caption_column"]))
+        rel = row.get(spec["image_column"])
+        if caption is None:
+            yield Item(key=key, skip=SkipReason.EMPTY_CAPTION)
+            continue
+        image_path = (base / str(rel)) if rel else None
+        if image_path is None or not image_path.is_file():
+            yield Item(key=key, caption=caption, skip=SkipReason.MISSING_IMAGE)
+            continue
+        yield Item(key=key, caption=caption, image_bytes=image_path.read_bytes(), extra={"path": str(rel)})

@@ -1,0 +1,183 @@
+"""Memory versions: create, resolve, activate (atomic swap), verify, delete, query.
+
+The metadata DB is the source of truth for which version is active in both profiles; on a Qdrant server the
+alias `reco-NAME` is switched too, in one atomic request, for clients that read Qdrant directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .db.models import IngestShard, Memory, MemoryVersion, ShardStatus, VersionStatus, utcnow
+from .errors import NotFound, RecoError
+from .names import check_name
+from .store.base import collection_name
+
+
+def alias_name(memory: str) -> str:
+    return f"reco-{memory}"
+
+
+def create_version(rt, name: str, *, source: str, fmt: str, backbone: str, backbone_hash: str | None, dim: int,
+                   shard_specs: list[dict], activate: bool = False) -> MemoryVersion:
+    """Register the next version of NAME with its shards. Concurrent builds get distinct numbers."""
+    check_name(name)
+    for attempt in range(20):
+        try:
+            with rt.db.session() as s:
+                mem = s.scalar(select(Memory).where(Memory.name == name))
+                if mem is None:
+                    mem = Memory(name=name)
+                    s.add(mem)
+                    s.flush()
+                number = (s.scalar(select(func.max(MemoryVersion.version)).where(MemoryVersion.memory_id == mem.id)) or 0) + 1
+                v = MemoryVersion(
+                    memory_id=mem.id, version=number, status=VersionStatus.BUILDING, backbone=backbone,
+                    backbone_hash=backbone_hash, dim=dim, source=source, source_format=fmt,
+                    collection=collection_name(name, number), activate_when_ready=int(activate),
+                    items_stored=0, items_skipped=0,
+                )
+                s.add(v)
+                s.flush()
+                for i, spec in enumerate(shard_specs):
+                    s.add(IngestShard(version_id=v.id, index=i, spec=spec, status=ShardStatus.PENDING,
+                                      items_stored=0, items_skipped=0, skip_reasons={}, attempts=0))
+                return v
+        except IntegrityError:
+            continue  # another build took this number (or created the memory) first: take the next one
+    raise RecoError(f"could not allocate a new version of {name}: too many concurrent builds")
+
+
+def get_memory(s, name: str) -> Memory:
+    mem = s.scalar(select(Memory).where(Memory.name == check_name(name)))
+    if mem is None:
+        raise NotFound(f"no memory named {name!r} (see `reco memory list`)")
+    return mem
+
+
+def get_version(s, name: str, version: int | None = None, *, active: bool = False) -> MemoryVersion:
+    """A version by number; without a number, the active one (active=True) or the newest."""
+    mem = get_memory(s, name)
+    if version is None:
+        if active or mem.active_version_id is not None:
+            if mem.active_version_id is None:
+                raise RecoError(f"memory {name} has no active version: run `reco memory activate {name} VERSION`")
+            return s.get(MemoryVersion, mem.active_version_id)
+        v = s.scalar(select(MemoryVersion).where(MemoryVersion.memory_id == mem.id).order_by(MemoryVersion.version.desc()))
+    else:
+        v = s.scalar(select(MemoryVersion).where(MemoryVersion.memory_id == mem.id, MemoryVersion.version == version))
+    if v is None:
+        raise NotFound(f"memory {name} has no version {version} (see `reco memory show {name}`)")
+    return v
+
+
+def activate(rt, name: str, version: int) -> MemoryVersion:
+    with rt.db.session() as s:
+        mem = get_memory(s, name)
+        v = get_version(s, name, version)
+        if v.status not in VersionStatus.ACTIVATABLE:
+            raise RecoError(f"{name} v{version} is {v.status}, not ready: only a ready version can be activated")
+        previous = mem.active_version_id
+        rt.store.point_alias(alias_name(name), v.collection)
+        mem.active_version_id = v.id
+        v.status = VersionStatus.READY
+        v.activated_at = utcnow()
+        if previous and previous != v.id:
+            s.execute(update(MemoryVersion).where(MemoryVersion.id == previous).values(status=VersionStatus.RETIRED))
+        return v
+
+
+def resolve_collection(rt, name: str, version: int | None = None) -> tuple[str, MemoryVersion]:
+    """The collection a query should read now: one DB read, so a query sees wholly one version."""
+    with rt.db.session() as s:
+        v = get_version(s, name, version, active=version is None)
+        if v.status not in VersionStatus.ACTIVATABLE:
+            raise RecoError(f"{name} v{v.version} is {v.status}: only ready versions can be queried")
+        return v.collection, v
+
+
+@dataclass
+class VerifyReport:
+    memory: str
+    version: int
+    status: str
+    metadata_count: int
+    shard_sum: int
+    store_count: int
+    shards_done: int
+    shards_total: int
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(rt, name: str, version: int | None = None) -> VerifyReport:
+    with rt.db.session() as s:
+        v = get_version(s, name, version)
+        shards = list(v.shards)
+        mem = get_memory(s, name)
+        is_active = mem.active_version_id == v.id
+    problems = []
+    shard_sum = sum(sh.items_stored or 0 for sh in shards)
+    done = sum(sh.status == ShardStatus.DONE for sh in shards)
+    store_count = rt.store.count(v.collection) if rt.store.exists(v.collection) else 0
+    if v.status == VersionStatus.FAILED:
+        problems.append(f"version failed: {v.error}")
+    if done != len(shards) and v.status in VersionStatus.ACTIVATABLE:
+        problems.append(f"{len(shards) - done} shard(s) not done in a {v.status} version")
+    if v.status in VersionStatus.ACTIVATABLE and (v.items_stored or 0) != shard_sum:
+        problems.append(f"version row says {v.items_stored} items, its shards add up to {shard_sum}")
+    if store_count != shard_sum and v.status != VersionStatus.BUILDING:
+        problems.append(f"the vector store holds {store_count} points, the metadata {shard_sum}")
+    if is_active and hasattr(rt.store, "alias_target"):
+        target = rt.store.alias_target(alias_name(name))
+        if target != v.collection:
+            problems.append(f"alias {alias_name(name)} points at {target}, the active version is {v.collection}")
+    return VerifyReport(name, v.version, v.status, v.items_stored or 0, shard_sum, store_count, done, len(shards), problems)
+
+
+def delete(rt, name: str, version: int, force: bool = False) -> None:
+    with rt.db.session() as s:
+        mem = get_memory(s, name)
+        v = get_version(s, name, version)
+        if mem.active_version_id == v.id:
+            if not force:
+                raise RecoError(f"{name} v{version} is the active version: activate another first, or pass --force")
+            mem.active_version_id = None
+            rt.store.drop_alias(alias_name(name))
+        collection = v.collection
+        s.delete(v)
+    if rt.store.exists(collection):
+        rt.store.drop(collection)
+
+
+def summary(s, v: MemoryVersion, active_id: int | None) -> dict:
+    reasons: dict[str, int] = {}
+    for sh in v.shards:
+        for r, n in (sh.skip_reasons or {}).items():
+            reasons[r] = reasons.get(r, 0) + n
+    return {
+        "version": v.version,
+        "status": v.status,
+        "active": v.id == active_id,
+        "backbone": v.backbone,
+        "backbone_hash": v.backbone_hash,
+        "dim": v.dim,
+        "source": v.source,
+        "format": v.source_format,
+        "collection": v.collection,
+        "items_stored": v.items_stored,
+        "items_skipped": v.items_skipped,
+        "skip_reasons": reasons,
+        "shards_done": sum(sh.status == ShardStatus.DONE for sh in v.shards),
+        "shards_total": len(v.shards),
+        "error": v.error,
+        "created_at": v.created_at.isoformat() if v.created_at else None,
+        "ready_at": v.ready_at.isoformat() if v.ready_at else None,
+        "activated_at": v.activated_at.isoformat() if v.activated_at else None,
+    }

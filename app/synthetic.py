@@ -1,0 +1,149 @@
+"""Small synthetic image-text corpora (coloured shapes with captions) in every supported layout.
+
+Used by `make demo`, the tests and the benchmarks, so none of them downloads anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+COLORS = {
+    "red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (240, 220, 40),
+    "purple": (140, 40, 170), "orange": (250, 140, 20), "black": (15, 15, 15), "white": (245, 245, 245),
+}
+SHAPES = ("square", "circle", "triangle", "cross")
+
+
+def concept(i: int) -> tuple[str, str]:
+    names = list(COLORS)
+    return names[i % len(names)], SHAPES[(i // len(names)) % len(SHAPES)]
+
+
+def render(color: str, shape: str, size: int = 64, seed: int = 0):
+    """A shape on a noisy background; `seed` varies position, scale and noise (another 'drawing')."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    bg = rng.integers(90, 166, size=3)
+    arr = np.clip(bg + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(arr)
+    d = ImageDraw.Draw(im)
+    r = int(size * rng.uniform(0.22, 0.34))
+    cx, cy = (int(size / 2 + rng.integers(-size // 8, size // 8 + 1)) for _ in range(2))
+    box = [cx - r, cy - r, cx + r, cy + r]
+    c = COLORS[color]
+    if shape == "square":
+        d.rectangle(box, fill=c)
+    elif shape == "circle":
+        d.ellipse(box, fill=c)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=c)
+    else:
+        w = max(2, r // 3)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=c)
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=c)
+    return im
+
+
+def png_bytes(im, fmt: str = "PNG") -> bytes:
+    b = io.BytesIO()
+    im.save(b, fmt)
+    return b.getvalue()
+
+
+def items(n: int, seed: int = 0, prefix: str = "") -> list[tuple[str, bytes, str]]:
+    """n (key, png bytes, caption) triples cycling through the colour x shape concepts."""
+    out = []
+    for i in range(n):
+        color, shape = concept(i)
+        key = f"{prefix}{seed:02d}{i:06d}"
+        out.append((key, png_bytes(render(color, shape, seed=seed * 100003 + i)), f"a {color} {shape}"))
+    return out
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_wds(root: str | Path, n_shards: int, per_shard: int, seed: int = 0, prefix: str = "") -> list[Path]:
+    """img2dataset-style shards: 00000.tar with <key>.png, <key>.txt, <key>.json."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    all_items = items(n_shards * per_shard, seed=seed, prefix=prefix)
+    paths = []
+    for s in range(n_shards):
+        p = root / f"{s:05d}.tar"
+        with tarfile.open(p, "w") as tar:
+            for key, png, cap in all_items[s * per_shard : (s + 1) * per_shard]:
+                _add(tar, f"{key}.png", png)
+                _add(tar, f"{key}.txt", cap.encode())
+                _add(tar, f"{key}.json", json.dumps({"key": key, "caption": cap}).encode())
+        paths.append(p)
+    return paths
+
+
+def write_manifest(root: str | Path, n: int, kind: str = "csv", seed: int = 0) -> Path:
+    """Images under root/images and a manifest (csv, tsv, jsonl or parquet) with `image` and `caption`."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for key, png, cap in items(n, seed=seed):
+        (root / "images" / f"{key}.png").write_bytes(png)
+        rows.append({"image": f"images/{key}.png", "caption": cap, "key": key})
+    path = root / f"manifest.{kind}"
+    if kind in ("csv", "tsv"):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["image", "caption", "key"], delimiter="\t" if kind == "tsv" else ",")
+            w.writeheader()
+            w.writerows(rows)
+    elif kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=max(1, n // 3))
+    return path
+
+
+def write_embeddings(root: str | Path, parts: int, per_part: int, dim: int, seed: int = 0) -> Path:
+    """clip-retrieval's output layout with random unit vectors (float16, as clip-retrieval writes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for p in range(parts):
+        for sub, name in (("img_emb", "img_emb"), ("text_emb", "text_emb")):
+            x = rng.standard_normal((per_part, dim)).astype(np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            np.save(root / sub / f"{name}_{p}.npy", x.astype(np.float16))
+        caps = [f"a {' '.join(concept(p * per_part + i))}" for i in range(per_part)]
+        keys = [f"{p:04d}{i:05d}" for i in range(per_part)]
+        pq.write_table(pa.table({"key": keys, "caption": caps}), root / "metadata" / f"metadata_{p}.parquet")
+    return root
+
+
+TINY_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "patch_size": 16, "head_width": 64},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_config(path: str | Path) -> Path:
+    """A tiny open_clip config (width 128, 64-px images, 64-d embeddings): a real CLIP that builds in a second."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(TINY_CONFIG, indent=1))
+    return path

@@ -1,0 +1,61 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("RECO_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from app import synthetic  # noqa: E402
+from app.runtime import Runtime  # noqa: E402
+from app.settings import ENV_VARS, Settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory):
+    return str(synthetic.write_tiny_config(tmp_path_factory.mktemp("model") / "tiny.json"))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_config):
+    from app.backbone import get_backbone
+
+    return get_backbone(tiny_config)
+
+
+@pytest.fixture
+def reco_env(tmp_path, monkeypatch):
+    """A clean embedded profile under tmp_path (no RECO_* settings leak in from the environment)."""
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RECO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RECO_OFFLINE", "1")
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def rt(reco_env):
+    r = Runtime(Settings.from_env())
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def cli_run(reco_env):
+    """Run a `reco` command in-process; returns the click Result."""
+    from app.cli import cli
+
+    runner = CliRunner()
+
+    def run(*args, ok=True):
+        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        if ok and result.exit_code != 0:
+            raise AssertionError(f"reco {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}")
+        return result
+
+    return run
+
+
+@pytest.fixture
+def wds_corpus(tmp_path):
+    return synthetic.write_wds(tmp_path / "wds", n_shards=3, per_shard=8)[0].parent

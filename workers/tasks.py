@@ -1,0 +1,36 @@
+"""Celery tasks: thin wrappers over the library (app.ingest.run_shard)."""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import OperationalError
+
+from app.errors import TransientError
+from app.runtime import Runtime
+
+from .celery_app import app
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """One runtime per worker process (one DB engine, one store client, backbones cached)."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime()
+    return _runtime
+
+
+@app.task(
+    name="reco.ingest_shard",
+    bind=True,
+    acks_late=True,
+    autoretry_for=(TransientError, OperationalError, ConnectionError),
+    retry_backoff=2,
+    retry_backoff_max=60,
+    retry_jitter=True,
+    max_retries=8,
+)
+def ingest_shard(self, shard_id: int) -> dict:
+    from app.ingest import run_shard
+
+    return run_shard(runtime(), shard_id)
