@@ -3,6 +3,8 @@ each opened on first use (a `reco --help` touches neither)."""
 
 from __future__ import annotations
 
+import threading
+
 from .settings import Settings
 
 
@@ -11,23 +13,33 @@ class Runtime:
         self.settings = settings or Settings.from_env()
         self._db = None
         self._store = None
+        self._lock = threading.Lock()
 
     @property
     def db(self):
-        if self._db is None:
-            from .db import Database
+        with self._lock:
+            if self._db is None:
+                from .db import Database
 
-            # the embedded profile migrates itself on first use; a shared server database is upgraded on purpose
-            self._db = Database(self.settings.database_url, auto_upgrade=self.settings.is_sqlite)
-        return self._db
+                # the embedded profile migrates itself on first use; a shared server database is upgraded on purpose
+                if self.settings.is_sqlite:
+                    from filelock import FileLock
+
+                    self.settings.home.mkdir(parents=True, exist_ok=True)
+                    with FileLock(str(self.settings.home / "migrate.lock")):
+                        self._db = Database(self.settings.database_url, auto_upgrade=True)
+                else:
+                    self._db = Database(self.settings.database_url)
+            return self._db
 
     @property
     def store(self):
-        if self._store is None:
-            from .store import open_store
+        with self._lock:
+            if self._store is None:
+                from .store import open_store
 
-            self._store = open_store(self.settings)
-        return self._store
+                self._store = open_store(self.settings)
+            return self._store
 
     def close(self) -> None:
         if self._store is not None:

@@ -30,7 +30,7 @@ class ServerStore(VectorStore):
         if url == ":memory:" or url.startswith("path:"):
             self.client = QdrantClient(location=":memory:") if url == ":memory:" else QdrantClient(path=url[5:])
         else:
-            self.client = QdrantClient(url=url, api_key=api_key, timeout=timeout)
+            self.client = QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False)
 
     def _call(self, fn, *args, **kwargs):
         """Connection problems become TransientError (the ingest task retries them with backoff)."""
