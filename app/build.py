@@ -87,7 +87,8 @@ def wait_for(rt, version_id: int, timeout: float | None = None, show_progress: b
                 total = len(v.shards)
             if bar is None:
                 bar = tqdm(total=total, unit="shard", desc="ingest", disable=not show_progress, dynamic_ncols=True)
-            bar.update(done - bar.n)
+            if done > bar.n:
+                bar.update(done - bar.n)
             if status not in (VersionStatus.BUILDING, VersionStatus.FINALIZING):
                 return status
             if timeout is not None and time.monotonic() - start > timeout:

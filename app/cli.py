@@ -115,6 +115,10 @@ def memory_build(rt, name, source, fmt, backbone, activate, wait, image_column, 
     else:
         ids = enqueue(rt, v.id)
         click.echo(f"queued {len(ids)} shard task(s) on 'ingest'", err=True)
+        from workers.celery_app import workers_alive
+
+        if not workers_alive():
+            click.echo("warning: no worker answered; start one with `reco worker --queues ingest`", err=True)
         if not wait:
             click.echo(f"{name} v{v.version} building")
             return
@@ -277,8 +281,9 @@ def memory_query(rt, name, text, image, k, version, as_json) -> None:
 @click.option("--queues", "-Q", default="ingest", show_default=True, help="Comma-separated queues to consume.")
 @click.option("--concurrency", "-c", default=1, show_default=True, help="Task processes (solo pool when 1).")
 @click.option("--loglevel", "-l", default="info", show_default=True)
+@click.option("--hostname", "-n", default=None, help="Worker node name (Celery's -n), e.g. ingest1@%h.")
 @click.pass_obj
-def worker(rt, queues, concurrency, loglevel) -> None:
+def worker(rt, queues, concurrency, loglevel, hostname) -> None:
     """Start a Celery worker (distributed profile; needs RECO_BROKER_URL)."""
     if rt.settings.in_process_tasks:
         raise RecoError("RECO_BROKER_URL is not set: the embedded profile runs tasks in-process and needs no worker")
@@ -286,7 +291,10 @@ def worker(rt, queues, concurrency, loglevel) -> None:
 
     check_broker()
     pool = "solo" if concurrency == 1 else "prefork"
-    app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "--pool", pool, "-l", loglevel])
+    argv = ["worker", "-Q", queues, "-c", str(concurrency), "--pool", pool, "-l", loglevel]
+    if hostname:
+        argv += ["-n", hostname]
+    app.worker_main(argv)
 
 
 def main() -> None:

@@ -121,9 +121,10 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
         memory_name, version_number, version_id = mem.name, v.version, v.id
     try:
         backbone = None if fmt == "embeddings" else get_backbone(backbone_spec, rt.settings.device, rt.settings.offline)
-        rt.store.create(collection, dim)
         counts: Counter = Counter()
-        stored = reported = 0
+        chunks, stored, reported = [], 0, 0
+        # encode the whole shard first, then write it under one open of the collection: an embedded shard is
+        # locked only while writing, and a worker that dies while encoding has written nothing
         for keys, caps, images, texts in _prefetch(_prepared(fmt, spec, backbone, counts, batch_size)):
             if texts is None:
                 texts = backbone.encode_texts(caps)
@@ -132,12 +133,16 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
                 raise RecoError(f"vectors have dimension {images.shape[1]}, the memory expects {dim}")
             ids = [point_id(memory_name, version_number, k) for k in keys]
             payloads = [{"key": k, "caption": c, "shard": spec.get("name", str(shard_id))} for k, c in zip(keys, caps)]
-            rt.store.upsert(collection, ids, images, texts, payloads)
+            chunks.append((ids, images, texts, payloads))
             stored += len(ids)
             if progress:
                 processed = stored + sum(counts.values())
                 progress(processed - reported)
                 reported = processed
+        rt.store.create(collection, dim)
+        with rt.store.hold(collection):
+            for chunk in chunks:
+                rt.store.upsert(collection, *chunk)
     except (TransientError, OperationalError, ConnectionError):
         raise  # the task retries; the shard stays running until then
     except Exception as exc:

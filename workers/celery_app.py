@@ -45,3 +45,12 @@ def check_broker(timeout: float = 3.0) -> None:
             f"cannot reach the task broker at {mask_url(settings.broker_url)} ({exc}); "
             "check RECO_BROKER_URL and that Redis or RabbitMQ is running"
         ) from exc
+
+
+def workers_alive(timeout: float = 1.0) -> list[str]:
+    """Names of the workers that answer a ping within `timeout` seconds."""
+    try:
+        replies = app.control.ping(timeout=timeout) or []
+    except Exception:
+        return []
+    return [name for r in replies for name in r]

@@ -128,8 +128,7 @@ class EdgeStore(VectorStore):
             for i, pid in enumerate(ids)
         ]
         with self._open(collection) as shard:
-            shard.update(e.UpdateOperation.upsert_points(points))
-            shard.flush()
+            shard.update(e.UpdateOperation.upsert_points(points))  # applied on return; WAL-durable, flushed on close
 
     def count(self, collection: str) -> int:
         e = _edge()

@@ -1,0 +1,158 @@
+"""The distributed profile on this machine: PostgreSQL metadata, Celery workers on Redis, real worker processes.
+
+Marked slow; `.ci/run` starts PostgreSQL and Redis and runs these. Vectors stay in the embedded engine (there is
+no Qdrant server binary here), shared by worker processes through the per-version file lock.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from app import synthetic
+from app.db import Database
+
+pytestmark = pytest.mark.slow
+
+PG = os.environ.get("RECO_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+REDIS = os.environ.get("RECO_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def _require(check, what):
+    try:
+        check()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{what} not reachable: {exc}")
+
+
+@pytest.fixture
+def pg_url():
+    admin = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
+    _require(lambda: admin.connect().close(), "PostgreSQL")
+    name = f"reco_test_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    yield f"{PG}/{name}"
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def redis_url():
+    import redis
+
+    url = f"{REDIS}/{9 + (os.getpid() % 5)}"
+    client = redis.Redis.from_url(url)
+    _require(client.ping, "Redis")
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture
+def dist_env(tmp_path, pg_url, redis_url):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECO_")}
+    env.update(RECO_HOME=str(tmp_path / "home"), RECO_DATABASE_URL=pg_url, RECO_BROKER_URL=redis_url,
+               RECO_VISIBILITY_TIMEOUT="4", RECO_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def reco(env, *args, check=True, timeout=300):
+    r = subprocess.run([sys.executable, "-m", "app", *map(str, args)], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"reco {' '.join(map(str, args))} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def start_worker(env, tmp_path, name):
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "app", "worker", "-Q", "ingest", "-n", f"{name}@%h"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def shard_states(env):
+    db = Database(env["RECO_DATABASE_URL"], check=False)
+    try:
+        with db.engine.connect() as c:
+            return [tuple(r) for r in c.execute(text(
+                "SELECT s.status, s.attempts FROM ingest_shards s ORDER BY s.index"))]
+    finally:
+        db.dispose()
+
+
+def version_status(env, name, version=1):
+    r = reco(env, "memory", "show", name, "--version", version, "--json")
+    return json.loads(r.stdout)
+
+
+def test_schema_is_refused_until_upgraded_then_upgrade_is_idempotent(dist_env):
+    r = reco(dist_env, "memory", "list", check=False)
+    assert r.returncode == 1 and "run `reco db upgrade`" in r.stderr
+    assert "->" in reco(dist_env, "db", "upgrade").stdout
+    assert "already at" in reco(dist_env, "db", "upgrade").stdout
+    assert reco(dist_env, "memory", "list", "--json").stdout.strip() == "[]"
+
+
+def test_worker_build_on_postgres_and_redis(dist_env, tmp_path, tiny_config):
+    src = synthetic.write_wds(tmp_path / "wds", n_shards=3, per_shard=10)[0].parent
+    reco(dist_env, "db", "upgrade")
+    w = start_worker(dist_env, tmp_path, "w1")
+    try:
+        r = reco(dist_env, "memory", "build", "dist", src, "--backbone", tiny_config, "--activate", "--timeout", "240")
+        assert "dist v1 ready (active): 30 items stored" in r.stdout
+        assert reco(dist_env, "memory", "verify", "dist").returncode == 0
+        hits = json.loads(reco(dist_env, "memory", "query", "dist", "--text", "a blue square", "--json").stdout)
+        assert hits[0]["caption"] == "a blue square"
+    finally:
+        w.kill()
+        w.wait()
+
+
+def test_worker_killed_mid_ingestion_loses_and_duplicates_nothing(dist_env, tmp_path, tiny_config):
+    n_shards, per_shard = 8, 40
+    src = synthetic.write_wds(tmp_path / "wds", n_shards=n_shards, per_shard=per_shard)[0].parent
+    reco(dist_env, "db", "upgrade")
+    first = start_worker(dist_env, tmp_path, "first")
+    second = None
+    try:
+        reco(dist_env, "memory", "build", "kill", src, "--backbone", tiny_config, "--no-wait")
+        deadline = time.monotonic() + 240
+        while True:  # kill while one shard is done and another is in flight
+            states = shard_states(dist_env)
+            if any(s == "done" for s, _ in states) and any(s == "running" for s, _ in states):
+                break
+            assert time.monotonic() < deadline, f"worker never got going: {states}"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        killed_in_flight = [i for i, (s, _) in enumerate(shard_states(dist_env)) if s == "running"]
+        assert killed_in_flight
+
+        second = start_worker(dist_env, tmp_path, "second")
+        deadline = time.monotonic() + 300
+        while version_status(dist_env, "kill")["status"] in ("building", "finalizing"):
+            assert time.monotonic() < deadline, (tmp_path / "second.log").read_text()[-3000:]
+            time.sleep(1)
+        shown = version_status(dist_env, "kill")
+        assert shown["status"] == "ready", shown
+        assert shown["items_stored"] == n_shards * per_shard
+        states = shard_states(dist_env)
+        assert all(s == "done" for s, _ in states)
+        assert all(states[i][1] >= 2 for i in killed_in_flight)  # the killed shard really ran again
+        verified = json.loads(reco(dist_env, "memory", "verify", "kill", "--json").stdout)
+        assert verified["ok"] and verified["store_count"] == n_shards * per_shard
+    finally:
+        for w in (first, second):
+            if w is not None and w.poll() is None:
+                w.kill()
+                w.wait()
