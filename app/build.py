@@ -8,6 +8,7 @@ dimensions, store and broker reachable), so a bad command leaves nothing behind.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from .backbone import BackboneSpec
 from .corpus import plan_shards
@@ -28,6 +29,8 @@ def start_build(rt, name: str, source: str, *, backbone: str, fmt: str | None = 
         from workers.celery_app import check_broker
 
         check_broker()
+    if Path(source).exists():
+        source = str(Path(source).resolve())
     return create_version(
         rt, name, source=source, fmt=fmt, backbone=spec.canonical, backbone_hash=spec.fingerprint, dim=dim,
         shard_specs=shards, activate=activate,

@@ -147,3 +147,39 @@ def write_tiny_config(path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(TINY_CONFIG, indent=1))
     return path
+
+
+def main(argv=None) -> None:
+    """`python -m app.synthetic wds DIR [--shards N] [--per-shard N] [--seed S] [--prefix P]`,
+    `... image PATH [--color C] [--shape S]` and `... config PATH`: data and a tiny model, without downloads."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m app.synthetic", description=main.__doc__)
+    sub = ap.add_subparsers(dest="what", required=True)
+    w = sub.add_parser("wds", help="write WebDataset shards of coloured shapes")
+    w.add_argument("dir")
+    w.add_argument("--shards", type=int, default=4)
+    w.add_argument("--per-shard", type=int, default=64)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--prefix", default="")
+    c = sub.add_parser("config", help="write the tiny open_clip config")
+    c.add_argument("path")
+    i = sub.add_parser("image", help="draw one picture (a query image)")
+    i.add_argument("path")
+    i.add_argument("--color", default="red", choices=list(COLORS))
+    i.add_argument("--shape", default="circle", choices=list(SHAPES))
+    i.add_argument("--seed", type=int, default=12345)
+    a = ap.parse_args(argv)
+    if a.what == "image":
+        Path(a.path).parent.mkdir(parents=True, exist_ok=True)
+        render(a.color, a.shape, seed=a.seed).save(a.path)
+        print(a.path)
+    elif a.what == "wds":
+        paths = write_wds(a.dir, a.shards, a.per_shard, seed=a.seed, prefix=a.prefix)
+        print(f"wrote {len(paths)} shards x {a.per_shard} items to {a.dir}")
+    else:
+        print(write_tiny_config(a.path))
+
+
+if __name__ == "__main__":
+    main()

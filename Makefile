@@ -1,0 +1,48 @@
+# RECO: `make demo` runs the main job end to end on the embedded default; `make test` runs the test suite.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+DEMO    ?= .reco-demo
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test test-fast venv bench-ingest bench-search clean
+
+$(BIN)/reco: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/reco
+
+venv: $(BIN)/reco
+
+# Build a memory from synthetic image-text shards, inspect it, query it, then build v2 and swap it in.
+demo: venv
+	rm -rf $(DEMO)
+	$(BIN)/python -m app.synthetic config $(DEMO)/tiny-clip.json
+	$(BIN)/python -m app.synthetic wds $(DEMO)/corpus-v1 --shards 4 --per-shard 64 --seed 1
+	$(BIN)/python -m app.synthetic wds $(DEMO)/corpus-v2 --shards 4 --per-shard 96 --seed 2
+	RECO_HOME=$(DEMO)/home $(BIN)/reco memory build shapes $(DEMO)/corpus-v1 --backbone $(DEMO)/tiny-clip.json --activate
+	RECO_HOME=$(DEMO)/home $(BIN)/reco memory list
+	RECO_HOME=$(DEMO)/home $(BIN)/reco memory verify shapes
+	RECO_HOME=$(DEMO)/home $(BIN)/reco memory query shapes --text "a red circle" -k 5
+	$(BIN)/python -m app.synthetic image $(DEMO)/query.png --color blue --shape triangle
+	RECO_HOME=$(DEMO)/home $(BIN)/reco memory query shapes --image $(DEMO)/query.png -k 5
+	RECO_HOME=$(DEMO)/home $(BIN)/reco memory build shapes $(DEMO)/corpus-v2 --backbone $(DEMO)/tiny-clip.json
+	RECO_HOME=$(DEMO)/home $(BIN)/reco memory activate shapes 2
+	RECO_HOME=$(DEMO)/home $(BIN)/reco memory show shapes
+	RECO_HOME=$(DEMO)/home $(BIN)/reco memory query shapes --text "a red circle" -k 5
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench-ingest: venv
+	$(BIN)/python benchmarks/ingest.py
+
+bench-search: venv
+	$(BIN)/python benchmarks/search.py
+
+clean:
+	rm -rf $(DEMO) .reco .pytest_cache
