@@ -204,3 +204,39 @@ def test_unreachable_services_fail_with_one_line(cli_run, monkeypatch, wds_corpu
         monkeypatch.delenv("RECO_BROKER_URL")
         importlib.reload(workers.celery_app)
     assert json.loads(cli_run("memory", "list", "--json").stdout) == []
+
+
+def test_verify_reports_a_mismatch_with_exit_1(cli_run, rt, wds_corpus, tiny_config):
+    _build(cli_run, "shapes", wds_corpus, tiny_config)
+    with rt.db.session() as s:
+        collection = s.scalar(select(MemoryVersion.collection))
+    some = next(rt.store.iter_ids(collection, batch=2))
+    from qdrant_edge import UpdateOperation
+
+    with rt.store._open(collection) as shard:  # lose two points behind the metadata's back
+        import uuid
+
+        shard.update(UpdateOperation.delete_points([uuid.UUID(i) for i in some]))
+    r = cli_run("memory", "verify", "shapes", ok=False)
+    assert r.exit_code == 1 and "store holds 22 points, the metadata 24" in r.output
+
+
+def test_server_backend_through_the_whole_pipeline(cli_run, monkeypatch, tmp_path, wds_corpus, tiny_config):
+    """The same commands against the qdrant-client backend (its local mode standing in for a server)."""
+    monkeypatch.setenv("RECO_QDRANT_URL", f"path:{tmp_path / 'qdrant'}")
+    _build(cli_run, "srv", wds_corpus, tiny_config, "--activate")
+    _build(cli_run, "srv", wds_corpus, tiny_config)
+    cli_run("memory", "activate", "srv", "2")
+    verified = json.loads(cli_run("memory", "verify", "srv", "--json").stdout)
+    assert verified["ok"] and verified["version"] == 2 and verified["store_count"] == 24
+    hits = json.loads(cli_run("memory", "query", "srv", "--text", "a green square", "-k", "1", "--json").stdout)
+    assert hits[0]["caption"] == "a green square"
+    from app.store.server import ServerStore
+
+    cli_run("memory", "delete", "srv", "1")
+    s = ServerStore(f"path:{tmp_path / 'qdrant'}")
+    try:
+        assert s.alias_target("reco-srv") == "reco-srv-v2"
+        assert not s.exists("reco-srv-v1")
+    finally:
+        s.close()

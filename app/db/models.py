@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -80,7 +80,10 @@ class MemoryVersion(Base):
 
 class IngestShard(Base):
     __tablename__ = "ingest_shards"
-    __table_args__ = (UniqueConstraint("version_id", "index", name="uq_shard_index"),)
+    __table_args__ = (
+        UniqueConstraint("version_id", "index", name="uq_shard_index"),
+        Index("ix_ingest_shards_version_status", "version_id", "status"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("memory_versions.id", ondelete="CASCADE"), nullable=False)
