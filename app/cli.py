@@ -276,9 +276,170 @@ def memory_query(rt, name, text, image, k, version, as_json) -> None:
            ["RANK", "SCORE", "KEY", "CAPTION"])
 
 
+# -- train & model --------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("model_name")
+@click.option("--pairs", required=True, help="Memory whose pairs train the fusion (NAME or NAME@VERSION).")
+@click.option("--memory", required=True, help="Memory to retrieve from (NAME or NAME@VERSION); may equal --pairs.")
+@click.option("-k", "k", default=10, show_default=True, help="Neighbours per query.")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--warmup-steps", default=50, show_default=True)
+@click.option("--search", type=click.Choice(["uni", "cross"]), default="uni", show_default=True,
+              help="uni: image->image, text->text; cross: image->text, text->image.")
+@click.option("--fusion", type=click.Choice(["cross", "uni"]), default="cross", show_default=True,
+              help="cross: fuse the other modality of the hits; uni: the same modality.")
+@click.option("--val-fraction", default=0.1, show_default=True, help="Share of the pairs held out for validation.")
+@click.option("--val-by", type=click.Choice(["concept", "item"]), default="concept", show_default=True,
+              help="Hold out whole concepts (pairs sharing a caption) or single items.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--checkpoint-every", default=200, show_default=True, help="Steps between checkpoints.")
+@click.option("--heads", type=int, default=None, help="Attention heads (default dim/64).")
+@click.option("--dropout", default=0.0, show_default=True)
+@click.option("--neighbour-dropout", default=0.1, show_default=True)
+@click.option("--rank/--no-rank", "use_rank", default=True, show_default=True, help="Learned rank embedding.")
+@click.option("--score/--no-score", "use_score", default=True, show_default=True,
+              help="Retrieval score added to the attention logits (off: the paper's plain form).")
+@click.option("--dedup-threshold", type=float, default=0.98, show_default=True,
+              help="Drop neighbours whose search score is above this (near-duplicates of the pair); 1 disables.")
+@click.option("--score-threshold", type=float, default=None, help="Drop neighbours scoring below this.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default RECO_DEVICE, else cuda when present).")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for a queued job (distributed).")
+@click.option("--timeout", type=float, default=None)
+@click.pass_obj
+def train(rt, model_name, pairs, memory, wait, timeout, **options) -> None:
+    """Train RECO's fusion transformers: queue `train` (in-process with a progress bar when embedded).
+
+    Rerunning an interrupted job with the same settings resumes it from its last checkpoint."""
+    from .train import TrainConfig, create_job, run_training
+
+    cfg = TrainConfig(**options)
+    create_job(rt, model_name, pairs, memory, cfg)
+    if rt.settings.in_process_tasks:
+        metrics = run_training(rt, model_name)
+    else:
+        from workers.celery_app import check_broker, workers_alive
+        from workers.tasks import train_model
+
+        check_broker()
+        train_model.apply_async(args=(model_name,), queue="train")
+        if not workers_alive():
+            click.echo("warning: no worker answered; start one with `reco worker --queues train`", err=True)
+        if not wait:
+            click.echo(f"{model_name}: training queued")
+            return
+        metrics = _wait_model(rt, model_name, timeout)
+    best = metrics.get("best") or {}
+    val = best.get("val") or {}
+    click.echo(f"{model_name} ready: {metrics['steps']} steps, best at step {best.get('step')}"
+               + (f", val in-batch acc {val['acc']:.3f} (frozen {val['baseline_acc']:.3f})" if val else ""))
+
+
+def _wait_model(rt, name: str, timeout: float | None) -> dict:
+    import time
+
+    from .db.models import FusionModel
+
+    start = time.monotonic()
+    while True:
+        with rt.db.session() as s:
+            row = s.query(FusionModel).filter_by(name=name).one()
+            status, metrics, error = row.status, row.metrics, row.error
+        if status == "ready":
+            return metrics
+        if status == "failed":
+            raise RecoError(f"training {name} failed: {error}")
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise RecoError(f"model {name} still {status} after {timeout:.0f}s")
+        time.sleep(1)
+
+
+@cli.group()
+def model() -> None:
+    """Trained RECO models."""
+
+
+def _model_dict(row) -> dict:
+    job = row.config.get("job", {})
+    return {"name": row.name, "status": row.status, "backbone": row.backbone, "dim": row.dim,
+            "memory": row.memory_name, "trained_with_memory_version": row.memory_version,
+            "pairs": f"{row.pairs_name}@{row.pairs_version}", "step": row.step, "train": job.get("train"),
+            "metrics": row.metrics, "error": row.error, "checkpoint_dir": row.checkpoint_dir,
+            "created_at": row.created_at.isoformat() if row.created_at else None,
+            "updated_at": row.updated_at.isoformat() if row.updated_at else None}
+
+
+def _get_model(s, name):
+    from .db.models import FusionModel
+
+    row = s.query(FusionModel).filter_by(name=name).one_or_none()
+    if row is None:
+        raise RecoError(f"no model named {name!r} (see `reco model list`)")
+    return row
+
+
+@model.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def model_list(rt, as_json) -> None:
+    """Every model with its memory and validation result."""
+    from .db.models import FusionModel
+
+    with rt.db.session() as s:
+        out = [_model_dict(r) for r in s.query(FusionModel).order_by(FusionModel.name)]
+    if as_json:
+        _echo_json(out)
+        return
+
+    def val(m):
+        v = ((m["metrics"] or {}).get("best") or {}).get("val") or {}
+        return f"{v['acc']:.3f} ({v['baseline_acc']:.3f})" if v else ""
+
+    _table([[m["name"], m["status"], m["memory"], m["pairs"], m["step"], val(m), m["backbone"]] for m in out],
+           ["NAME", "STATUS", "MEMORY", "PAIRS", "STEP", "VAL ACC (FROZEN)", "BACKBONE"])
+
+
+@model.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def model_show(rt, name, as_json) -> None:
+    """Config, provenance and training metrics of one model."""
+    with rt.db.session() as s:
+        d = _model_dict(_get_model(s, name))
+    if as_json:
+        _echo_json(d)
+        return
+    for key in ("name", "status", "backbone", "dim", "memory", "trained_with_memory_version", "pairs", "step",
+                "checkpoint_dir", "created_at", "updated_at", "error"):
+        if d.get(key) is not None:
+            click.echo(f"{key:28} {d[key]}")
+    click.echo("train " + json.dumps(d["train"]))
+    final = (d["metrics"] or {}).get("final")
+    if final:
+        click.echo("final " + json.dumps(final))
+
+
+@model.command("delete")
+@click.argument("name")
+@click.pass_obj
+def model_delete(rt, name) -> None:
+    """Delete a model's row and checkpoints."""
+    import shutil
+
+    with rt.db.session() as s:
+        row = _get_model(s, name)
+        ckdir = row.checkpoint_dir
+        s.delete(row)
+    shutil.rmtree(ckdir, ignore_errors=True)
+    click.echo(f"deleted model {name}")
+
+
 # -- worker ---------------------------------------------------------------------------------------------
 @cli.command()
-@click.option("--queues", "-Q", default="ingest", show_default=True, help="Comma-separated queues to consume.")
+@click.option("--queues", "-Q", default="ingest,train", show_default=True, help="Comma-separated queues to consume.")
 @click.option("--concurrency", "-c", default=1, show_default=True, help="Task processes (solo pool when 1).")
 @click.option("--loglevel", "-l", default="info", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Worker node name (Celery's -n), e.g. ingest1@%h.")

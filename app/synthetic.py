@@ -25,17 +25,19 @@ def concept(i: int) -> tuple[str, str]:
     return names[i % len(names)], SHAPES[(i // len(names)) % len(SHAPES)]
 
 
-def render(color: str, shape: str, size: int = 64, seed: int = 0):
-    """A shape on a noisy background; `seed` varies position, scale and noise (another 'drawing')."""
+def render(color: str, shape: str, size: int = 64, seed: int = 0, jitter: float = 1.0):
+    """A shape on a noisy background; `seed` varies position, scale and noise (another 'drawing'), `jitter`
+    scales how much (0: every drawing of a concept is the same picture)."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
-    bg = rng.integers(90, 166, size=3)
-    arr = np.clip(bg + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    bg = 128 + jitter * (rng.integers(90, 166, size=3) - 128)
+    arr = np.clip(bg + jitter * rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
     im = Image.fromarray(arr)
     d = ImageDraw.Draw(im)
-    r = int(size * rng.uniform(0.22, 0.34))
-    cx, cy = (int(size / 2 + rng.integers(-size // 8, size // 8 + 1)) for _ in range(2))
+    r = int(size * (0.28 + jitter * rng.uniform(-0.06, 0.06)))
+    shift = int(jitter * size // 8)
+    cx, cy = (int(size / 2 + rng.integers(-shift, shift + 1)) for _ in range(2))
     box = [cx - r, cy - r, cx + r, cy + r]
     c = COLORS[color]
     if shape == "square":
@@ -57,13 +59,14 @@ def png_bytes(im, fmt: str = "PNG") -> bytes:
     return b.getvalue()
 
 
-def items(n: int, seed: int = 0, prefix: str = "") -> list[tuple[str, bytes, str]]:
+def items(n: int, seed: int = 0, prefix: str = "", jitter: float = 1.0) -> list[tuple[str, bytes, str]]:
     """n (key, png bytes, caption) triples cycling through the colour x shape concepts."""
     out = []
     for i in range(n):
         color, shape = concept(i)
         key = f"{prefix}{seed:02d}{i:06d}"
-        out.append((key, png_bytes(render(color, shape, seed=seed * 100003 + i)), f"a {color} {shape}"))
+        im = render(color, shape, seed=seed * 100003 + i, jitter=jitter)
+        out.append((key, png_bytes(im), f"a {color} {shape}"))
     return out
 
 
@@ -73,11 +76,12 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_wds(root: str | Path, n_shards: int, per_shard: int, seed: int = 0, prefix: str = "") -> list[Path]:
+def write_wds(root: str | Path, n_shards: int, per_shard: int, seed: int = 0, prefix: str = "",
+              jitter: float = 1.0) -> list[Path]:
     """img2dataset-style shards: 00000.tar with <key>.png, <key>.txt, <key>.json."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    all_items = items(n_shards * per_shard, seed=seed, prefix=prefix)
+    all_items = items(n_shards * per_shard, seed=seed, prefix=prefix, jitter=jitter)
     paths = []
     for s in range(n_shards):
         p = root / f"{s:05d}.tar"

@@ -53,6 +53,20 @@ def test_upsert_twice_stores_each_point_once(store):
     assert sorted(i for b in store.iter_ids(name, batch=7) for i in b) == sorted(ids)
 
 
+def test_scan_returns_every_point_with_both_vectors(store):
+    name, ids, img, txt = _filled(store, n=25)
+    seen = {}
+    for b_ids, b_img, b_txt, b_pay in store.scan(name, batch=7):
+        assert b_img.dtype == np.float32 and b_img.shape == (len(b_ids), DIM) == b_txt.shape
+        for j, pid in enumerate(b_ids):
+            seen[pid] = (b_img[j], b_txt[j], b_pay[j])
+    assert sorted(seen) == sorted(ids)
+    for i, pid in enumerate(ids):
+        np.testing.assert_allclose(seen[pid][0], img[i], atol=1e-5)
+        np.testing.assert_allclose(seen[pid][1], txt[i], atol=1e-5)
+        assert seen[pid][2]["key"] == f"k{i}"
+
+
 def test_search_is_exact_on_self_and_returns_other_modality(store):
     name, ids, img, txt = _filled(store)
     store.seal(name)

@@ -24,7 +24,7 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_default_queue="ingest",
-    task_routes={"reco.ingest_shard": {"queue": "ingest"}},
+    task_routes={"reco.ingest_shard": {"queue": "ingest"}, "reco.train": {"queue": "train"}},
     task_serializer="json",
     accept_content=["json"],
     result_serializer="json",

@@ -34,3 +34,19 @@ def ingest_shard(self, shard_id: int) -> dict:
     from app.ingest import run_shard
 
     return run_shard(runtime(), shard_id)
+
+
+@app.task(
+    name="reco.train",
+    bind=True,
+    acks_late=True,
+    autoretry_for=(TransientError, OperationalError, ConnectionError),
+    retry_backoff=5,
+    retry_backoff_max=120,
+    max_retries=5,
+)
+def train_model(self, model_name: str) -> dict:
+    """A killed worker leaves the message unacknowledged; the next delivery resumes from the last checkpoint."""
+    from app.train import run_training
+
+    return run_training(runtime(), model_name, progress=False)

@@ -35,6 +35,12 @@ class ShardStatus:
     FAILED = "failed"
 
 
+class ModelStatus:
+    TRAINING = "training"
+    READY = "ready"
+    FAILED = "failed"
+
+
 class Memory(Base):
     __tablename__ = "memories"
 
@@ -99,3 +105,27 @@ class IngestShard(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     version: Mapped[MemoryVersion] = relationship(back_populates="shards")
+
+
+class FusionModel(Base):
+    """A trained RECO model: fusion weights on disk (safetensors + JSON), provenance here."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=ModelStatus.TRAINING)
+    backbone: Mapped[str] = mapped_column(Text, nullable=False)
+    backbone_hash: Mapped[str | None] = mapped_column(String(64))
+    dim: Mapped[int] = mapped_column(Integer, nullable=False)
+    memory_name: Mapped[str] = mapped_column(String(64), nullable=False)  # what inference follows by default
+    memory_version: Mapped[int] = mapped_column(Integer, nullable=False)  # what it was trained with
+    pairs_name: Mapped[str] = mapped_column(String(64), nullable=False)
+    pairs_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    config: Mapped[dict] = mapped_column(JSON, nullable=False)
+    checkpoint_dir: Mapped[str] = mapped_column(Text, nullable=False)
+    step: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    metrics: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

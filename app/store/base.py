@@ -98,6 +98,10 @@ class VectorStore(ABC):
     def iter_ids(self, collection: str, batch: int = 1024) -> Iterator[list[str]]: ...
 
     @abstractmethod
+    def scan(self, collection: str, batch: int = 1024) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[dict]]]:
+        """Every point as batches of (ids, image vectors, text vectors, payloads): training reads its pairs so."""
+
+    @abstractmethod
     def seal(self, collection: str) -> None:
         """Build the HNSW index and flush: the collection is complete and will not change."""
 

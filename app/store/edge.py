@@ -184,6 +184,19 @@ class EdgeStore(VectorStore):
                 if offset is None:
                     return
 
+    def scan(self, collection, batch=1024):
+        e = _edge()
+        offset = None
+        with self._open(collection) as shard:
+            while True:
+                recs, offset = shard.scroll(
+                    e.ScrollRequest(offset=offset, limit=batch, with_payload=True, with_vector=list(MODALITIES))
+                )
+                if recs:
+                    yield _unpack(recs)
+                if offset is None:
+                    return
+
     def seal(self, collection: str) -> None:
         e = _edge()
         path = self._dir(collection)
@@ -208,6 +221,13 @@ class EdgeStore(VectorStore):
             with FileLock(str(path) + ".lock", timeout=self.lock_timeout, thread_local=False):
                 shutil.rmtree(path, ignore_errors=True)
         Path(str(path) + ".lock").unlink(missing_ok=True)
+
+
+def _unpack(recs) -> tuple[list[str], np.ndarray, np.ndarray, list[dict]]:
+    ids = [str(r.id) for r in recs]
+    image = np.asarray([r.vector["image"] for r in recs], dtype=np.float32)
+    text = np.asarray([r.vector["text"] for r in recs], dtype=np.float32)
+    return ids, image, text, [dict(r.payload or {}) for r in recs]
 
 
 def _hit(p, with_vector: str | None, score: float | None = None) -> Hit:

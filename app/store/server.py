@@ -139,6 +139,23 @@ class ServerStore(VectorStore):
             if offset is None:
                 return
 
+    def scan(self, collection, batch=1024):
+        offset = None
+        while True:
+            recs, offset = self._call(
+                self.client.scroll, collection, limit=batch, offset=offset, with_payload=True,
+                with_vectors=list(MODALITIES),
+            )
+            if recs:
+                yield (
+                    [str(r.id) for r in recs],
+                    np.asarray([r.vector["image"] for r in recs], dtype=np.float32),
+                    np.asarray([r.vector["text"] for r in recs], dtype=np.float32),
+                    [dict(r.payload or {}) for r in recs],
+                )
+            if offset is None:
+                return
+
     def seal(self, collection: str) -> None:
         from qdrant_client import models
 

@@ -1,0 +1,115 @@
+"""The only trained part of RECO: one light transformer layer per side that fuses retrieved knowledge into a
+frozen embedding, and the RECO loss.
+
+Input tokens are the query embedding plus its k retrieved vectors (each with a learned type embedding, and a
+rank embedding for the retrieved ones). Only the query token's output is used, so the layer computes attention
+for that token alone: the result equals a full pre-LN encoder layer's query output, at 1/(k+1) of the cost.
+Each neighbour's retrieval score, times a learned scale, is added to the query's attention logit over it, so a
+sure neighbour can dominate and weak ones are ignored (see shared/research/emoji-feasibility.md).
+Embeddings and output projections start at zero: an untrained model returns the frozen embedding unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class FusionConfig:
+    dim: int
+    k: int = 10
+    heads: int | None = None  # default dim // 64 (at least 1)
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    neighbour_dropout: float = 0.0  # training only: hide each retrieved token with this probability
+    use_rank: bool = True
+    use_score: bool = True
+    score_scale_init: float = 10.0
+
+    def __post_init__(self):
+        if self.heads is None:
+            self.heads = max(1, self.dim // 64)
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FusionLayer(nn.Module):
+    """φ: (query [B, D], retrieved [B, k, D], scores [B, k], mask [B, k] True=present) -> refined [B, D]."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, h = cfg.dim, cfg.heads
+        self.type_emb = nn.Parameter(torch.zeros(2, d))
+        self.rank_emb = nn.Parameter(torch.zeros(cfg.k, d)) if cfg.use_rank else None
+        self.score_scale = nn.Parameter(torch.tensor(float(cfg.score_scale_init))) if cfg.use_score else None
+        self.ln1 = nn.LayerNorm(d)
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, d))
+        self.drop = nn.Dropout(cfg.dropout)
+        for lin in (self.out, self.mlp[-1]):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, query, retrieved, scores=None, mask=None):
+        b, k, d = retrieved.shape
+        h = self.cfg.heads
+        if k > self.cfg.k:
+            raise ValueError(f"got {k} neighbours, the model was built for at most {self.cfg.k}")
+        if mask is None:
+            mask = torch.ones(b, k, dtype=torch.bool, device=query.device)
+        if self.training and self.cfg.neighbour_dropout > 0:
+            mask = mask & (torch.rand(b, k, device=query.device) >= self.cfg.neighbour_dropout)
+        q_tok = query + self.type_emb[0]
+        r_tok = retrieved + self.type_emb[1]
+        if self.rank_emb is not None:
+            r_tok = r_tok + self.rank_emb[:k]
+        tokens = torch.cat([q_tok[:, None], r_tok], dim=1)  # [B, 1+k, D]
+        x = self.ln1(tokens)
+        qh = self.q(x[:, :1]).view(b, 1, h, d // h).transpose(1, 2)  # [B, h, 1, dh]
+        kh, vh = self.kv(x).view(b, 1 + k, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, h, 1+k, dh] each
+        logits = (qh @ kh.transpose(-1, -2)) / math.sqrt(d // h)  # [B, h, 1, 1+k]
+        bias = torch.zeros(b, 1 + k, device=query.device, dtype=logits.dtype)
+        if self.score_scale is not None and scores is not None:
+            bias[:, 1:] = self.score_scale * scores.to(logits.dtype)
+        bias[:, 1:] = bias[:, 1:].masked_fill(~mask, float("-inf"))
+        attn = torch.softmax(logits + bias[:, None, None, :], dim=-1)
+        ctx = (self.drop(attn) @ vh).transpose(1, 2).reshape(b, d)
+        y = q_tok + self.drop(self.out(ctx))
+        y = y + self.drop(self.mlp(self.ln2(y)))
+        return F.normalize(y, dim=-1)
+
+
+class RecoFusion(nn.Module):
+    """φ_img and φ_txt, and the learnable temperature of the loss."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image = FusionLayer(cfg)
+        self.text = FusionLayer(cfg)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of matching rows."""
+    logits = logit_scale.exp().clamp(max=100) * a @ b.t()
+    target = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def reco_loss(v_ref, t_ref, v, t, logit_scale) -> torch.Tensor:
+    """InfoNCE(v̄, t̄) + InfoNCE(v̄, t) + InfoNCE(v, t̄)."""
+    return info_nce(v_ref, t_ref, logit_scale) + info_nce(v_ref, t, logit_scale) + info_nce(v, t_ref, logit_scale)

@@ -1,0 +1,437 @@
+"""Training the fusion transformers: a queued, resumable job.
+
+The frozen embeddings of the training pairs are read from their memory (the backbone never runs, so it can never
+get a gradient); neighbours are pulled from the retrieval memory with batched queries, excluding each pair's own
+item and its near-duplicates, and cached on disk per (pairs version, memory version, k, modes), so later epochs
+and reruns make no store queries. Checkpoints are safetensors + JSON; a rerun after a crash resumes from the
+last one; the checkpoint that does best on a held-out validation slice is the one inference uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__, checkpoint
+from .db.models import FusionModel, ModelStatus, VersionStatus, utcnow
+from .errors import NotFound, RecoError
+from .names import check_name
+from .retrieval import modes, retrieve
+
+
+@dataclass
+class TrainConfig:
+    k: int = 10
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    search: str = "uni"
+    fusion: str = "cross"
+    val_fraction: float = 0.1
+    val_by: str = "concept"  # hold out whole concepts (pairs sharing a caption) or single items
+    seed: int = 0
+    checkpoint_every: int = 200
+    heads: int | None = None
+    dropout: float = 0.0
+    neighbour_dropout: float = 0.1
+    use_rank: bool = True
+    use_score: bool = True
+    dedup_threshold: float | None = 0.98
+    score_threshold: float | None = None
+    device: str | None = None
+
+    def check(self) -> None:
+        modes("image", self.search, self.fusion)
+        if self.k < 1 or self.epochs < 1 or self.batch_size < 2:
+            raise RecoError("k and epochs must be >= 1 and batch size >= 2")
+        if not 0 <= self.val_fraction < 1:
+            raise RecoError("--val-fraction must be in [0, 1)")
+        if self.val_by not in ("concept", "item"):
+            raise RecoError("--val-by must be concept or item")
+        if self.dedup_threshold is not None and self.dedup_threshold >= 1.0:
+            self.dedup_threshold = None  # nothing scores above 1: the filter is off
+
+
+def parse_memory_ref(ref: str) -> tuple[str, int | None]:
+    """`NAME` (the active version) or `NAME@VERSION`."""
+    name, _, version = ref.partition("@")
+    check_name(name)
+    if version and not version.isdigit():
+        raise RecoError(f"bad memory reference {ref!r}: use NAME or NAME@VERSION")
+    return name, int(version) if version else None
+
+
+# -- job creation ------------------------------------------------------------------------------------------
+def create_job(rt, name: str, pairs: str, memory: str, cfg: TrainConfig) -> FusionModel:
+    """Validate everything and register the model row (status training). A failed or interrupted job of the
+    same name and settings is resumed instead; anything else with that name is refused."""
+    check_name(name, "model")
+    cfg.check()
+    (p_name, p_ver), (m_name, m_ver) = parse_memory_ref(pairs), parse_memory_ref(memory)
+    with rt.db.session() as s:
+        pv = _ready_version(s, p_name, p_ver, "pairs")
+        mv = _ready_version(s, m_name, m_ver, "memory")
+        if pv.backbone_hash != mv.backbone_hash:
+            raise RecoError(f"pairs {p_name} v{pv.version} were embedded with {pv.backbone}, memory {m_name} "
+                            f"v{mv.version} with {mv.backbone}: both must use the same backbone")
+        if cfg.k > mv.items_stored:
+            raise RecoError(f"k={cfg.k} is larger than memory {m_name} v{mv.version} ({mv.items_stored} items)")
+        job = {"pairs": [p_name, pv.version, pv.collection, pv.created_at.isoformat()],
+               "memory": [m_name, mv.version, mv.collection, mv.created_at.isoformat()],
+               "train": asdict(cfg)}
+        existing = s.query(FusionModel).filter_by(name=name).one_or_none()
+        if existing is not None:
+            if existing.status == ModelStatus.READY:
+                raise RecoError(f"model {name} already exists: `reco model delete {name}` or choose another name")
+            if existing.config.get("job") != json.loads(json.dumps(job)):
+                raise RecoError(f"model {name} exists from an interrupted job with other settings: "
+                                f"`reco model delete {name}` first")
+            existing.status, existing.error = ModelStatus.TRAINING, None
+            return existing
+        row = FusionModel(
+            name=name, status=ModelStatus.TRAINING, backbone=mv.backbone, backbone_hash=mv.backbone_hash,
+            dim=mv.dim, memory_name=m_name, memory_version=mv.version, pairs_name=p_name,
+            pairs_version=pv.version, config={"job": job}, metrics={}, step=0,
+            checkpoint_dir=str(rt.settings.home / "models" / name),
+        )
+        s.add(row)
+        s.flush()
+        return row
+
+
+def _ready_version(s, name, version, what):
+    from .memory import get_version
+
+    v = get_version(s, name, version)
+    if v.status not in VersionStatus.ACTIVATABLE:
+        raise RecoError(f"{what} memory {name} v{v.version} is {v.status}, not ready")
+    if not v.items_stored:
+        raise RecoError(f"{what} memory {name} v{v.version} is empty")
+    return v
+
+
+# -- data: pairs and cached neighbours ---------------------------------------------------------------------
+@dataclass
+class Pairs:
+    ids: list[str]
+    captions: list[str]
+    image: np.ndarray  # [N, D] frozen image embeddings
+    text: np.ndarray  # [N, D] frozen text embeddings
+
+
+@dataclass
+class SideNeighbours:
+    idx: np.ndarray  # [N, k] rows of `table`
+    scores: np.ndarray  # [N, k]
+    mask: np.ndarray  # [N, k]
+    table: np.ndarray  # [U, D] the fused vectors of every neighbour
+    ids: list[str] = field(default_factory=list)  # point id of each table row
+
+
+def _cache_dir(rt, kind: str, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return rt.settings.home / "cache" / kind / digest
+
+
+def load_pairs(rt, collection: str, created: str) -> Pairs:
+    d = _cache_dir(rt, "pairs", {"collection": collection, "created": created})
+    if (d / "meta.json").is_file():
+        meta = json.loads((d / "meta.json").read_text())
+        return Pairs(meta["ids"], meta["captions"], np.load(d / "image.npy", allow_pickle=False),
+                     np.load(d / "text.npy", allow_pickle=False))
+    ids, caps, imgs, txts = [], [], [], []
+    for b_ids, b_img, b_txt, b_pay in rt.store.scan(collection):
+        ids += b_ids
+        caps += [p.get("caption", "") for p in b_pay]
+        imgs.append(b_img)
+        txts.append(b_txt)
+    order = np.argsort(ids)  # a stable order, whatever the store's scroll order
+    pairs = Pairs([ids[i] for i in order], [caps[i] for i in order], np.concatenate(imgs)[order],
+                  np.concatenate(txts)[order])
+    d.mkdir(parents=True, exist_ok=True)
+    np.save(d / "image.npy", pairs.image)
+    np.save(d / "text.npy", pairs.text)
+    (d / "meta.json").write_text(json.dumps({"ids": pairs.ids, "captions": pairs.captions}))
+    return pairs
+
+
+class NeighbourCache:
+    """Neighbours of every training pair on both sides, from the store once, then from disk."""
+
+    def __init__(self, rt, job: dict, cfg: TrainConfig, dim: int):
+        self.rt, self.job, self.cfg, self.dim = rt, job, cfg, dim
+        self.dir = _cache_dir(rt, "neighbours", {
+            "pairs": job["pairs"], "memory": job["memory"], "k": cfg.k, "search": cfg.search,
+            "fusion": cfg.fusion, "dedup": cfg.dedup_threshold, "score": cfg.score_threshold})
+        self.store_queries = 0
+
+    def get(self, pairs: Pairs, batch: int = 256, progress: bool = False) -> dict[str, SideNeighbours]:
+        if (self.dir / "done").is_file():
+            return {side: self._load(side) for side in ("image", "text")}
+        from tqdm import tqdm
+
+        collection = self.job["memory"][2]
+        same_memory = self.job["pairs"][2] == collection
+        out = {}
+        for side, queries in (("image", pairs.image), ("text", pairs.text)):
+            idx = np.zeros((len(queries), self.cfg.k), np.int32)
+            scores = np.zeros((len(queries), self.cfg.k), np.float32)
+            mask = np.zeros((len(queries), self.cfg.k), bool)
+            table, row_of = [], {}
+            with self.rt.store.hold(collection):
+                for start in tqdm(range(0, len(queries), batch), desc=f"neighbours ({side})", disable=not progress,
+                                  unit="batch", leave=False):
+                    q = queries[start : start + batch]
+                    exclude = [{pid} for pid in pairs.ids[start : start + batch]] if same_memory else None
+                    nb = retrieve(self.rt.store, collection, q, side, self.cfg.k, dim=self.dim,
+                                  search=self.cfg.search, fusion=self.cfg.fusion, exclude=exclude,
+                                  dedup_threshold=self.cfg.dedup_threshold, score_threshold=self.cfg.score_threshold)
+                    self.store_queries += 1
+                    for i, row_ids in enumerate(nb.ids):
+                        for j, pid in enumerate(row_ids):
+                            if pid not in row_of:
+                                row_of[pid] = len(table)
+                                table.append(nb.vectors[i, j])
+                            idx[start + i, j] = row_of[pid]
+                    scores[start : start + len(q)] = nb.scores
+                    mask[start : start + len(q)] = nb.mask
+            tab = np.stack(table) if table else np.zeros((1, self.dim), np.float32)
+            out[side] = SideNeighbours(idx, scores, mask, tab, list(row_of))
+            self._save(side, out[side])
+        (self.dir / "done").write_text("ok")
+        return out
+
+    def _save(self, side: str, nb: SideNeighbours) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for part in ("idx", "scores", "mask", "table"):
+            np.save(self.dir / f"{side}_{part}.npy", getattr(nb, part))
+        (self.dir / f"{side}_ids.json").write_text(json.dumps(nb.ids))
+
+    def _load(self, side: str) -> SideNeighbours:
+        parts = {p: np.load(self.dir / f"{side}_{p}.npy", allow_pickle=False) for p in ("idx", "scores", "mask", "table")}
+        return SideNeighbours(**parts, ids=json.loads((self.dir / f"{side}_ids.json").read_text()))
+
+
+def split(pairs: Pairs, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Train / validation row indices; with val_by=concept every caption is wholly on one side."""
+    rng = np.random.default_rng(cfg.seed)
+    n = len(pairs.ids)
+    if cfg.val_fraction == 0 or n < 4:
+        return np.arange(n), np.arange(0)
+    if cfg.val_by == "item":
+        perm = rng.permutation(n)
+        n_val = max(1, int(round(n * cfg.val_fraction)))
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    concepts = sorted(set(pairs.captions))
+    rng.shuffle(concepts)
+    n_val = max(1, int(round(len(concepts) * cfg.val_fraction)))
+    held = set(concepts[:n_val])
+    is_val = np.array([c in held for c in pairs.captions])
+    if is_val.all() or not is_val.any():
+        raise RecoError("the validation split left no training or no validation pairs: change --val-fraction")
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+# -- the loop ----------------------------------------------------------------------------------------------
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up (at most a fifth of the run), then cosine decay to zero."""
+    warmup = max(1, min(cfg.warmup_steps, total // 5))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batch(pairs: Pairs, nbrs: dict[str, SideNeighbours], rows: np.ndarray, device):
+    import torch
+
+    def t(x, dtype=torch.float32):
+        return torch.as_tensor(x, dtype=dtype, device=device)
+
+    v, tx = t(pairs.image[rows]), t(pairs.text[rows])
+    ni, nt = nbrs["image"], nbrs["text"]
+    return (v, tx,
+            (t(ni.table[ni.idx[rows]]), t(ni.scores[rows]), t(ni.mask[rows], torch.bool)),
+            (t(nt.table[nt.idx[rows]]), t(nt.scores[rows]), t(nt.mask[rows], torch.bool)))
+
+
+def _forward(model, batch):
+    v, t, (ri, si, mi), (rt_, st, mt) = batch
+    return model.image(v, ri, si, mi), model.text(t, rt_, st, mt), v, t
+
+
+def _in_batch_acc(a, b) -> float:
+    import torch
+
+    return float((torch.argmax(a @ b.t(), dim=1) == torch.arange(len(a), device=a.device)).float().mean())
+
+
+def evaluate(model, pairs: Pairs, nbrs, rows: np.ndarray, batch_size: int, device) -> dict:
+    """Loss and in-batch image->text accuracy, refined and frozen, on fixed batches of `rows`."""
+    import torch
+
+    from .fusion import reco_loss
+
+    if len(rows) < 2:
+        return {}
+    model.eval()
+    losses, acc, base = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            if len(chunk) < 2:
+                continue
+            b = _batch(pairs, nbrs, chunk, device)
+            v_ref, t_ref, v, t = _forward(model, b)
+            losses.append(float(reco_loss(v_ref, t_ref, v, t, model.logit_scale)))
+            acc.append(_in_batch_acc(v_ref, t_ref))
+            base.append(_in_batch_acc(v, t))
+    model.train()
+    return {"loss": float(np.mean(losses)), "acc": float(np.mean(acc)), "baseline_acc": float(np.mean(base))}
+
+
+def _opt_tensors(opt) -> tuple[dict, dict]:
+    state = opt.state_dict()
+    tensors = {}
+    for pid, st in state["state"].items():
+        for key, val in st.items():
+            tensors[f"opt.{pid}.{key}"] = val if hasattr(val, "shape") else __import__("torch").tensor(val)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _restore_opt(opt, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for name, val in tensors.items():
+        if name.startswith("opt."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = val
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def run_training(rt, name: str, progress: bool = True,
+                 on_step: Callable[[int], None] | None = None) -> dict:
+    """Train (or resume) model NAME as registered by `create_job`. Returns its final metrics."""
+    import torch
+    from tqdm import tqdm
+
+    from .backbone import pick_device
+    from .fusion import FusionConfig, RecoFusion, reco_loss
+
+    with rt.db.session() as s:
+        row = s.query(FusionModel).filter_by(name=name).one_or_none()
+        if row is None:
+            raise NotFound(f"no model named {name!r} (see `reco model list`)")
+        if row.status == ModelStatus.READY:
+            return row.metrics
+        job, dim, ckdir = row.config["job"], row.dim, Path(row.checkpoint_dir)
+        row.status, row.error = ModelStatus.TRAINING, None
+    cfg = TrainConfig(**job["train"])
+    device = pick_device(cfg.device or rt.settings.device)
+    torch.manual_seed(cfg.seed)
+    t0 = time.monotonic()
+
+    pairs = load_pairs(rt, job["pairs"][2], job["pairs"][3])
+    cache = NeighbourCache(rt, job, cfg, dim)
+    nbrs = cache.get(pairs, progress=progress)
+    train_rows, val_rows = split(pairs, cfg)
+    if len(train_rows) < 2:
+        raise RecoError("fewer than 2 training pairs: nothing to learn from")
+    bs = min(cfg.batch_size, len(train_rows))
+    steps_per_epoch = max(1, len(train_rows) // bs)
+    total = steps_per_epoch * cfg.epochs
+
+    fcfg = FusionConfig(dim=dim, k=cfg.k, heads=cfg.heads, dropout=cfg.dropout,
+                        neighbour_dropout=cfg.neighbour_dropout, use_rank=cfg.use_rank, use_score=cfg.use_score)
+    model = RecoFusion(fcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, best, history = 0, None, []
+    base_meta = {"name": name, "backbone": None, "fusion": fcfg.to_dict(), "job": job, "code_version": __version__}
+    with rt.db.session() as s:
+        row = s.query(FusionModel).filter_by(name=name).one()
+        base_meta["backbone"] = {"spec": row.backbone, "fingerprint": row.backbone_hash, "dim": dim}
+    resumed_from = None
+    if checkpoint.exists(ckdir, "last"):
+        tensors, meta = checkpoint.load(ckdir, "last")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _restore_opt(opt, tensors, meta)
+        step, best, history = meta["step"], meta.get("best"), meta.get("history", [])
+        if "rng" in tensors:
+            torch.set_rng_state(tensors["rng"])
+        resumed_from = step
+
+    saved_step = resumed_from
+
+    def save_last():
+        nonlocal saved_step
+        saved_step = step
+        opt_t, opt_meta = _opt_tensors(opt)
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors.update(opt_t)
+        tensors["rng"] = torch.get_rng_state()
+        checkpoint.save(ckdir, "last", tensors, {**base_meta, **opt_meta, "step": step, "best": best,
+                                                 "history": history})
+
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", disable=not progress, dynamic_ncols=True)
+    last_val = None
+    try:
+        while step < total:
+            epoch, pos = divmod(step, steps_per_epoch)
+            order = np.random.default_rng(cfg.seed * 1000 + epoch).permutation(train_rows)
+            rows = order[pos * bs : (pos + 1) * bs]
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total, cfg)
+            v_ref, t_ref, v, t = _forward(model, _batch(pairs, nbrs, rows, device))
+            loss = reco_loss(v_ref, t_ref, v, t, model.logit_scale)
+            if not torch.isfinite(loss):
+                kept = f"the last good checkpoint (step {saved_step}) is kept" if saved_step is not None \
+                    else "no checkpoint was written yet"
+                raise RecoError(f"training {name} stopped: the loss became non-finite at step {step + 1} "
+                                f"(lower --lr?); {kept}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            end_of_epoch = step % steps_per_epoch == 0
+            if step % cfg.checkpoint_every == 0 or end_of_epoch or step == total:
+                last_val = evaluate(model, pairs, nbrs, val_rows, bs, device)
+                entry = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
+                         "train_acc": _in_batch_acc(v_ref.detach(), t_ref.detach()), "val": last_val,
+                         "lr": opt.param_groups[0]["lr"]}
+                history.append(entry)
+                score = (last_val or {}).get("acc", -entry["train_loss"])
+                if best is None or score > best["score"]:
+                    best = {"step": step, "score": score, "val": last_val}
+                    checkpoint.save(ckdir, "best", {k: v for k, v in model.state_dict().items()},
+                                    {**base_meta, "step": step, "val": last_val})
+                save_last()
+                with rt.db.session() as s:
+                    s.query(FusionModel).filter_by(name=name).update({"step": step})
+            if on_step is not None:
+                on_step(step)
+    except RecoError as exc:
+        with rt.db.session() as s:
+            s.query(FusionModel).filter_by(name=name).update({"status": ModelStatus.FAILED, "error": str(exc)})
+        raise
+    finally:
+        bar.close()
+    metrics = {
+        "steps": step, "epochs": cfg.epochs, "train_pairs": int(len(train_rows)), "val_pairs": int(len(val_rows)),
+        "best": best, "final": history[-1] if history else None, "resumed_from": resumed_from,
+        "store_queries": cache.store_queries, "seconds": round(time.monotonic() - t0, 2),
+    }
+    with rt.db.session() as s:
+        row = s.query(FusionModel).filter_by(name=name).one()
+        row.status, row.step, row.metrics, row.updated_at = ModelStatus.READY, step, metrics, utcnow()
+    return metrics

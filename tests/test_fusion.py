@@ -1,0 +1,108 @@
+"""The fusion layer and the retrieval that feeds it."""
+
+import numpy as np
+import pytest
+import torch
+
+from app.fusion import FusionConfig, FusionLayer, RecoFusion, info_nce, reco_loss
+from app.retrieval import modes, retrieve
+from app.store.base import point_id
+from app.store.edge import EdgeStore
+
+D = 16
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture
+def store(tmp_path):
+    rng = np.random.default_rng(0)
+    img, txt = _unit(rng.standard_normal((20, D))).astype(np.float32), _unit(rng.standard_normal((20, D))).astype(np.float32)
+    s = EdgeStore(tmp_path / "v")
+    ids = [point_id("m", 1, str(i)) for i in range(20)]
+    s.create("c", D)
+    s.upsert("c", ids, img, txt, [{"key": str(i)} for i in range(20)])
+    return s, ids, img, txt
+
+
+def test_modes_table():
+    assert modes("image") == ("image", "text")
+    assert modes("text") == ("text", "image")
+    assert modes("image", search="cross") == ("text", "text")
+    assert modes("image", fusion="uni") == ("image", "image")
+    with pytest.raises(ValueError):
+        modes("image", search="sideways")
+
+
+def test_uni_search_cross_fusion_returns_the_other_modality(store):
+    s, ids, img, txt = store
+    nb = retrieve(s, "c", img[:3], "image", 4, dim=D)
+    assert [row[0] for row in nb.ids] == ids[:3]
+    np.testing.assert_allclose(nb.vectors[:, 0], txt[:3], atol=1e-5)
+    assert nb.mask.all() and nb.scores[:, 0] == pytest.approx(1.0, abs=1e-4)
+    nb = retrieve(s, "c", txt[:2], "text", 2, dim=D, fusion="uni")
+    np.testing.assert_allclose(nb.vectors[:, 0], txt[:2], atol=1e-5)
+    nb = retrieve(s, "c", img[:2], "image", 1, dim=D, search="cross")  # image query against captions
+    exact = np.argmax(img[:2] @ txt.T, axis=1)
+    assert [row[0] for row in nb.ids] == [ids[j] for j in exact]
+
+
+def test_exclusions_dedup_threshold_and_mask(store):
+    s, ids, img, txt = store
+    nb = retrieve(s, "c", img[:2], "image", 3, dim=D, exclude=[{ids[0]}, {ids[1]}])
+    assert ids[0] not in nb.ids[0] and ids[1] not in nb.ids[1]
+    near = _unit(img[0] + 0.01 * np.random.default_rng(1).standard_normal(D)).astype(np.float32)
+    nb = retrieve(s, "c", near[None], "image", 3, dim=D, dedup_threshold=0.98)
+    assert ids[0] not in nb.ids[0] and (nb.scores[0] <= 0.98).all()
+    nb = retrieve(s, "c", img[:1], "image", 5, dim=D, score_threshold=0.999)
+    assert nb.ids[0] == [ids[0]]
+    assert nb.mask[0].tolist() == [True, False, False, False, False]
+    assert not nb.vectors[0, 1:].any() and not nb.scores[0, 1:].any()
+
+
+def test_untrained_layer_returns_the_query_and_only_fusion_params_learn():
+    layer = FusionLayer(FusionConfig(dim=D, k=4))
+    q = torch.nn.functional.normalize(torch.randn(3, D), dim=-1)
+    out = layer(q, torch.randn(3, 4, D), torch.rand(3, 4), torch.ones(3, 4, dtype=torch.bool))
+    torch.testing.assert_close(out, q)
+    assert all(p.requires_grad for p in layer.parameters())
+
+
+def test_masked_neighbours_have_no_influence_and_scores_steer_attention():
+    torch.manual_seed(0)
+    layer = FusionLayer(FusionConfig(dim=D, k=4, heads=1))
+    for p in (layer.out.weight, layer.mlp[-1].weight):
+        torch.nn.init.normal_(p, std=0.5)
+    q = torch.nn.functional.normalize(torch.randn(1, D), dim=-1)
+    r = torch.randn(1, 4, D)
+    mask = torch.tensor([[True, True, False, False]])
+    scores = torch.rand(1, 4)
+    a = layer(q, r, scores, mask)
+    r2, scores2 = r.clone(), scores.clone()
+    r2[0, 2:] = 100 * torch.randn(2, D)
+    scores2[0, 2:] = 5.0
+    b = layer(q, r2, scores2, mask)
+    torch.testing.assert_close(a, b)
+    # with a large score scale the output follows the best-scored neighbour
+    layer.score_scale.data.fill_(1000.0)
+    one = layer(q, r, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), torch.ones(1, 4, dtype=torch.bool))
+    two = layer(q, r, torch.tensor([[0.0, 1.0, 0.0, 0.0]]), torch.ones(1, 4, dtype=torch.bool))
+    assert not torch.allclose(one, two, atol=1e-3)
+
+
+def test_size_and_switches():
+    full = RecoFusion(FusionConfig(dim=512, k=10))
+    n = sum(p.numel() for p in full.image.parameters())
+    assert 2.9e6 < n < 3.4e6  # about 3 M per side at D = 512, as ARCHITECTURE.md says
+    plain = FusionLayer(FusionConfig(dim=512, k=10, use_rank=False, use_score=False))
+    assert plain.rank_emb is None and plain.score_scale is None
+    assert FusionConfig(dim=512).heads == 8
+
+
+def test_loss_prefers_matching_pairs():
+    a = torch.nn.functional.normalize(torch.randn(8, D), dim=-1)
+    scale = torch.tensor(np.log(100.0))
+    assert info_nce(a, a, scale) < info_nce(a, a.roll(1, 0), scale)
+    assert reco_loss(a, a, a, a, scale) == pytest.approx(3 * float(info_nce(a, a, scale)))

@@ -1,0 +1,233 @@
+"""Training end to end on the embedded profile, resumption, inference, and every bad input."""
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from app import synthetic
+from app.backbone import get_backbone
+from app.build import run_in_process, start_build
+from app.encoder import RecoEncoder
+from app.errors import NotFound, RecoError
+from app.train import NeighbourCache, TrainConfig, create_job, load_pairs, run_training
+
+JITTER = 0.3  # drawings of a concept vary enough that only retrieval, not the random backbone, can name them
+
+
+def build(rt, name, src, backbone, activate=True):
+    v = start_build(rt, name, str(src), backbone=backbone, activate=activate)
+    run_in_process(rt, v.id, show_progress=False)
+    return v
+
+
+@pytest.fixture
+def memory(rt, tmp_path, tiny_config):
+    synthetic.write_wds(tmp_path / "mem", 4, 64, seed=1, jitter=JITTER)
+    build(rt, "mem", tmp_path / "mem", tiny_config)
+    return "mem"
+
+
+def cfg(**kw):
+    base = dict(k=10, epochs=60, batch_size=64, lr=3e-3, dedup_threshold=None, checkpoint_every=1000, val_by="item")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def zero_shot(enc, refine_img, refine_txt, n=64):
+    """Top-1 over the 32 concept prompts for n held-out drawings (never in the memory)."""
+    concepts = [synthetic.concept(i) for i in range(32)]
+    images = [synthetic.render(c, s, seed=900_000 + i, jitter=JITTER) for i, (c, s) in
+              enumerate(synthetic.concept(i) for i in range(n))]
+    labels = np.arange(n) % 32
+    v = enc.encode_image(images, refine=False)
+    t = enc.encode_text([f"a picture of a {c} {s}." for c, s in concepts], refine=False)
+    v = enc.refine(v, "image") if refine_img else v
+    t = enc.refine(t, "text") if refine_txt else t
+    return float(((v @ t.T).argmax(1) == labels).mean())
+
+
+def test_training_learns_to_use_the_memory(rt, memory, tiny_config, monkeypatch):
+    backbone = get_backbone(tiny_config)
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    calls = {"search": 0, "scan": 0}
+    for method in calls:
+        real = getattr(rt.store, method)
+
+        def counting(*a, _real=real, _m=method, **kw):
+            calls[_m] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(rt.store, method, counting)
+
+    create_job(rt, "m", "mem", "mem", cfg())
+    metrics = run_training(rt, "m", progress=False)
+    assert calls == {"search": 2, "scan": 1}  # one batched query per side for 256 pairs, over 60 epochs
+    assert metrics["store_queries"] == 2
+
+    history = json.loads((rt.settings.home / "models" / "m" / "last.json").read_text())["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 1.0  # the loss falls
+
+    enc = RecoEncoder.load("m", runtime=rt)
+    assert not any(p.requires_grad for p in enc.fusion.parameters())
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+    baseline, reco = zero_shot(enc, False, False), zero_shot(enc, True, True)
+    assert reco >= baseline + 0.15, (baseline, reco)  # measured: 0.03 -> 0.27
+    for k, v in backbone.model.state_dict().items():  # the backbone is bit-identical after training
+        assert torch.equal(v, before[k]), k
+
+    # a second model on the same pairs, memory and modes: neighbours and pairs come from the cache
+    before_rerun = dict(calls)
+    create_job(rt, "m2", "mem", "mem", cfg(epochs=2, lr=1e-3))
+    assert run_training(rt, "m2", progress=False)["store_queries"] == 0
+    assert calls == before_rerun
+
+
+def test_no_pair_retrieves_itself_or_a_near_duplicate(rt, memory):
+    c = cfg(epochs=1, dedup_threshold=0.98)
+    create_job(rt, "d", "mem", "mem", c)
+    run_training(rt, "d", progress=False)
+    with rt.db.session() as s:
+        from app.db.models import FusionModel
+
+        job = s.query(FusionModel).filter_by(name="d").one().config["job"]
+    pairs = load_pairs(rt, job["pairs"][2], job["pairs"][3])
+    nbrs = NeighbourCache(rt, job, c, 64).get(pairs)
+    for side in ("image", "text"):
+        nb = nbrs[side]
+        for i, pid in enumerate(pairs.ids):
+            got = {nb.ids[j] for j, m in zip(nb.idx[i], nb.mask[i]) if m}
+            assert pid not in got
+            assert (nb.scores[i][nb.mask[i]] <= 0.98).all()
+        assert nb.mask.any()
+
+
+def test_a_killed_job_resumes_from_its_last_checkpoint(rt, memory):
+    c = cfg(epochs=4, checkpoint_every=3, neighbour_dropout=0.2)
+    create_job(rt, "ref", "mem", "mem", c)
+    run_training(rt, "ref", progress=False)
+
+    create_job(rt, "crash", "mem", "mem", c)
+
+    def die(step):
+        if step == 8:
+            raise KeyboardInterrupt  # the process dies between checkpoints (step 6 was the last)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(rt, "crash", progress=False, on_step=die)
+    create_job(rt, "crash", "mem", "mem", c)  # the same command again
+    metrics = run_training(rt, "crash", progress=False)
+    assert metrics["resumed_from"] == 6 and metrics["steps"] == 12  # 230 train pairs / 64 = 3 steps x 4 epochs
+    from app.checkpoint import load
+
+    a, _ = load(rt.settings.home / "models" / "ref", "last")
+    b, _ = load(rt.settings.home / "models" / "crash", "last")
+    for key in a:
+        if key.startswith("model."):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)  # the same run, interrupted or not
+
+
+def test_activating_another_version_changes_outputs_without_reload(rt, memory, tmp_path, tiny_config):
+    create_job(rt, "m", "mem", "mem", cfg(epochs=10))
+    run_training(rt, "m", progress=False)
+    follows = RecoEncoder.load("m", runtime=rt)
+    pinned = RecoEncoder.load("m", memory="mem@1", runtime=rt)
+    v = follows.encode_image([synthetic.render("red", "circle", seed=5, jitter=JITTER)], refine=False)
+    a, p1 = follows.refine(v, "image"), pinned.refine(v, "image")
+    synthetic.write_wds(tmp_path / "v2", 2, 16, seed=7, jitter=1.0, prefix="x")
+    build(rt, "mem", tmp_path / "v2", tiny_config, activate=True)
+    b, p2 = follows.refine(v, "image"), pinned.refine(v, "image")
+    assert not np.allclose(a, b)
+    np.testing.assert_allclose(p1, p2, atol=1e-6)
+    follows.image_retrieval = False
+    np.testing.assert_allclose(follows.encode_image([synthetic.render("red", "circle", seed=5, jitter=JITTER)]), v,
+                               atol=1e-6)
+
+
+def test_train_cli_and_model_commands(cli_run, rt, memory):
+    r = cli_run("train", "cli-m", "--pairs", "mem", "--memory", "mem@1", "-k", "5", "--epochs", "2",
+                "--batch-size", "64", "--val-by", "concept", "--val-fraction", "0.25")
+    assert "cli-m ready: 6 steps" in r.output
+    listed = json.loads(cli_run("model", "list", "--json").stdout)
+    assert [m["name"] for m in listed] == ["cli-m"]
+    shown = json.loads(cli_run("model", "show", "cli-m", "--json").stdout)
+    assert shown["memory"] == "mem" and shown["trained_with_memory_version"] == 1 and shown["pairs"] == "mem@1"
+    assert shown["train"]["k"] == 5 and shown["metrics"]["val_pairs"] == 64  # 8 of 32 concepts, 8 items each
+    r = cli_run("train", "cli-m", "--pairs", "mem", "--memory", "mem", ok=False)
+    assert r.exit_code == 1 and "already exists" in r.output
+    cli_run("model", "delete", "cli-m")
+    assert json.loads(cli_run("model", "list", "--json").stdout) == []
+    r = cli_run("model", "show", "nope", ok=False)
+    assert r.exit_code == 1 and "no model named 'nope'" in r.output
+
+
+def test_bad_inputs(rt, memory, tmp_path, tiny_config):
+    other_cfg = tmp_path / "other.json"
+    other_cfg.write_text(json.dumps({**synthetic.TINY_CONFIG, "vision_cfg": {**synthetic.TINY_CONFIG["vision_cfg"],
+                                                                            "layers": 1}}))
+    synthetic.write_wds(tmp_path / "o", 1, 16, seed=3)
+    build(rt, "other", tmp_path / "o", str(other_cfg))
+    with pytest.raises(RecoError, match="same backbone"):
+        create_job(rt, "x", "other", "mem", cfg())
+    with pytest.raises(RecoError, match="larger than memory"):
+        create_job(rt, "x", "mem", "mem", cfg(k=1000))
+    import tarfile
+
+    (tmp_path / "empty").mkdir()
+    with tarfile.open(tmp_path / "empty" / "00000.tar", "w"):
+        pass
+    v = start_build(rt, "broken", str(tmp_path / "empty"), backbone=tiny_config)
+    run_in_process(rt, v.id, show_progress=False)
+    with pytest.raises(RecoError, match="not ready"):
+        create_job(rt, "x", "mem", "broken@1", cfg())
+    with pytest.raises(NotFound):
+        RecoEncoder.load("nope", runtime=rt)
+    with pytest.raises(RecoError, match="invalid model name"):
+        create_job(rt, "Bad Name", "mem", "mem", cfg())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(rt, memory, monkeypatch):
+    import app.fusion
+
+    real = app.fusion.reco_loss
+    seen = {"n": 0}
+
+    def poisoned(*a):
+        loss = real(*a)
+        if torch.is_grad_enabled():  # training steps, not validation
+            seen["n"] += 1
+            if seen["n"] >= 6:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(app.fusion, "reco_loss", poisoned)
+    create_job(rt, "nan", "mem", "mem", cfg(epochs=3, checkpoint_every=4))
+    with pytest.raises(RecoError, match="non-finite at step 6 .*step 4"):
+        run_training(rt, "nan", progress=False)
+    from app.checkpoint import load
+    from app.db.models import FusionModel
+
+    _, meta = load(rt.settings.home / "models" / "nan", "last")
+    assert meta["step"] == 4
+    with rt.db.session() as s:
+        row = s.query(FusionModel).filter_by(name="nan").one()
+        assert row.status == "failed" and "non-finite" in row.error
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "json"])
+def test_corrupt_or_tampered_checkpoint_is_refused(rt, memory, damage):
+    create_job(rt, "c", "mem", "mem", cfg(epochs=1))
+    run_training(rt, "c", progress=False)
+    d = rt.settings.home / "models" / "c"
+    blob = bytearray((d / "best.safetensors").read_bytes())
+    if damage == "flip":
+        blob[-3] ^= 0xFF
+        (d / "best.safetensors").write_bytes(bytes(blob))
+    elif damage == "truncate":
+        (d / "best.safetensors").write_bytes(bytes(blob[: len(blob) // 2]))
+    else:
+        (d / "best.json").write_text("{not json")
+    with pytest.raises(RecoError, match="corrupt or tampered|not valid JSON"):
+        RecoEncoder.load("c", runtime=rt)
