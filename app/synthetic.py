@@ -166,6 +166,7 @@ def main(argv=None) -> None:
     w.add_argument("--per-shard", type=int, default=64)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--prefix", default="")
+    w.add_argument("--jitter", type=float, default=1.0, help="how much drawings of one concept vary (0-1)")
     c = sub.add_parser("config", help="write the tiny open_clip config")
     c.add_argument("path")
     i = sub.add_parser("image", help="draw one picture (a query image)")
@@ -173,13 +174,14 @@ def main(argv=None) -> None:
     i.add_argument("--color", default="red", choices=list(COLORS))
     i.add_argument("--shape", default="circle", choices=list(SHAPES))
     i.add_argument("--seed", type=int, default=12345)
+    i.add_argument("--jitter", type=float, default=1.0)
     a = ap.parse_args(argv)
     if a.what == "image":
         Path(a.path).parent.mkdir(parents=True, exist_ok=True)
-        render(a.color, a.shape, seed=a.seed).save(a.path)
+        render(a.color, a.shape, seed=a.seed, jitter=a.jitter).save(a.path)
         print(a.path)
     elif a.what == "wds":
-        paths = write_wds(a.dir, a.shards, a.per_shard, seed=a.seed, prefix=a.prefix)
+        paths = write_wds(a.dir, a.shards, a.per_shard, seed=a.seed, prefix=a.prefix, jitter=a.jitter)
         print(f"wrote {len(paths)} shards x {a.per_shard} items to {a.dir}")
     else:
         print(write_tiny_config(a.path))

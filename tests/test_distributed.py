@@ -76,7 +76,7 @@ def reco(env, *args, check=True, timeout=300):
 
 def start_worker(env, tmp_path, name):
     log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "app", "worker", "-Q", "ingest", "-n", f"{name}@%h"],
+    return subprocess.Popen([sys.executable, "-m", "app", "worker", "-Q", "ingest,train", "-n", f"{name}@%h"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -156,3 +156,21 @@ def test_worker_killed_mid_ingestion_loses_and_duplicates_nothing(dist_env, tmp_
             if w is not None and w.poll() is None:
                 w.kill()
                 w.wait()
+
+
+def test_training_through_a_worker_on_queue_train(dist_env, tmp_path, tiny_config):
+    src = synthetic.write_wds(tmp_path / "wds", n_shards=2, per_shard=32, jitter=0.3)[0].parent
+    reco(dist_env, "db", "upgrade")
+    w = start_worker(dist_env, tmp_path, "trainer")
+    try:
+        reco(dist_env, "memory", "build", "tm", src, "--backbone", tiny_config, "--activate", "--timeout", "240")
+        r = reco(dist_env, "train", "tmodel", "--pairs", "tm", "--memory", "tm", "-k", "5", "--epochs", "3",
+                 "--batch-size", "16", "--timeout", "240")
+        assert "tmodel ready" in r.stdout
+        shown = json.loads(reco(dist_env, "model", "show", "tmodel", "--json").stdout)
+        assert shown["status"] == "ready" and shown["step"] > 0
+        log = (tmp_path / "trainer.log").read_text()
+        assert "reco.train" in log and "succeeded" in log
+    finally:
+        w.kill()
+        w.wait()
