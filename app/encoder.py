@@ -74,14 +74,18 @@ class RecoEncoder:
         return cls(rt, info, fusion, bb, name, version, device, image_retrieval, text_retrieval)
 
     # -- memory ----------------------------------------------------------------------------------------------
-    def _collection(self) -> str:
+    def resolve(self):
+        """(collection, version row) the next call reads: one DB read, refused if the backbone differs."""
         from .memory import resolve_collection
 
         collection, v = resolve_collection(self.rt, self.memory, self.memory_version)
         if v.backbone_hash != self.info["backbone_hash"]:
             raise RecoError(f"memory {self.memory} v{v.version} was embedded with {v.backbone}, model "
                             f"{self.info['name']} uses {self.info['backbone']}: they must share the backbone")
-        return collection
+        return collection, v
+
+    def _collection(self) -> str:
+        return self.resolve()[0]
 
     # -- refinement --------------------------------------------------------------------------------------------
     def refine(self, embeddings: np.ndarray, side: str, collection: str | None = None) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .store.base import VectorStore
+from .store.base import Hit, VectorStore
 
 SEARCH_MODES = ("uni", "cross")
 FUSION_MODES = ("cross", "uni")
@@ -58,22 +58,36 @@ def retrieve(store: VectorStore, collection: str, queries: np.ndarray, side: str
     search score is above it (near-duplicates of the query: the same picture re-encoded, the same caption).
     score_threshold drops weak neighbours (noisy memories).
     """
-    using, fused = modes(side, search, fusion)
-    queries = np.asarray(queries, dtype=np.float32)
+    rows = search_hits(store, collection, queries, side, k, search=search, fusion=fusion, exclude=exclude,
+                       dedup_threshold=dedup_threshold, score_threshold=score_threshold, with_vectors=True)
     b = len(queries)
-    extra = 0 if dedup_threshold is None else max(k, 8)  # room for near-duplicates that will be dropped
-    rows = store.search(collection, queries, using=using, k=k + extra, with_vector=fused,
-                        exclude=[set(e) for e in exclude] if exclude is not None else None,
-                        score_threshold=score_threshold, with_payload=False)
     out = Neighbours(ids=[], vectors=np.zeros((b, k, dim), np.float32), scores=np.zeros((b, k), np.float32),
                      mask=np.zeros((b, k), bool))
     for i, row in enumerate(rows):
-        if dedup_threshold is not None:
-            row = [h for h in row if h.score <= dedup_threshold]
-        row = row[:k]
         out.ids.append([h.id for h in row])
-        for j, h in enumerate(row):
-            out.vectors[i, j] = h.vector
-            out.scores[i, j] = h.score
-            out.mask[i, j] = True
+        if row:
+            n = len(row)
+            out.vectors[i, :n] = np.stack([h.vector for h in row])
+            out.scores[i, :n] = [h.score for h in row]
+            out.mask[i, :n] = True
     return out
+
+
+def search_hits(store: VectorStore, collection: str, queries: np.ndarray, side: str, k: int, *,
+                search: str = "uni", fusion: str = "cross", exclude: Sequence[Iterable[str]] | None = None,
+                dedup_threshold: float | None = None, score_threshold: float | None = None,
+                with_vectors: bool = True) -> list[list[Hit]]:
+    """The hits `retrieve` fuses: at most k per query, best first, after the exclusions and thresholds.
+
+    with_vectors=False skips the fused vectors (hits carry ids and scores only): a caller that already holds the
+    memory's vectors (training, when the pairs are the memory) saves converting k vectors per query.
+    """
+    using, fused = modes(side, search, fusion)
+    queries = np.asarray(queries, dtype=np.float32)
+    extra = 0 if dedup_threshold is None else max(k, 8)  # room for near-duplicates that will be dropped
+    rows = store.search(collection, queries, using=using, k=k + extra, with_vector=fused if with_vectors else None,
+                        exclude=[set(e) for e in exclude] if exclude is not None else None,
+                        score_threshold=score_threshold, with_payload=False)
+    if dedup_threshold is not None:
+        rows = [[h for h in row if h.score <= dedup_threshold] for row in rows]
+    return [row[:k] for row in rows]

@@ -25,14 +25,19 @@ def concept(i: int) -> tuple[str, str]:
     return names[i % len(names)], SHAPES[(i // len(names)) % len(SHAPES)]
 
 
-def render(color: str, shape: str, size: int = 64, seed: int = 0, jitter: float = 1.0):
+def render(color: str, shape: str, size: int = 64, seed: int = 0, jitter: float = 1.0, vendor: int = 0):
     """A shape on a noisy background; `seed` varies position, scale and noise (another 'drawing'), `jitter`
-    scales how much (0: every drawing of a concept is the same picture)."""
+    scales how much (0: every drawing of a concept is the same picture); `vendor` > 0 draws the same concept in
+    another artwork style (outlined, shaded, on a striped ground), as emoji vendors draw the same emoji."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
     bg = 128 + jitter * (rng.integers(90, 166, size=3) - 128)
     arr = np.clip(bg + jitter * rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    if vendor:
+        vrng = np.random.default_rng(10_000 + vendor)
+        period = int(vrng.integers(4, 9))
+        arr[(np.arange(size)[:, None] + np.arange(size)[None, :]) % (2 * period) < period] //= 2
     im = Image.fromarray(arr)
     d = ImageDraw.Draw(im)
     r = int(size * (0.28 + jitter * rng.uniform(-0.06, 0.06)))
@@ -40,16 +45,20 @@ def render(color: str, shape: str, size: int = 64, seed: int = 0, jitter: float 
     cx, cy = (int(size / 2 + rng.integers(-shift, shift + 1)) for _ in range(2))
     box = [cx - r, cy - r, cx + r, cy + r]
     c = COLORS[color]
+    if vendor:
+        c = tuple(int(v * (0.75 + 0.1 * (vendor % 3))) for v in c)
+    outline = (20, 20, 20) if vendor else None
+    width = 1 + vendor % 3 if vendor else 0
     if shape == "square":
-        d.rectangle(box, fill=c)
+        d.rectangle(box, fill=c, outline=outline, width=width)
     elif shape == "circle":
-        d.ellipse(box, fill=c)
+        d.ellipse(box, fill=c, outline=outline, width=width)
     elif shape == "triangle":
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=c)
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=c, outline=outline, width=width)
     else:
         w = max(2, r // 3)
-        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=c)
-        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=c)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=c, outline=outline, width=width)
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=c, outline=outline, width=width)
     return im
 
 

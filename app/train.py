@@ -23,7 +23,7 @@ from . import __version__, checkpoint
 from .db.models import FusionModel, ModelStatus, VersionStatus, utcnow
 from .errors import NotFound, RecoError
 from .names import check_name
-from .retrieval import modes, retrieve
+from .retrieval import modes, search_hits
 
 
 @dataclass
@@ -181,34 +181,60 @@ class NeighbourCache:
 
         collection = self.job["memory"][2]
         same_memory = self.job["pairs"][2] == collection
+        # The store is asked for ids and scores only; each distinct neighbour's vector is then taken once from the
+        # pairs (when they are the memory, they hold every point's vectors) or fetched by id. Returning k vectors
+        # with every hit cost about twice the kNN search itself (see benchmarks/train.py).
+        row_in_pairs = {pid: i for i, pid in enumerate(pairs.ids)} if same_memory else {}
         out = {}
         for side, queries in (("image", pairs.image), ("text", pairs.text)):
+            _, fused = modes(side, self.cfg.search, self.cfg.fusion)
             idx = np.zeros((len(queries), self.cfg.k), np.int32)
             scores = np.zeros((len(queries), self.cfg.k), np.float32)
             mask = np.zeros((len(queries), self.cfg.k), bool)
-            table, row_of = [], {}
+            row_of: dict[str, int] = {}
             with self.rt.store.hold(collection):
                 for start in tqdm(range(0, len(queries), batch), desc=f"neighbours ({side})", disable=not progress,
                                   unit="batch", leave=False):
                     q = queries[start : start + batch]
                     exclude = [{pid} for pid in pairs.ids[start : start + batch]] if same_memory else None
-                    nb = retrieve(self.rt.store, collection, q, side, self.cfg.k, dim=self.dim,
-                                  search=self.cfg.search, fusion=self.cfg.fusion, exclude=exclude,
-                                  dedup_threshold=self.cfg.dedup_threshold, score_threshold=self.cfg.score_threshold)
+                    rows = search_hits(self.rt.store, collection, q, side, self.cfg.k, search=self.cfg.search,
+                                       fusion=self.cfg.fusion, exclude=exclude,
+                                       dedup_threshold=self.cfg.dedup_threshold,
+                                       score_threshold=self.cfg.score_threshold, with_vectors=False)
                     self.store_queries += 1
-                    for i, row_ids in enumerate(nb.ids):
-                        for j, pid in enumerate(row_ids):
-                            if pid not in row_of:
-                                row_of[pid] = len(table)
-                                table.append(nb.vectors[i, j])
-                            idx[start + i, j] = row_of[pid]
-                    scores[start : start + len(q)] = nb.scores
-                    mask[start : start + len(q)] = nb.mask
-            tab = np.stack(table) if table else np.zeros((1, self.dim), np.float32)
-            out[side] = SideNeighbours(idx, scores, mask, tab, list(row_of))
+                    for i, row in enumerate(rows):
+                        if not row:
+                            continue
+                        n = len(row)
+                        idx[start + i, :n] = [row_of.setdefault(h.id, len(row_of)) for h in row]
+                        scores[start + i, :n] = [h.score for h in row]
+                        mask[start + i, :n] = True
+                ids = list(row_of)
+                tab = self._vectors(collection, ids, fused, pairs if same_memory else None, row_in_pairs)
+            out[side] = SideNeighbours(idx, scores, mask, tab, ids)
             self._save(side, out[side])
         (self.dir / "done").write_text("ok")
         return out
+
+    def _vectors(self, collection: str, ids: list[str], fused: str, pairs: Pairs | None,
+                 row_in_pairs: dict[str, int], chunk: int = 1024) -> np.ndarray:
+        """The `fused` vector of each point in ids, in order: from the pairs where they hold it, else the store."""
+        if not ids:
+            return np.zeros((1, self.dim), np.float32)
+        table = np.zeros((len(ids), self.dim), np.float32)
+        rows = np.fromiter((row_in_pairs.get(pid, -1) for pid in ids), np.int64, len(ids))
+        known = rows >= 0
+        if pairs is not None and known.any():
+            table[known] = (pairs.image if fused == "image" else pairs.text)[rows[known]]
+        missing = np.flatnonzero(~known)
+        for a in range(0, len(missing), chunk):
+            at = missing[a : a + chunk]
+            want = [ids[t] for t in at]
+            got = {h.id: h.vector for h in self.rt.store.retrieve(collection, want, with_vector=fused)}
+            if len(got) != len(want) or any(got[pid] is None for pid in want):
+                raise RecoError(f"memory {collection} lost points while their neighbours were read; retry")
+            table[at] = np.stack([got[pid] for pid in want])
+        return table
 
     def _save(self, side: str, nb: SideNeighbours) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

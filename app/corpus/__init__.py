@@ -53,3 +53,29 @@ def read_shard(fmt: str, spec: dict) -> Iterator[Item]:
     else:
         raise RecoError(f"unknown corpus format {fmt!r}")
     return read(spec)
+
+
+def read_source_image(src: dict | None):
+    """The image an item came from, read again from its source (None when it cannot be): for the leakage
+    guard's pixel check and the evaluation gallery."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    if not src:
+        return None
+    try:
+        if "path" in src:
+            data = Path(src["path"]).read_bytes()
+        else:
+            with tarfile.open(src["tar"]) as tar:
+                f = tar.extractfile(src["member"])
+                data = f.read() if f is not None else None
+        if data is None:
+            return None
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        return im.convert("RGB")
+    except (OSError, KeyError, tarfile.TarError, ValueError):
+        return None

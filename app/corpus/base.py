@@ -25,6 +25,7 @@ class Item:
     text_emb: np.ndarray | None = None
     skip: str | None = None  # set when the reader already knows the item is unusable
     extra: dict | None = None
+    src: dict | None = None  # where the image can be read again: {"path": file} or {"tar": file, "member": name}
 
 
 def clean_caption(text: str | None) -> str | None:

@@ -152,4 +152,5 @@ def read(spec: dict) -> Iterator[Item]:
         if image_path is None or not image_path.is_file():
             yield Item(key=key, caption=caption, skip=SkipReason.MISSING_IMAGE)
             continue
-        yield Item(key=key, caption=caption, image_bytes=image_path.read_bytes(), extra={"path": str(rel)})
+        yield Item(key=key, caption=caption, image_bytes=image_path.read_bytes(), extra={"path": str(rel)},
+                   src={"path": str(image_path.resolve())})

@@ -72,7 +72,7 @@ def read(spec: dict) -> Iterator[Item]:
                 if not _safe(member.name) or member.issym() or member.islnk():
                     k, _ = _split(member.name.lstrip("/"))
                     if key is not None and k != key:
-                        yield _item(key, sample, unsafe)
+                        yield _item(key, sample, unsafe, path)
                         sample, unsafe = {}, False
                     key, unsafe = k, True
                     continue
@@ -80,20 +80,23 @@ def read(spec: dict) -> Iterator[Item]:
                     continue
                 k, ext = _split(member.name)
                 if key is not None and k != key:
-                    yield _item(key, sample, unsafe)
+                    yield _item(key, sample, unsafe, path)
                     sample, unsafe = {}, False
                 key = k
                 f = tar.extractfile(member)
                 sample[ext] = f.read() if f is not None else b""
+                if ext in IMAGE_EXTS:
+                    sample["__member__"] = member.name
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise RecoError(f"shard {path} is not a readable tar archive: {exc}") from exc
     if key is not None:
-        yield _item(key, sample, unsafe)
+        yield _item(key, sample, unsafe, path)
 
 
-def _item(key: str, sample: dict, unsafe: bool) -> Item:
+def _item(key: str, sample: dict, unsafe: bool, path: str) -> Item:
     if unsafe:
         return Item(key=key, skip=SkipReason.UNSAFE_PATH)
+    member = sample.pop("__member__", None)
     image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     caption = None
     if "txt" in sample:
@@ -110,4 +113,4 @@ def _item(key: str, sample: dict, unsafe: bool) -> Item:
         return Item(key=key, caption=caption, skip=SkipReason.MISSING_IMAGE)
     if caption is None:
         return Item(key=key, skip=SkipReason.EMPTY_CAPTION)
-    return Item(key=key, caption=caption, image_bytes=image, extra=extra)
+    return Item(key=key, caption=caption, image_bytes=image, extra=extra, src={"tar": path, "member": member})

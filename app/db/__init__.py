@@ -1,4 +1,4 @@
 """Metadata database: SQLAlchemy models, engine/session helpers, Alembic upgrade."""
 
-from .models import Base, FusionModel, IngestShard, Memory, MemoryVersion  # noqa: F401
+from .models import Base, Evaluation, FusionModel, IngestShard, Memory, MemoryVersion  # noqa: F401
 from .session import Database  # noqa: F401

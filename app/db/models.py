@@ -129,3 +129,25 @@ class FusionModel(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Evaluation(Base):
+    """One evaluation run: frozen baseline and RECO side by side; the full result is a JSON file."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task: Mapped[str] = mapped_column(String(32), nullable=False)  # zeroshot_classification | zeroshot_retrieval
+    model_name: Mapped[str] = mapped_column(String(64), nullable=False)
+    memory_name: Mapped[str] = mapped_column(String(64), nullable=False)
+    memory_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    dataset: Mapped[str] = mapped_column(Text, nullable=False)
+    dataset_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    ks: Mapped[list] = mapped_column(JSON, nullable=False)
+    retrieval: Mapped[str] = mapped_column(String(16), nullable=False)
+    leakage_guard: Mapped[int] = mapped_column(Integer, nullable=False)
+    metrics: Mapped[dict] = mapped_column(JSON, nullable=False)
+    timing: Mapped[dict] = mapped_column(JSON, nullable=False)
+    seed: Mapped[int] = mapped_column(Integer, nullable=False)
+    result_path: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,234 @@
+"""Evaluation datasets, from local files only (nothing is downloaded).
+
+Classification specs (`--dataset KIND:PATH`):
+  imagefolder:DIR   one folder per class; optional --classnames FILE (one per line) and --templates FILE
+  cub:DIR           CUB-200-2011 (images.txt, image_class_labels.txt, train_test_split.txt, classes.txt)
+  cars:DIR          Stanford Cars as torchvision lays it out (DIR/stanford_cars/...)
+  flowers:DIR       Flowers102 (DIR/flowers-102/...)
+  aircraft:DIR      FGVC-Aircraft 2013b (DIR/fgvc-aircraft-2013b/...), variant level
+  dogs:DIR          Stanford Dogs (DIR/Images/<wnid>-<name>/..., DIR/test_list.mat when present)
+  places365:DIR     Places365 validation (DIR/places365_val.txt, categories_places365.txt, val_256/)
+  imagenet:DIR      an ImageNet validation folder: 1000 <wnid> sub-folders
+Retrieval specs:
+  karpathy:FILE.json   the Karpathy-split JSON used for COCO and Flickr30k; images under --images-root
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import RecoError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+_PROMPTS = json.loads((Path(__file__).with_name("prompts.json")).read_text())
+
+
+def templates_for(kind: str) -> list[str]:
+    return list(_PROMPTS["templates"].get(kind, _PROMPTS["templates"]["default"]))
+
+
+@dataclass
+class ClassificationSet:
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    samples: list[tuple[str, int]]  # (image path, label)
+    loader: Callable[[str], object] | None = None  # path -> PIL image (default: PIL.open)
+    skipped: dict = field(default_factory=dict)
+
+    def content_hash(self) -> str:
+        """sha256 over class names, templates and every (relative path, size, label): a changed file changes it."""
+        h = hashlib.sha256(json.dumps([self.classnames, self.templates]).encode())
+        for path, label in self.samples:
+            p = Path(path)
+            h.update(f"{p.name}\0{p.stat().st_size if p.exists() else -1}\0{label}\n".encode())
+        return h.hexdigest()
+
+
+@dataclass
+class RetrievalSet:
+    name: str
+    images: list[str]
+    captions: list[list[str]]  # captions[i]: every caption of image i
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for path, caps in zip(self.images, self.captions):
+            p = Path(path)
+            h.update(f"{p.name}\0{p.stat().st_size if p.exists() else -1}\0{json.dumps(caps)}\n".encode())
+        return h.hexdigest()
+
+
+def _need_dir(path: str, kind: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise RecoError(f"dataset folder {path} not found (for {kind}: see `reco eval classification --help`)")
+    return p
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise RecoError(f"{path} not found")
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def image_folder(root: str, classnames_file: str | None = None, templates_file: str | None = None,
+                 kind: str = "imagefolder", names_from_folders: Callable[[str], str] | None = None) -> ClassificationSet:
+    base = _need_dir(root, kind)
+    folders = sorted(d for d in base.iterdir() if d.is_dir())
+    if not folders:
+        raise RecoError(f"{root} has no class folders (one folder per class expected)")
+    samples = []
+    for label, d in enumerate(folders):
+        files = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise RecoError(f"class folder {d} has no images")
+        samples += [(str(f), label) for f in files]
+    if classnames_file:
+        names = _read_lines(Path(classnames_file))
+        if len(names) != len(folders):
+            raise RecoError(f"{classnames_file} has {len(names)} class names but {root} has {len(folders)} class "
+                            "folders: one name per folder, in sorted folder order")
+    else:
+        clean = names_from_folders or (lambda s: s.replace("_", " "))
+        names = [clean(d.name) for d in folders]
+    templates = _read_lines(Path(templates_file)) if templates_file else templates_for(kind)
+    if any("{c}" not in t for t in templates):
+        raise RecoError("every prompt template needs a {c} placeholder for the class name")
+    return ClassificationSet(f"{kind}:{base.name}", names, templates, samples)
+
+
+def cub(root: str, split: str = "test") -> ClassificationSet:
+    base = _need_dir(root, "cub")
+    paths = dict(ln.split(" ", 1) for ln in _read_lines(base / "images.txt"))
+    labels = dict(ln.split(" ", 1) for ln in _read_lines(base / "image_class_labels.txt"))
+    is_train = dict(ln.split(" ", 1) for ln in _read_lines(base / "train_test_split.txt"))
+    classes = [ln.split(" ", 1)[1] for ln in _read_lines(base / "classes.txt")]
+    names = [c.split(".", 1)[-1].replace("_", " ") for c in classes]
+    want = "1" if split == "train" else "0"
+    samples = [(str(base / "images" / paths[i]), int(labels[i]) - 1) for i in sorted(paths, key=int)
+               if is_train[i] == want]
+    return ClassificationSet("cub", names, templates_for("cub"), samples)
+
+
+def _torchvision_set(kind: str, root: str, make) -> ClassificationSet:
+    _need_dir(root, kind)
+    try:
+        ds = make()
+    except (RuntimeError, FileNotFoundError) as exc:
+        raise RecoError(f"{kind} at {root}: {exc} (download is off: lay the files out as torchvision expects)") from exc
+    except ImportError as exc:
+        raise RecoError(f"{kind} needs {exc.name}: pip install {exc.name}") from exc
+    return ds
+
+
+def cars(root: str, split: str = "test") -> ClassificationSet:
+    from torchvision.datasets import StanfordCars
+
+    ds = _torchvision_set("cars", root, lambda: StanfordCars(root, split=split, download=False))
+    return ClassificationSet("cars", list(ds.classes), templates_for("cars"), [(str(p), int(y)) for p, y in ds._samples])
+
+
+def flowers(root: str, split: str = "test") -> ClassificationSet:
+    from torchvision.datasets import Flowers102
+
+    ds = _torchvision_set("flowers", root, lambda: Flowers102(root, split=split, download=False))
+    return ClassificationSet("flowers", list(_PROMPTS["classnames"]["flowers"]), templates_for("flowers"),
+                             [(str(p), int(y)) for p, y in zip(ds._image_files, ds._labels)])
+
+
+def aircraft(root: str, split: str = "test") -> ClassificationSet:
+    from torchvision.datasets import FGVCAircraft
+
+    ds = _torchvision_set("aircraft", root, lambda: FGVCAircraft(root, split=split, annotation_level="variant",
+                                                                 download=False))
+    return ClassificationSet("aircraft", list(ds.classes), templates_for("aircraft"),
+                             [(str(p), int(y)) for p, y in zip(ds._image_files, ds._labels)])
+
+
+def dogs(root: str, split: str = "test") -> ClassificationSet:
+    base = _need_dir(root, "dogs")
+    images = base / "Images"
+    folders = sorted(d.name for d in images.iterdir() if d.is_dir()) if images.is_dir() else []
+    if not folders:
+        raise RecoError(f"{root} has no Images/<wnid>-<breed>/ folders (Stanford Dogs layout)")
+    names = [f.split("-", 1)[-1].replace("_", " ") for f in folders]
+    index = {f: i for i, f in enumerate(folders)}
+    listing = base / f"{split}_list.mat"
+    if listing.is_file():
+        from scipy.io import loadmat
+
+        files = [str(x[0][0]) for x in loadmat(listing)["file_list"]]
+    else:
+        files = sorted(str(p.relative_to(images)) for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    samples = [(str(images / f), index[f.split("/", 1)[0]]) for f in files]
+    return ClassificationSet("dogs", names, templates_for("dogs"), samples)
+
+
+def places365(root: str, split: str = "val") -> ClassificationSet:
+    base = _need_dir(root, "places365")
+    cats = [ln.split(" ")[0] for ln in _read_lines(base / "categories_places365.txt")]
+    names = [c.strip("/").split("/", 1)[-1].replace("/", " ").replace("_", " ") for c in cats]
+    img_dir = next((base / d for d in ("val_256", "val_large") if (base / d).is_dir()), base / "val_256")
+    samples = []
+    for ln in _read_lines(base / "places365_val.txt"):
+        name, label = ln.split(" ")
+        samples.append((str(img_dir / name.lstrip("/")), int(label)))
+    return ClassificationSet("places365", names, templates_for("places365"), samples)
+
+
+def imagenet(root: str) -> ClassificationSet:
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    base = _need_dir(root, "imagenet")
+    folders = sorted(d for d in base.iterdir() if d.is_dir())
+    if len(folders) != len(IMAGENET_CLASSNAMES):
+        raise RecoError(f"{root} has {len(folders)} class folders; an ImageNet validation folder has 1000 (<wnid>/)")
+    ds = image_folder(root, kind="imagenet")
+    ds.classnames = list(IMAGENET_CLASSNAMES)
+    return ds
+
+
+def karpathy(path: str, images_root: str | None = None, split: str = "test") -> RetrievalSet:
+    p = Path(path)
+    if not p.is_file():
+        raise RecoError(f"Karpathy split file {path} not found")
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as exc:
+        raise RecoError(f"{path} is not JSON: {exc}") from exc
+    root = Path(images_root) if images_root else p.parent
+    images, captions = [], []
+    for img in data.get("images", []):
+        if img.get("split") != split:
+            continue
+        images.append(str(root / img.get("filepath", "") / img["filename"]))
+        captions.append([s["raw"] for s in img["sentences"]])
+    if not images:
+        raise RecoError(f"{path} has no images in split {split!r}")
+    return RetrievalSet(f"karpathy:{p.stem}", images, captions)
+
+
+CLASSIFICATION = {"imagefolder": image_folder, "cub": cub, "cars": cars, "flowers": flowers, "aircraft": aircraft,
+                  "dogs": dogs, "places365": places365, "imagenet": imagenet}
+
+
+def load_classification(spec: str, classnames: str | None = None, templates: str | None = None) -> ClassificationSet:
+    kind, _, path = spec.partition(":")
+    if kind not in CLASSIFICATION or not path:
+        raise RecoError(f"bad dataset spec {spec!r}: use KIND:PATH with KIND one of {', '.join(CLASSIFICATION)}")
+    if kind == "imagefolder":
+        ds = image_folder(path, classnames, templates)
+    else:
+        if classnames:
+            raise RecoError(f"--classnames applies to imagefolder datasets; {kind} brings its own class names")
+        ds = CLASSIFICATION[kind](path)
+        if templates:
+            ds.templates = _read_lines(Path(templates))
+    if not ds.samples:
+        raise RecoError(f"dataset {spec} has no images")
+    return ds
