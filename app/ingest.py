@@ -71,10 +71,10 @@ def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
 
 
 def _prepared(fmt: str, spec: dict, backbone, counts: Counter, batch_size: int) -> Iterator[tuple]:
-    """Batches of (keys, captions, pixels or image vectors, text vectors or None), skipped items counted."""
+    """Batches of (keys, captions, sources, pixels or image vectors, text vectors or None), skips counted."""
     seen: set[str] = set()
     for batch in _batches(read_shard(fmt, spec), batch_size):
-        keys, caps, imgs, img_embs, txt_embs = [], [], [], [], []
+        keys, caps, srcs, imgs, img_embs, txt_embs = [], [], [], [], [], []
         for it in batch:
             if it.skip:
                 counts[it.skip] += 1
@@ -94,12 +94,13 @@ def _prepared(fmt: str, spec: dict, backbone, counts: Counter, batch_size: int) 
             seen.add(it.key)
             keys.append(it.key)
             caps.append(it.caption)
+            srcs.append(it.src)
         if not keys:
             continue
         if img_embs:
-            yield keys, caps, np.stack(img_embs), np.stack(txt_embs)
+            yield keys, caps, srcs, np.stack(img_embs), np.stack(txt_embs)
         else:
-            yield keys, caps, backbone.preprocess_images(imgs), None
+            yield keys, caps, srcs, backbone.preprocess_images(imgs), None
 
 
 def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, batch_size: int = BATCH_SIZE) -> dict:
@@ -125,14 +126,16 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
         chunks, stored, reported = [], 0, 0
         # encode the whole shard first, then write it under one open of the collection: an embedded shard is
         # locked only while writing, and a worker that dies while encoding has written nothing
-        for keys, caps, images, texts in _prefetch(_prepared(fmt, spec, backbone, counts, batch_size)):
+        for keys, caps, srcs, images, texts in _prefetch(_prepared(fmt, spec, backbone, counts, batch_size)):
             if texts is None:
                 texts = backbone.encode_texts(caps)
                 images = backbone.encode_image_tensor(images)
             if images.shape[1] != dim:
                 raise RecoError(f"vectors have dimension {images.shape[1]}, the memory expects {dim}")
             ids = [point_id(memory_name, version_number, k) for k in keys]
-            payloads = [{"key": k, "caption": c, "shard": spec.get("name", str(shard_id))} for k, c in zip(keys, caps)]
+            shard_name = spec.get("name", str(shard_id))
+            payloads = [{"key": k, "caption": c, "shard": shard_name, **({"src": src} if src else {})}
+                        for k, c, src in zip(keys, caps, srcs)]
             chunks.append((ids, images, texts, payloads))
             stored += len(ids)
             if progress:
