@@ -35,7 +35,12 @@ demo: venv
 	RECO_HOME=$(DEMO)/home $(BIN)/reco train shapes-reco --pairs shapes --memory shapes -k 10 --epochs 60 \
 		--batch-size 64 --lr 3e-3 --dedup-threshold 1 --val-by item
 	RECO_HOME=$(DEMO)/home $(BIN)/reco model list
-	RECO_HOME=$(DEMO)/home $(BIN)/python -m app.demo compare shapes-reco
+	$(BIN)/python -m app.synthetic imagefolder $(DEMO)/eval --per-class 3 --jitter 0.3
+	RECO_HOME=$(DEMO)/home $(BIN)/reco eval classification --model shapes-reco -k 1,3,10 \
+		--dataset imagefolder:$(DEMO)/eval/images --classnames $(DEMO)/eval/classnames.txt
+	RECO_HOME=$(DEMO)/home $(BIN)/reco eval gallery 1 --out $(DEMO)/gallery.html
+	RECO_HOME=$(DEMO)/home $(BIN)/reco eval plot 1 --out $(DEMO)/plots
+	RECO_HOME=$(DEMO)/home $(BIN)/reco eval compare 1
 
 test: venv
 	$(BIN)/python -m pytest -q

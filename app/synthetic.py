@@ -147,6 +147,21 @@ def write_embeddings(root: str | Path, parts: int, per_part: int, dim: int, seed
     return root
 
 
+def write_imagefolder(root: str | Path, per_class: int, seed: int = 900_000, jitter: float = 1.0,
+                     vendor: int = 0) -> Path:
+    """root/images/<NN_colour_shape>/<j>.png for the 32 concepts, and root/classnames.txt ('colour shape')."""
+    root = Path(root)
+    n_concepts = len(COLORS) * len(SHAPES)
+    for ci in range(n_concepts):
+        color, shape = concept(ci)
+        d = root / "images" / f"{ci:02d}_{color}_{shape}"
+        d.mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            render(color, shape, seed=seed + 100 * ci + j, jitter=jitter, vendor=vendor).save(d / f"{j}.png")
+    (root / "classnames.txt").write_text("".join(f"{c} {s}\n" for c, s in map(concept, range(n_concepts))))
+    return root
+
+
 TINY_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "patch_size": 16, "head_width": 64},
@@ -176,6 +191,12 @@ def main(argv=None) -> None:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--prefix", default="")
     w.add_argument("--jitter", type=float, default=1.0, help="how much drawings of one concept vary (0-1)")
+    f = sub.add_parser("imagefolder", help="write an evaluation image folder (one folder per concept)")
+    f.add_argument("dir")
+    f.add_argument("--per-class", type=int, default=3)
+    f.add_argument("--seed", type=int, default=900_000)
+    f.add_argument("--jitter", type=float, default=1.0)
+    f.add_argument("--vendor", type=int, default=0)
     c = sub.add_parser("config", help="write the tiny open_clip config")
     c.add_argument("path")
     i = sub.add_parser("image", help="draw one picture (a query image)")
@@ -185,7 +206,10 @@ def main(argv=None) -> None:
     i.add_argument("--seed", type=int, default=12345)
     i.add_argument("--jitter", type=float, default=1.0)
     a = ap.parse_args(argv)
-    if a.what == "image":
+    if a.what == "imagefolder":
+        root = write_imagefolder(a.dir, a.per_class, seed=a.seed, jitter=a.jitter, vendor=a.vendor)
+        print(f"wrote {root / 'images'} and {root / 'classnames.txt'}")
+    elif a.what == "image":
         Path(a.path).parent.mkdir(parents=True, exist_ok=True)
         render(a.color, a.shape, seed=a.seed, jitter=a.jitter).save(a.path)
         print(a.path)
