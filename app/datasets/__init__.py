@@ -41,11 +41,12 @@ class ClassificationSet:
     skipped: dict = field(default_factory=dict)
 
     def content_hash(self) -> str:
-        """sha256 over class names, templates and every (relative path, size, label): a changed file changes it."""
+        """A cheap fingerprint (no image is read): sha256 over class names, templates and every (class folder/file
+        name, size in bytes, label). Adding, removing, relabelling or resizing a file changes it."""
         h = hashlib.sha256(json.dumps([self.classnames, self.templates]).encode())
         for path, label in self.samples:
             p = Path(path)
-            h.update(f"{p.name}\0{p.stat().st_size if p.exists() else -1}\0{label}\n".encode())
+            h.update(f"{p.parent.name}/{p.name}\0{p.stat().st_size if p.exists() else -1}\0{label}\n".encode())
         return h.hexdigest()
 
 
@@ -76,6 +77,13 @@ def _read_lines(path: Path) -> list[str]:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
+def _read_templates(path: str) -> list[str]:
+    templates = _read_lines(Path(path))
+    if not templates or any("{c}" not in t for t in templates):
+        raise RecoError(f"{path}: every prompt template needs a {{c}} placeholder for the class name (one per line)")
+    return templates
+
+
 def image_folder(root: str, classnames_file: str | None = None, templates_file: str | None = None,
                  kind: str = "imagefolder", names_from_folders: Callable[[str], str] | None = None) -> ClassificationSet:
     base = _need_dir(root, kind)
@@ -96,9 +104,7 @@ def image_folder(root: str, classnames_file: str | None = None, templates_file: 
     else:
         clean = names_from_folders or (lambda s: s.replace("_", " "))
         names = [clean(d.name) for d in folders]
-    templates = _read_lines(Path(templates_file)) if templates_file else templates_for(kind)
-    if any("{c}" not in t for t in templates):
-        raise RecoError("every prompt template needs a {c} placeholder for the class name")
+    templates = _read_templates(templates_file) if templates_file else templates_for(kind)
     return ClassificationSet(f"{kind}:{base.name}", names, templates, samples)
 
 
@@ -165,6 +171,9 @@ def dogs(root: str, split: str = "test") -> ClassificationSet:
         files = [str(x[0][0]) for x in loadmat(listing)["file_list"]]
     else:
         files = sorted(str(p.relative_to(images)) for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    unknown = sorted({f.split("/", 1)[0] for f in files} - set(index))
+    if unknown:
+        raise RecoError(f"{listing.name} lists breeds with no folder under {images}: {', '.join(unknown[:3])}")
     samples = [(str(images / f), index[f.split("/", 1)[0]]) for f in files]
     return ClassificationSet("dogs", names, templates_for("dogs"), samples)
 
@@ -228,7 +237,7 @@ def load_classification(spec: str, classnames: str | None = None, templates: str
             raise RecoError(f"--classnames applies to imagefolder datasets; {kind} brings its own class names")
         ds = CLASSIFICATION[kind](path)
         if templates:
-            ds.templates = _read_lines(Path(templates))
+            ds.templates = _read_templates(templates)
     if not ds.samples:
         raise RecoError(f"dataset {spec} has no images")
     return ds
