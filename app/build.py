@@ -37,6 +37,14 @@ def start_build(rt, name: str, source: str, *, backbone: str, fmt: str | None = 
     )
 
 
+def build_in_process(rt, name: str, source: str, *, backbone: str, activate: bool = False,
+                     show_progress: bool = False, **options) -> MemoryVersion:
+    """The embedded path in one call (the Python API's `reco memory build`): plan, register, ingest, finalize."""
+    v = start_build(rt, name, str(source), backbone=backbone, activate=activate, **options)
+    run_in_process(rt, v.id, show_progress=show_progress)
+    return v
+
+
 def shard_ids(rt, version_id: int, pending_only: bool = True) -> list[int]:
     with rt.db.session() as s:
         v = s.get(MemoryVersion, version_id)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app import synthetic
-from app.build import run_in_process, start_build
+from app.build import build_in_process
 from app.errors import NotFound, RecoError
 from app.evaluate import evaluate_classification, evaluate_retrieval, load_run
 from app.metrics import zero_shot_weights
@@ -21,20 +21,8 @@ JITTER = 0.3
 CONCEPTS = [synthetic.concept(i) for i in range(32)]
 
 
-def write_imagefolder(root: Path, per_class: int = 2, seed: int = 500_000, vendor: int = 0) -> Path:
-    for ci, (c, s) in enumerate(CONCEPTS):
-        d = root / f"{ci:02d}_{c}_{s}"
-        d.mkdir(parents=True, exist_ok=True)
-        for j in range(per_class):
-            synthetic.render(c, s, seed=seed + 100 * ci + j, jitter=JITTER, vendor=vendor).save(d / f"{j}.png")
-    (root.parent / "classnames.txt").write_text("".join(f"{c} {s}\n" for c, s in CONCEPTS))
-    return root
-
-
 def build(rt, name, src, backbone, activate=True):
-    v = start_build(rt, name, str(src), backbone=backbone, activate=activate)
-    run_in_process(rt, v.id, show_progress=False)
-    return v
+    return build_in_process(rt, name, src, backbone=backbone, activate=activate)
 
 
 @pytest.fixture
@@ -44,8 +32,8 @@ def trained(rt, tmp_path, tiny_config):
     create_job(rt, "m", "mem", "mem", TrainConfig(k=10, epochs=30, batch_size=64, lr=3e-3, dedup_threshold=None,
                                                   val_by="item", checkpoint_every=1000))
     run_training(rt, "m", progress=False)
-    data = write_imagefolder(tmp_path / "eval" / "images")
-    return {"data": data, "classnames": str(data.parent / "classnames.txt")}
+    root = synthetic.write_imagefolder(tmp_path / "eval", per_class=2, seed=500_000, jitter=JITTER)
+    return {"data": root / "images", "classnames": str(root / "classnames.txt")}
 
 
 def test_classifier_and_baseline_equal_open_clip(rt, trained, tiny_backbone):

@@ -7,16 +7,14 @@ import numpy as np
 import pytest
 
 from app import synthetic
-from app.build import run_in_process, start_build
+from app.build import build_in_process
 from app.memory import activate, resolve_collection
 from app.runtime import Runtime
 from app.settings import Settings
 
 
 def _version(rt, name, source, tiny_config):
-    v = start_build(rt, name, str(source), backbone=tiny_config)
-    run_in_process(rt, v.id, show_progress=False)
-    return v.version
+    return build_in_process(rt, name, source, backbone=tiny_config).version
 
 
 @pytest.mark.parametrize("backend", ["embedded", "server"])

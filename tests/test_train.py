@@ -9,7 +9,7 @@ import torch
 
 from app import synthetic
 from app.backbone import get_backbone
-from app.build import run_in_process, start_build
+from app.build import build_in_process, run_in_process, start_build
 from app.encoder import RecoEncoder
 from app.errors import NotFound, RecoError
 from app.train import NeighbourCache, TrainConfig, create_job, load_pairs, run_training
@@ -18,9 +18,7 @@ JITTER = 0.3  # drawings of a concept vary enough that only retrieval, not the r
 
 
 def build(rt, name, src, backbone, activate=True):
-    v = start_build(rt, name, str(src), backbone=backbone, activate=activate)
-    run_in_process(rt, v.id, show_progress=False)
-    return v
+    return build_in_process(rt, name, src, backbone=backbone, activate=activate)
 
 
 @pytest.fixture
