@@ -2,10 +2,19 @@
 
 By default the memory is the model's training memory *name*, resolved on every call: activating another version
 of it changes what the model retrieves from on its next call, with no retraining and no reload.
+
+The collection last read stays open in the store between calls (opening an embedded shard costs far more than a
+query) and is let go after KEEP_OPEN_S seconds without a call, when another version becomes the one to read, and
+on `close()` (or the end of a `with` block), so that other processes on the machine get their turn at it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,12 +26,67 @@ from .errors import NotFound, RecoError
 from .retrieval import retrieve
 from .runtime import Runtime
 
+KEEP_OPEN_S = 10.0  # seconds an encoder keeps its memory open after its last call
+
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Timing:
     encode: float = 0.0
     search: float = 0.0
     fuse: float = 0.0
+
+
+class _KeepOpen:
+    """One collection of the store held open between calls (`store.hold`), let go after `idle` seconds unused.
+
+    An embedded shard is loaded, then flushed and closed, by every call that finds it closed: about 0.5 s at 100k
+    items against ~10 ms for the query itself (benchmarks/inference.py). A server store's hold is a no-op.
+    """
+
+    def __init__(self, rt: Runtime, idle: float):
+        self.rt, self.idle = rt, idle
+        self._lock = threading.Lock()
+        self._collection: str | None = None
+        self._stack: contextlib.ExitStack | None = None
+        self._last = 0.0
+        self._watcher: threading.Thread | None = None
+
+    def use(self, collection: str) -> None:
+        with self._lock:
+            self._last = time.monotonic()
+            if collection == self._collection:
+                return
+            self._release()
+            stack = contextlib.ExitStack()
+            stack.enter_context(self.rt.store.hold(collection))
+            self._collection, self._stack = collection, stack
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, name="reco-keep-open", daemon=True)
+                self._watcher.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        stack, self._stack, self._collection = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                left = self._last + self.idle - time.monotonic()
+                if self._stack is None or left <= 0:
+                    self._watcher = None
+                    try:
+                        self._release()
+                    except Exception as exc:  # nobody to raise to: the next call opens the collection again
+                        log.warning("closing memory collection after %.0fs idle failed: %s", self.idle, exc)
+                    return
+            time.sleep(left)
 
 
 class RecoEncoder:
@@ -38,6 +102,8 @@ class RecoEncoder:
         self.image_retrieval = image_retrieval
         self.text_retrieval = text_retrieval
         self.timing = Timing()
+        self._keep = _KeepOpen(rt, KEEP_OPEN_S)
+        weakref.finalize(self, self._keep.close)
         cfg = model_row["config"]["job"]["train"]
         self.k, self.search, self.fusion_mode = cfg["k"], cfg["search"], cfg["fusion"]
 
@@ -87,6 +153,16 @@ class RecoEncoder:
     def _collection(self) -> str:
         return self.resolve()[0]
 
+    def close(self) -> None:
+        """Let go of the memory now instead of KEEP_OPEN_S after the last call (the encoder stays usable)."""
+        self._keep.close()
+
+    def __enter__(self) -> "RecoEncoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- refinement --------------------------------------------------------------------------------------------
     def refine(self, embeddings: np.ndarray, side: str, collection: str | None = None) -> np.ndarray:
         """Refine frozen embeddings of one modality (side = image or text) with the memory."""
@@ -98,7 +174,9 @@ class RecoEncoder:
         if emb.ndim != 2 or emb.shape[1] != self.info["dim"]:
             raise RecoError(f"expected embeddings of shape (n, {self.info['dim']}), got {emb.shape}")
         t0 = time.perf_counter()
-        nb = retrieve(self.rt.store, collection or self._collection(), emb, side, self.k, dim=self.info["dim"],
+        collection = collection or self._collection()
+        self._keep.use(collection)
+        nb = retrieve(self.rt.store, collection, emb, side, self.k, dim=self.info["dim"],
                       search=self.search, fusion=self.fusion_mode)
         t1 = time.perf_counter()
         layer = self.fusion.image if side == "image" else self.fusion.text
