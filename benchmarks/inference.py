@@ -1,7 +1,7 @@
 """Inference latency: `RecoEncoder.encode_image` (encode + retrieve + fuse) against bare backbone encoding, at
 batch 1 and 64, ViT-B-32 (random weights) with a 100k-item memory, in one run.
 
-    python benchmarks/inference.py [--memory-size 100000] [--batches 1,64] [--repeats 7]
+    python benchmarks/inference.py [--memory-size 100000] [--batches 1,64] [--repeats 30,7]
                                    [--out benchmarks/results/inference.json]
 
 Memory: `--memory-size` pairs of 512-d precomputed embeddings in clip-retrieval's layout, built through the
@@ -22,8 +22,9 @@ Measured, same process, same Backbone object (RecoEncoder.load(model, runtime=rt
 Images: 224-px PIL drawings (app.synthetic.render), so preprocessing is a centre crop, no upscaling.
 encoder.timing (reset before each call) splits a RECO call into encode, search (collection resolve, opening it if
 closed, kNN, the neighbours' vectors) and fuse; other = the rest (reco_cold: the close). Modes alternate in blocks
-of `--calls` calls, in a rotating order, repeat by repeat, so that load from other jobs on the machine hits all
-alike; latencies are medians over every call, ratios are of medians.
+of `--calls` calls (default 1: call by call), in a rotating order, repeat by repeat, so that load from other jobs
+on the machine hits all alike; latencies are medians over every call, ratios are of medians. The same ratio is
+also computed from each RECO call's own split: (bare + what the call added to its encoding) / bare.
 
 Threads: the headline runs torch with 1 intra-op thread; torch's default (one per core) runs too, interleaved,
 and is reported beside it. On a small machine shared with other jobs, two OpenMP threads stall whenever one is
@@ -112,8 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=1024, help="training pairs of the (throw-away) RECO model")
     p.add_argument("--data", choices=("clustered", "random"), default="clustered")
     p.add_argument("--batches", default="1,64")
-    p.add_argument("--repeats", type=int, default=7, help="rotations of the modes")
-    p.add_argument("--calls", default="5,1", help="calls per mode block, per batch size")
+    p.add_argument("--repeats", default="30,7", help="rotations of the modes, per batch size")
+    p.add_argument("--calls", default="1,1", help="calls per mode block, per batch size")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--threads", default=None,
                    help="torch intra-op thread counts to run, interleaved (default: 1, then torch's default); "
@@ -125,8 +126,11 @@ def main(argv=None) -> int:
                    help="keep the RECO_HOME here and reuse its memory and model on the next run (development)")
     args = p.parse_args(argv)
     batches = [int(x) for x in args.batches.split(",") if x.strip()]
-    calls = [int(x) for x in args.calls.split(",") if x.strip()]
-    calls = (calls + [calls[-1]] * len(batches))[: len(batches)]
+    def per_batch(text: str) -> list[int]:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+        return (vals + [vals[-1]] * len(batches))[: len(batches)]
+
+    calls, repeats = per_batch(args.calls), per_batch(args.repeats)
     default_threads = torch.get_num_threads()
     threads = list(dict.fromkeys(int(x) for x in args.threads.split(",") if x.strip())) if args.threads \
         else list(dict.fromkeys([1, default_threads]))
@@ -163,10 +167,10 @@ def main(argv=None) -> int:
                     for mode in MODES:
                         block(enc, mode, images[:b], 2)
             results: dict[str, dict] = {}
-            for b, n_calls in zip(batches, calls):
+            for b, n_calls, n_repeats in zip(batches, calls, repeats):
                 rows = {(t, m): [] for t in threads for m in MODES}
                 per_repeat: dict[int, list] = {t: [] for t in threads}
-                for r in range(args.repeats):
+                for r in range(n_repeats):
                     for t in threads:
                         torch.set_num_threads(t)
                         order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
@@ -175,7 +179,7 @@ def main(argv=None) -> int:
                         for m in MODES:
                             rows[t, m] += got[m]
                         per_repeat[t].append({f"{m}_vs_bare": med[m] / med["bare"] for m in MODES if m != "bare"})
-                        log(f"batch {b} repeat {r + 1}/{args.repeats} {t} thread(s): " + ", ".join(
+                        log(f"batch {b} repeat {r + 1}/{n_repeats} {t} thread(s): " + ", ".join(
                             f"{m} {1000 * med[m]:.1f} ms" for m in MODES))
                 for t in threads:
                     s_ = {m: summarise(rows[t, m]) for m in MODES}
@@ -184,7 +188,7 @@ def main(argv=None) -> int:
                     extra = {m: 1000 * statistics.median(x["wall_s"] - x["encode_s"] for x in rows[t, m])
                              for m in ("reco", "reco_cold")}
                     results.setdefault(thread_key(t), {})[str(b)] = {
-                        "batch": b, "torch_threads": t, "calls_per_block": n_calls, **s_,
+                        "batch": b, "torch_threads": t, "calls_per_block": n_calls, "repeats": n_repeats, **s_,
                         "reco_vs_bare": s_["reco"]["latency_ms_median"] / bare,
                         "reco_cold_vs_bare": s_["reco_cold"]["latency_ms_median"] / bare,
                         "added_ms_median": extra,
@@ -211,7 +215,8 @@ def main(argv=None) -> int:
                        for b in batches})
         ratios.update({f"reco_cold_vs_bare_batch{b}_{key}": res[str(b)]["reco_cold_vs_bare"] for b in batches})
     ratios["basis"] = (f"{thread_key(threads[0])}: median latency of encoder.encode_image / median latency of "
-                       f"backbone.encode_images, same images and Backbone, {args.repeats} rotating repeats in one "
+                       f"backbone.encode_images, same images and Backbone, modes alternating call by call in a rotating "
+                       f"order, {'/'.join(map(str, repeats))} repeats (batch {'/'.join(map(str, batches))}), one "
                        "process (lower is better)")
     met = {f"batch{b}": head[str(b)]["reco_vs_bare"] <= TARGET for b in batches}
     result = {
@@ -228,7 +233,7 @@ def main(argv=None) -> int:
             "reco_cold": "encoder.encode_image(images); encoder.close(): the memory opened and closed by each call",
             "split": "encoder.timing, reset before each call: encode, search (resolve, open if closed, kNN, "
                      "vectors), fuse; other = wall - the three (reco_cold: the close)",
-            "timing": "modes alternate in blocks (rotating order) repeat by repeat; medians over all calls",
+            "timing": "modes alternate call by call (blocks of --calls), rotating order; medians over all calls",
             "from_split": "reco_vs_bare_from_split = (bare median + median of (wall - encode) over the RECO calls) / "
                           "bare median: the RECO call's own additions, unaffected by load drifting between calls",
         },
