@@ -70,6 +70,18 @@ def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
         yield x
 
 
+def _overlap(backbone) -> bool:
+    """Prepare the next batch in a background thread while this one is encoded?
+
+    Yes when an accelerator encodes (the CPU is idle meanwhile) and when nothing is encoded (embeddings). Not when
+    the CPU encodes: torch's intra-op threads already occupy every core, and a second busy Python thread (or a
+    DataLoader worker process) only contends with them; measured on 2 cores with the tiny model, inline was
+    1.2x faster than a thread under load and 1.07x faster than a thread or a worker process when idle
+    (benchmarks/ingest.py).
+    """
+    return backbone is None or not str(backbone.device).startswith("cpu")
+
+
 def _prepared(fmt: str, spec: dict, backbone, counts: Counter, batch_size: int) -> Iterator[tuple]:
     """Batches of (keys, captions, sources, pixels or image vectors, text vectors or None), skips counted."""
     seen: set[str] = set()
@@ -126,7 +138,10 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
         chunks, stored, reported = [], 0, 0
         # encode the whole shard first, then write it under one open of the collection: an embedded shard is
         # locked only while writing, and a worker that dies while encoding has written nothing
-        for keys, caps, srcs, images, texts in _prefetch(_prepared(fmt, spec, backbone, counts, batch_size)):
+        batches = _prepared(fmt, spec, backbone, counts, batch_size)
+        if _overlap(backbone):
+            batches = _prefetch(batches)
+        for keys, caps, srcs, images, texts in batches:
             if texts is None:
                 texts = backbone.encode_texts(caps)
                 images = backbone.encode_image_tensor(images)
