@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 DEMO    ?= .reco-demo
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-fast venv bench-ingest bench-search clean
+.PHONY: demo test test-fast venv bench-data bench-ingest bench-search bench-quality clean
 
 $(BIN)/reco: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,10 +42,14 @@ demo: venv
 	RECO_HOME=$(DEMO)/home $(BIN)/reco eval plot 1 --out $(DEMO)/plots
 	RECO_HOME=$(DEMO)/home $(BIN)/reco eval compare 1
 
-test: venv
+# The emoji packages (npm) that the quality benchmark and its reduced test read, into a cache outside the repo.
+bench-data: venv
+	$(BIN)/python -c "from benchmarks.emoji.data import npm_root; print(npm_root())"
+
+test: venv bench-data
 	$(BIN)/python -m pytest -q
 
-test-fast: venv
+test-fast: venv bench-data
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench-ingest: venv
@@ -53,6 +57,12 @@ bench-ingest: venv
 
 bench-search: venv
 	$(BIN)/python benchmarks/search.py
+
+# RECO vs the frozen base on held-out emoji (TARGETS=country-flag SEED=0): benchmarks/results/emoji.{json,md,png}
+TARGETS ?= country-flag
+SEED    ?= 0
+bench-quality: venv bench-data
+	$(BIN)/python -m benchmarks.emoji --targets $(TARGETS) --seed $(SEED)
 
 clean:
 	rm -rf $(DEMO) .reco .pytest_cache

@@ -6,7 +6,10 @@ rank embedding for the retrieved ones). Only the query token's output is used, s
 for that token alone: the result equals a full pre-LN encoder layer's query output, at 1/(k+1) of the cost.
 Each neighbour's retrieval score, times a learned scale, is added to the query's attention logit over it, so a
 sure neighbour can dominate and weak ones are ignored (see shared/research/emoji-feasibility.md).
-Embeddings and output projections start at zero: an untrained model returns the frozen embedding unchanged.
+Two starting points (`init`): "identity" zeroes the embeddings and output projections, so an untrained model
+returns the frozen embedding unchanged; "retrieval" starts as score-weighted retrieval fusion,
+q + α·Σ softmax(score/τ)·neighbour (query projection zero, value and output projections scaled identities), the
+prior that generalised to unseen concepts in shared/research/emoji-feasibility.md; training moves on from there.
 """
 
 from __future__ import annotations
@@ -29,13 +32,17 @@ class FusionConfig:
     neighbour_dropout: float = 0.0  # training only: hide each retrieved token with this probability
     use_rank: bool = True
     use_score: bool = True
-    score_scale_init: float = 10.0
+    score_scale_init: float = 10.0  # 1/τ of the score softmax
+    init: str = "identity"  # or "retrieval": start as score-weighted retrieval fusion
+    alpha_init: float = 1.0  # "retrieval": weight of the fused neighbours against the query
 
     def __post_init__(self):
         if self.heads is None:
             self.heads = max(1, self.dim // 64)
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.init not in ("identity", "retrieval"):
+            raise ValueError(f"fusion init must be identity or retrieval, not {self.init!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +69,15 @@ class FusionLayer(nn.Module):
         for lin in (self.out, self.mlp[-1]):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        if cfg.init == "retrieval":
+            with torch.no_grad():
+                # attention from the scores alone; the value of a token is its layer-normed self (a unit vector
+                # times about sqrt(d)), which the output projection scales back to alpha times the neighbour
+                self.q.weight.zero_()
+                self.q.bias.zero_()
+                self.kv.weight[d:].copy_(torch.eye(d))
+                self.kv.bias[d:].zero_()
+                self.out.weight.copy_(torch.eye(d) * cfg.alpha_init / math.sqrt(d))
 
     def forward(self, query, retrieved, scores=None, mask=None):
         b, k, d = retrieved.shape

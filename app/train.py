@@ -45,6 +45,8 @@ class TrainConfig:
     neighbour_dropout: float = 0.1
     use_rank: bool = True
     use_score: bool = True
+    init: str = "retrieval"  # fusion start: retrieval (score-weighted fusion) or identity (see app/fusion.py)
+    score_scale: float = 100.0  # initial 1/τ of the retrieval-score softmax
     dedup_threshold: float | None = 0.98
     score_threshold: float | None = None
     device: str | None = None
@@ -376,7 +378,8 @@ def run_training(rt, name: str, progress: bool = True,
     total = steps_per_epoch * cfg.epochs
 
     fcfg = FusionConfig(dim=dim, k=cfg.k, heads=cfg.heads, dropout=cfg.dropout,
-                        neighbour_dropout=cfg.neighbour_dropout, use_rank=cfg.use_rank, use_score=cfg.use_score)
+                        neighbour_dropout=cfg.neighbour_dropout, use_rank=cfg.use_rank, use_score=cfg.use_score,
+                        init=cfg.init, score_scale_init=cfg.score_scale)
     model = RecoFusion(fcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, best, history = 0, None, []
@@ -406,9 +409,26 @@ def run_training(rt, name: str, progress: bool = True,
         checkpoint.save(ckdir, "last", tensors, {**base_meta, **opt_meta, "step": step, "best": best,
                                                  "history": history})
 
+    def consider(train_loss: float | None, train_acc: float | None) -> None:
+        """Validate, keep the best checkpoint (held-out concepts catch memorisation), save the last one."""
+        nonlocal best
+        val = evaluate(model, pairs, nbrs, val_rows, bs, device)
+        entry = {"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss, "train_acc": train_acc,
+                 "val": val, "lr": opt.param_groups[0]["lr"]}
+        history.append(entry)
+        score = (val or {}).get("acc", -(train_loss if train_loss is not None else float("inf")))
+        if best is None or score > best["score"]:
+            best = {"step": step, "score": score, "val": val}
+            checkpoint.save(ckdir, "best", {k: v for k, v in model.state_dict().items()},
+                            {**base_meta, "step": step, "val": val})
+        save_last()
+        with rt.db.session() as s:
+            s.query(FusionModel).filter_by(name=name).update({"step": step})
+
+    if step == 0 and len(val_rows) >= 2:
+        consider(None, None)  # the starting point is a candidate too (with init=retrieval it may be the best)
     model.train()
     bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", disable=not progress, dynamic_ncols=True)
-    last_val = None
     try:
         while step < total:
             epoch, pos = divmod(step, steps_per_epoch)
@@ -431,19 +451,7 @@ def run_training(rt, name: str, progress: bool = True,
             bar.set_postfix(loss=f"{loss.item():.3f}")
             end_of_epoch = step % steps_per_epoch == 0
             if step % cfg.checkpoint_every == 0 or end_of_epoch or step == total:
-                last_val = evaluate(model, pairs, nbrs, val_rows, bs, device)
-                entry = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
-                         "train_acc": _in_batch_acc(v_ref.detach(), t_ref.detach()), "val": last_val,
-                         "lr": opt.param_groups[0]["lr"]}
-                history.append(entry)
-                score = (last_val or {}).get("acc", -entry["train_loss"])
-                if best is None or score > best["score"]:
-                    best = {"step": step, "score": score, "val": last_val}
-                    checkpoint.save(ckdir, "best", {k: v for k, v in model.state_dict().items()},
-                                    {**base_meta, "step": step, "val": last_val})
-                save_last()
-                with rt.db.session() as s:
-                    s.query(FusionModel).filter_by(name=name).update({"step": step})
+                consider(loss.item(), _in_batch_acc(v_ref.detach(), t_ref.detach()))
             if on_step is not None:
                 on_step(step)
     except RecoError as exc:

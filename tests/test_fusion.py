@@ -106,3 +106,25 @@ def test_loss_prefers_matching_pairs():
     scale = torch.tensor(np.log(100.0))
     assert info_nce(a, a, scale) < info_nce(a, a.roll(1, 0), scale)
     assert reco_loss(a, a, a, a, scale) == pytest.approx(3 * float(info_nce(a, a, scale)))
+
+
+def test_retrieval_init_starts_as_score_weighted_fusion():
+    """init=retrieval: the untrained layer is normalize(q + α Σ softmax(s/τ) n), the prior that generalises."""
+    d, k = 64, 5
+    torch.manual_seed(0)
+    layer = FusionLayer(FusionConfig(dim=d, k=k, init="retrieval", score_scale_init=100.0, alpha_init=1.0))
+    layer.eval()
+    q = torch.nn.functional.normalize(torch.randn(8, d), dim=-1)
+    n = torch.nn.functional.normalize(torch.randn(8, k, d), dim=-1)
+    n = n - n.mean(-1, keepdim=True)  # layer norm then only rescales each neighbour
+    n = torch.nn.functional.normalize(n, dim=-1)
+    s = torch.rand(8, k)
+    out = layer(q, n, s, torch.ones(8, k, dtype=torch.bool))
+    w = torch.softmax(100.0 * s, dim=-1)
+    expected = torch.nn.functional.normalize(q + (w[..., None] * n).sum(1), dim=-1)
+    assert torch.nn.functional.cosine_similarity(out, expected).min() > 0.999
+    # no neighbour at all: the query attends to itself and comes back (up to layer norm's centring)
+    alone = layer(q, n, s, torch.zeros(8, k, dtype=torch.bool))
+    assert torch.nn.functional.cosine_similarity(alone, q).min() > 0.99
+    with pytest.raises(ValueError, match="fusion init"):
+        FusionConfig(dim=d, init="magic")
