@@ -54,6 +54,40 @@ def info(rt) -> None:
     _echo_json(rt.settings.describe())
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for workers to answer a ping.")
+@click.pass_obj
+def status(rt, as_json, timeout) -> None:
+    """Workers alive, queue depths, running and failed jobs, memory versions building."""
+    from .status import status as collect
+
+    st = collect(rt, timeout)
+    if as_json:
+        _echo_json(st)
+        return
+    click.echo(f"profile: {st['profile']} (broker {st['broker']})")
+    if st["profile"] == "distributed":
+        click.echo(f"workers: {', '.join(st['workers']) or 'none answered'}")
+        if "error" in st:
+            click.echo(f"broker: {st['error']}")
+        click.echo("queues: " + ", ".join(f"{q} {n}" for q, n in st["queues"].items()))
+    click.echo("building:" + ("" if st["building_versions"] else " none"))
+    for b in st["building_versions"]:
+        sh = b["shards"]
+        click.echo(f"  {b['memory']} v{b['version']} {b['status']}: {sh['done']}/{sum(sh.values())} shards done, "
+                   f"{sh['running']} running, {sh['failed']} failed, {b['items_stored']} items")
+    click.echo("running:" + ("" if st["running_jobs"] else " none"))
+    for j in st["running_jobs"]:
+        what = f"{j['memory']} v{j['version']} shard {j['shard']}" if j["kind"] == "ingest" else \
+            f"{j['model']} step {j['step']}"
+        click.echo(f"  {j['kind']} {what}")
+    click.echo("failed:" + ("" if st["failed_jobs"] else " none"))
+    for j in st["failed_jobs"]:
+        what = f"{j['memory']} v{j['version']}" if j["kind"] == "ingest" else j["model"]
+        click.echo(f"  {j['kind']} {what}: {j['error']}")
+
+
 # -- db -------------------------------------------------------------------------------------------------
 @cli.group()
 def db() -> None:
@@ -185,7 +219,7 @@ def memory_show(rt, name, version, as_json) -> None:
         v = get_version(s, name, version)
         d = summary(s, v, mem.active_version_id)
         d["name"] = name
-        d["shards"] = [{"index": sh.index, "name": sh.spec.get("name"), "status": sh.status,
+        d["shards"] = [{"id": sh.id, "index": sh.index, "name": sh.spec.get("name"), "status": sh.status,
                         "items_stored": sh.items_stored, "items_skipped": sh.items_skipped,
                         "skip_reasons": sh.skip_reasons, "attempts": sh.attempts, "error": sh.error}
                        for sh in v.shards]
@@ -302,6 +336,9 @@ def memory_query(rt, name, text, image, k, version, as_json) -> None:
 @click.option("--rank/--no-rank", "use_rank", default=True, show_default=True, help="Learned rank embedding.")
 @click.option("--score/--no-score", "use_score", default=True, show_default=True,
               help="Retrieval score added to the attention logits (off: the paper's plain form).")
+@click.option("--init", type=click.Choice(["retrieval", "identity"]), default="retrieval", show_default=True,
+              help="Start as score-weighted retrieval fusion (generalises to unseen concepts) or as the identity.")
+@click.option("--score-scale", default=100.0, show_default=True, help="Initial 1/temperature of the score softmax.")
 @click.option("--dedup-threshold", type=float, default=0.98, show_default=True,
               help="Drop neighbours whose search score is above this (near-duplicates of the pair); 1 disables.")
 @click.option("--score-threshold", type=float, default=None, help="Drop neighbours scoring below this.")

@@ -16,6 +16,7 @@ ENV_VARS = (
     "RECO_RESULT_BACKEND",
     "RECO_DEVICE",
     "RECO_OFFLINE",
+    "RECO_VISIBILITY_TIMEOUT",
 )
 
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
@@ -28,6 +29,17 @@ def mask_url(url: str | None) -> str | None:
     return _URL_PASSWORD.sub(r"\1***\3", url)
 
 
+def _positive_int(env, name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        from .errors import RecoError
+
+        raise RecoError(f"{name}={raw!r}: use a whole number of seconds, e.g. {name}={default}")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -38,6 +50,7 @@ class Settings:
     result_backend: str | None = None
     device: str | None = None
     offline: str = "auto"
+    visibility_timeout: int = 3600  # seconds before a dead worker's unacknowledged message is delivered again
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -53,6 +66,7 @@ class Settings:
             result_backend=env.get("RECO_RESULT_BACKEND") or None,
             device=env.get("RECO_DEVICE") or None,
             offline=(env.get("RECO_OFFLINE") or "auto").lower(),
+            visibility_timeout=_positive_int(env, "RECO_VISIBILITY_TIMEOUT", 3600),
         )
 
     @property
@@ -81,6 +95,7 @@ class Settings:
             "broker_url": mask_url(self.broker_url) or "in-process",
             "device": self.device or "auto",
             "offline": self.offline,
+            "visibility_timeout_s": self.visibility_timeout,
         }
 
     def __repr__(self) -> str:  # never print a password

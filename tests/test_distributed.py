@@ -35,7 +35,7 @@ def _require(check, what):
 
 @pytest.fixture
 def pg_url():
-    admin = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
+    admin = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     _require(lambda: admin.connect().close(), "PostgreSQL")
     name = f"reco_test_{uuid.uuid4().hex[:8]}"
     with admin.connect() as c:
@@ -171,6 +171,32 @@ def test_training_through_a_worker_on_queue_train(dist_env, tmp_path, tiny_confi
         assert shown["status"] == "ready" and shown["step"] > 0
         log = (tmp_path / "trainer.log").read_text()
         assert "reco.train" in log and "succeeded" in log
+    finally:
+        w.kill()
+        w.wait()
+
+
+def test_status_reports_workers_queues_and_builds(dist_env, tmp_path, tiny_config):
+    src = synthetic.write_wds(tmp_path / "wds", n_shards=3, per_shard=10)[0].parent
+    reco(dist_env, "db", "upgrade")
+    reco(dist_env, "memory", "build", "st", src, "--backbone", tiny_config, "--no-wait")
+    st = json.loads(reco(dist_env, "status", "--json").stdout)
+    assert st["profile"] == "distributed" and st["workers"] == []
+    assert st["queues"]["ingest"] == 3 and st["queues"]["train"] == 0  # nobody consumes yet
+    (b,) = st["building_versions"]
+    assert (b["memory"], b["version"], b["status"], b["shards"]["pending"]) == ("st", 1, "building", 3)
+    text_out = reco(dist_env, "status").stdout
+    assert "workers: none answered" in text_out and "st v1 building: 0/3 shards done" in text_out
+
+    w = start_worker(dist_env, tmp_path, "stw")
+    try:
+        deadline = time.monotonic() + 240
+        while version_status(dist_env, "st")["status"] != "ready":
+            assert time.monotonic() < deadline, (tmp_path / "stw.log").read_text()[-3000:]
+            time.sleep(0.5)
+        st = json.loads(reco(dist_env, "status", "--json", "--timeout", "3").stdout)
+        assert any(name.startswith("stw@") for name in st["workers"])
+        assert st["queues"]["ingest"] == 0 and st["building_versions"] == [] and st["failed_jobs"] == []
     finally:
         w.kill()
         w.wait()

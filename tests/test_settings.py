@@ -48,3 +48,10 @@ def test_valid_names(name):
 def test_invalid_names(name):
     with pytest.raises(RecoError, match=r"\[a-z0-9_-\]"):
         check_name(name)
+
+
+def test_visibility_timeout_setting():
+    assert Settings.from_env({}).visibility_timeout == 3600
+    assert Settings.from_env({"RECO_VISIBILITY_TIMEOUT": "60"}).visibility_timeout == 60
+    with pytest.raises(RecoError, match="RECO_VISIBILITY_TIMEOUT='soon': use a whole number of seconds"):
+        Settings.from_env({"RECO_VISIBILITY_TIMEOUT": "soon"})

@@ -7,8 +7,6 @@ shard never sits queued behind another on a busy worker.
 
 from __future__ import annotations
 
-import os
-
 from celery import Celery
 
 from app.errors import RecoError
@@ -30,7 +28,7 @@ app.conf.update(
     result_serializer="json",
     broker_connection_retry_on_startup=True,
     # an unacknowledged message (its worker died) is delivered again after this many seconds (Redis/SQS)
-    broker_transport_options={"visibility_timeout": int(os.environ.get("RECO_VISIBILITY_TIMEOUT", "3600"))},
+    broker_transport_options={"visibility_timeout": settings.visibility_timeout},
     worker_hijack_root_logger=False,
 )
 
