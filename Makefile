@@ -47,7 +47,7 @@ bench-data: venv
 	$(BIN)/python -c "from benchmarks.emoji.data import npm_root; print(npm_root())"
 
 test: venv bench-data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: venv bench-data
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -120,6 +120,20 @@ def wait_for_shards(env, predicate, timeout=240):
         time.sleep(0.05)
 
 
+def shard_spans(env):
+    """(started, finished) of every shard, from the metadata database."""
+    from sqlalchemy import text
+
+    from app.db import Database
+
+    db = Database(env["RECO_DATABASE_URL"], check=False)
+    try:
+        with db.engine.connect() as c:
+            return [tuple(r) for r in c.execute(text("SELECT started_at, finished_at FROM ingest_shards"))]
+    finally:
+        db.dispose()
+
+
 def assert_clean(env, name, version, items):
     v = json.loads(reco(env, "memory", "verify", name, "--version", version, "--json").stdout)
     assert v["ok"] and v["store_count"] == items, v
@@ -189,6 +203,7 @@ def test_training_worker_killed_resumes_on_another(env, tmp_path, tiny_config):
         assert shown["status"] == "ready", shown
         assert shown["metrics"]["resumed_from"] >= 40  # it went on from the checkpoint, not from scratch
         assert shown["step"] == shown["metrics"]["steps"]
+        assert_clean(env, "tk", 1, 128)
     finally:
         stop(first, second)
 
@@ -240,6 +255,9 @@ def test_distributed_run_two_workers_duplicates_and_no_secret_printed(env, own_r
         assert_clean(env, "e2e", 1, n_shards * per_shard)
         logs = [(tmp_path / f"e{i}.log").read_text() for i in range(2)]
         assert all("reco.ingest_shard" in log and "succeeded" in log for log in logs), "both workers took shards"
+        spans = shard_spans(env)
+        assert any(a0 < b1 and b0 < a1 for i, (a0, a1) in enumerate(spans) for b0, b1 in spans[i + 1:]), \
+            f"no two shards were in flight at once: {spans}"
         cli("train", "e2e-model", "--pairs", "e2e", "--memory", "e2e", "-k", "5", "--epochs", "20",
             "--batch-size", "32", "--timeout", "300")
         cli("eval", "classification", "--model", "e2e-model", "-k", "1,5",

@@ -21,6 +21,7 @@ from filelock import FileLock
 from ..errors import RecoError
 from .base import MODALITIES, Hit, VectorStore, as_matrix, check_modality
 
+FULL_SCAN_THRESHOLD_KB = 10_000
 HNSW_M = 16
 HNSW_EF_CONSTRUCT = 128
 DEFAULT_EF = 128
@@ -57,7 +58,10 @@ class EdgeStore(VectorStore):
         e = _edge()
         return e.EdgeConfig(
             vectors={name: e.EdgeVectorParams(size=dim, distance=e.Distance.Cosine) for name in MODALITIES},
-            hnsw_config=e.HnswIndexConfig(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT, full_scan_threshold=1000),
+            # Qdrant's default: a segment under 10 MB per vector is searched exactly (faster there, and exact
+            # answers make small memories' results reproducible; an HNSW graph built by several threads is not)
+            hnsw_config=e.HnswIndexConfig(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT,
+                                          full_scan_threshold=FULL_SCAN_THRESHOLD_KB),
             # 0 disables indexing while a version is written; sealing switches it on and builds HNSW once
             optimizers=e.EdgeOptimizersConfig(indexing_threshold=1 if indexing else 0),
         )
