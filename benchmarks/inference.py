@@ -36,10 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata as md
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -55,6 +52,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import log, machine, write_result  # noqa: E402
 from app import synthetic  # noqa: E402
 from app.db.models import FusionModel, ModelStatus  # noqa: E402
 from app.encoder import RecoEncoder, Timing  # noqa: E402
@@ -243,8 +241,7 @@ def main(argv=None) -> int:
         "target_met": met,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     for key, res in results.items():
         for b in batches:
             r = res[str(b)]
@@ -289,36 +286,6 @@ def thread_key(t: int) -> str:
 
 def fmt(split: dict) -> str:
     return ", ".join(f"{k} {v:.1f}" for k, v in split.items())
-
-
-def machine() -> dict:
-    return {
-        "cpu_count": os.cpu_count(),
-        "sched_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": _version("open_clip_torch"),
-        "qdrant_edge": _version("qdrant-edge-py"),
-        "pillow": _version("pillow"),
-        "numpy": np.__version__,
-    }
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 if __name__ == "__main__":

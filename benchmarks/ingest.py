@@ -31,11 +31,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import importlib.metadata as md
 import io
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -51,6 +48,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import log, machine, write_result  # noqa: E402
 from app import ingest as ingest_mod  # noqa: E402
 from app import synthetic  # noqa: E402
 from app.backbone import BackboneSpec, get_backbone  # noqa: E402
@@ -335,22 +333,7 @@ def main(argv=None) -> int:
         "started": started,
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/ingest.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads(),
-            "cuda": torch.cuda.is_available(),
-            "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "open_clip": _version("open_clip_torch"),
-            "qdrant_edge": _version("qdrant-edge-py"),
-            "pillow": _version("pillow"),
-            "numpy": np.__version__,
-        },
+        "machine": machine(),
         "method": {
             "data": "app.synthetic.write_wds: img2dataset-style tars, <key>.png (64x64 RGB) + .txt + .json",
             "pipeline": "start_build(rt, name, source, backbone=SPEC) + run_in_process(rt, id, show_progress=False),"
@@ -371,25 +354,13 @@ def main(argv=None) -> int:
         "target_met": {k: v["meets_target"] for k, v in results.items()},
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     for k, v in results.items():
         log(f"{k}: pipeline {v['pipeline']['items_per_s_median']:.1f} items/s, bare "
             f"{v['bare']['items_per_s_median']:.1f} items/s -> x{v['ratio_pipeline_vs_bare']:.3f} "
             f"(target {TARGET}: {'met' if v['meets_target'] else 'not met'})")
     log(f"-> {out}")
     return 0
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 if __name__ == "__main__":

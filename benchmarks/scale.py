@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app import synthetic  # noqa: E402
+from benchmarks.common import log, machine, write_result  # noqa: E402
 
 PG = os.environ.get("RECO_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REDIS = os.environ.get("RECO_TEST_REDIS", "redis://127.0.0.1:6379/14")
@@ -141,8 +141,7 @@ def main(argv=None) -> int:
         for i, n in enumerate(order):
             p = one_pass(env, work, n, corpus, warm, args.model, f"p{i}n{n}")
             passes.append(p)
-            print(f"[{time.strftime('%H:%M:%S')}] {n} worker(s): {p['items_per_s']:.1f} items/s "
-                  f"({p['wall_s']:.1f} s)", flush=True)
+            log(f"{n} worker(s): {p['items_per_s']:.1f} items/s ({p['wall_s']:.1f} s)")
     finally:
         with admin.connect() as c:
             c.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
         "benchmark": "scale: ingestion items/s with 1 and 2 worker processes (PostgreSQL + Redis + embedded store)",
         "started": started.isoformat(), "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
         "command": "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(()),
         "setup": {"model": args.model, "shards": args.shards, "per_shard": args.per_shard,
                   "items": args.shards * args.per_shard, "worker": "reco worker -Q ingest (solo pool, torch default "
                   "threads = cores), warmed up on a 2-shard build before timing"},
@@ -166,9 +165,8 @@ def main(argv=None) -> int:
                    "workers scale until the Qdrant server or PostgreSQL saturates."),
         "estimate": estimate(one),
     }
-    out = Path(args.out)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["ratios"]), f"-> {out}")
+    out = write_result(args.out, result)
+    log(f"{json.dumps(result['ratios'])} -> {out}")
     return 0
 
 

@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata as md
-import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import log, machine, write_result  # noqa: E402
 from app.store import edge as edge_mod  # noqa: E402
 from app.store.base import point_id  # noqa: E402
 from app.store.edge import EdgeStore  # noqa: E402
@@ -236,17 +233,7 @@ def main(argv=None) -> int:
         result = {
             "benchmark": "batched kNN search: embedded engine (qdrant-edge HNSW) vs exact torch matmul + topk",
             "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": {
-                "cpu_count": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(),
-                "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-                "platform": platform.platform(),
-                "processor": platform.processor() or platform.machine(),
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "qdrant_edge": _version("qdrant-edge-py"),
-                "numpy": np.__version__,
-            },
+            "machine": machine(("qdrant-edge-py",)),
             "data": {"n": args.n, "dim": args.dim, "queries": nq, "k": K, "dtype": "float32",
                      "distance": "cosine (unit vectors)", "generator": gen, "stats": stats,
                      "queries_held_out": True,
@@ -283,24 +270,12 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     r = result["ratios"]
     log(f"exact {exact['qps_median']:.0f} q/s; hnsw ef={default_ef} {default['qps_median']:.0f} q/s "
         f"(x{r['embedded_vs_exact_qps']:.2f}), recall@10 {r['recall_at_10']:.4f}; target met: {result['target_met']}"
         f" -> {out}")
     return 0
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 if __name__ == "__main__":

@@ -40,11 +40,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import importlib.metadata as md
-import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -60,6 +57,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import log, machine, write_result  # noqa: E402
 import app.checkpoint  # noqa: E402
 import app.train  # noqa: E402
 from app import synthetic  # noqa: E402
@@ -345,7 +343,7 @@ def main(argv=None) -> int:
         "started": started,
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {**machine(), "torch_threads_default": default_threads, "torch_threads_run": args.thread_list},
+        "machine": {**machine(("qdrant-edge-py",)), "torch_threads_default": default_threads, "torch_threads_run": args.thread_list},
         "method": {
             "memory": "precomputed embeddings (clip-retrieval layout) -> start_build + run_in_process "
                       "(embedded profile, qdrant-edge, sealed with HNSW, activated); pairs = memory",
@@ -362,8 +360,7 @@ def main(argv=None) -> int:
         "target_met": met,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     for name, r in results.items():
         s = r["variants"]
         log(f"{name}: in_ram {s['in_ram']['pairs_per_s_median']:.0f} pairs/s, cached "
@@ -372,34 +369,6 @@ def main(argv=None) -> int:
             f"{r['neighbour_fetch']['queries_per_s']:.0f} queries/s")
     log(f"targets {TARGETS}: {met} -> {out}")
     return 0
-
-
-def machine() -> dict:
-    return {
-        "cpu_count": os.cpu_count(),
-        "sched_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "qdrant_edge": _version("qdrant-edge-py"),
-        "numpy": np.__version__,
-    }
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 if __name__ == "__main__":

