@@ -58,23 +58,30 @@ def run_in_process(rt, version_id: int, show_progress: bool = True, retries: int
     from .errors import TransientError
     from .ingest import run_shard
 
+    from .ingest import finalize_if_complete
+
     with rt.db.session() as s:
         v = s.get(MemoryVersion, version_id)
         total = sum(sh.spec.get("rows", 0) for sh in v.shards) or None
         label = f"{v.memory.name} v{v.version}"
+        collection, dim = v.collection, v.dim
     bar = tqdm(total=total, unit="item", desc=f"ingest {label}", disable=not show_progress, dynamic_ncols=True)
     try:
-        for sid in shard_ids(rt, version_id):
-            for attempt in range(retries + 1):
-                try:
-                    run_shard(rt, sid, progress=bar.update)
-                    break
-                except TransientError:
-                    if attempt == retries:
-                        raise
-                    time.sleep(2**attempt)
+        # one open of the new collection for every shard (the embedded engine loads and flushes a shard on
+        # each open); nobody else reads a version that is still building, and it is released before sealing
+        with rt.store.hold(collection, create_dim=dim):
+            for sid in shard_ids(rt, version_id):
+                for attempt in range(retries + 1):
+                    try:
+                        run_shard(rt, sid, progress=bar.update, finalize=False)
+                        break
+                    except TransientError:
+                        if attempt == retries:
+                            raise
+                        time.sleep(2**attempt)
     finally:
         bar.close()
+    finalize_if_complete(rt, version_id)
 
 
 def enqueue(rt, version_id: int) -> list[str]:

@@ -115,8 +115,12 @@ def _prepared(fmt: str, spec: dict, backbone, counts: Counter, batch_size: int) 
             yield keys, caps, srcs, backbone.preprocess_images(imgs), None
 
 
-def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, batch_size: int = BATCH_SIZE) -> dict:
-    """Ingest one shard. Returns its summary. Safe to call again for a shard that is done or half-done."""
+def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, batch_size: int = BATCH_SIZE,
+              finalize: bool = True) -> dict:
+    """Ingest one shard. Returns its summary. Safe to call again for a shard that is done or half-done.
+
+    finalize: seal the version when this was its last shard (a caller that runs every shard itself, holding
+    the collection open meanwhile, passes False and finalizes once at the end)."""
     from .backbone import get_backbone
 
     with rt.db.session() as s:
@@ -157,8 +161,7 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
                 processed = stored + sum(counts.values())
                 progress(processed - reported)
                 reported = processed
-        rt.store.create(collection, dim)
-        with rt.store.hold(collection):
+        with rt.store.hold(collection, create_dim=dim):
             for chunk in chunks:
                 rt.store.upsert(collection, *chunk)
     except (TransientError, OperationalError, ConnectionError):
@@ -174,7 +177,8 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
         shard.skip_reasons = dict(counts)
         shard.error = None
         shard.finished_at = utcnow()
-    finalize_if_complete(rt, version_id)
+    if finalize:
+        finalize_if_complete(rt, version_id)
     return {"shard": shard_id, "status": ShardStatus.DONE, "stored": stored, "skipped": dict(counts)}
 
 

@@ -159,6 +159,53 @@ def test_wds_truncated_tar_is_an_error(tmp_path):
         list(read_shard("wds", {"path": str(p)}))
 
 
+_TAR_MEMBERS = [("a.png", b"x" * 1000), ("d" * 120 + "/long-name.txt", b"hello"), ("\u00fc/n\u00efce.txt", b"u"),
+                ("p/" * 60 + "deep.json", b"{}"), ("empty.txt", b"")]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
+def test_tar_reader_reads_what_tarfile_reads(tmp_path, fmt, mode):
+    """Long names (GNU `L`, pax `path`, ustar prefix), unicode, empty files, dirs, links, compressed archives."""
+    from app.corpus import tar
+
+    members = _TAR_MEMBERS if fmt != tarfile.USTAR_FORMAT else [m for m in _TAR_MEMBERS if len(m[0]) < 100
+                                                                 or m[0].startswith("p/")]
+    p = tmp_path / "t.tar"
+    with tarfile.open(p, mode, format=fmt) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        _add(t, "dir", type_=tarfile.DIRTYPE)
+        _add(t, "lnk", type_=tarfile.SYMTYPE, linkname="a.png")
+        _add(t, "hard", type_=tarfile.LNKTYPE, linkname="a.png")
+    with tarfile.open(p) as t:
+        expected = [(m.name, t.extractfile(m).read() if m.isfile() else b"") for m in t]
+    got = list(tar.members(str(p)))
+    assert [(m.name, m.data) for m in got] == expected
+    assert [m.type for m in got][-3:] == [tar.DIRECTORY, tar.SYMLINK, tar.LINK]
+
+
+def test_tar_reader_refuses_a_damaged_header(tmp_path):
+    from app.corpus import tar
+
+    good = synthetic.write_wds(tmp_path / "w", n_shards=1, per_shard=4)[0]
+    with tarfile.open(good) as t:
+        second = t.getmembers()[1].offset  # where the second member's header starts
+    data = bytearray(good.read_bytes())
+    data[second + 3] ^= 0x20  # one flipped bit in its name: the checksum no longer matches
+    p = tmp_path / "bad.tar"
+    p.write_bytes(bytes(data))
+    got = []
+    with pytest.raises(tar.TarError, match="invalid header"):
+        for m in tar.members(str(p)):
+            got.append(m.name)
+    assert len(got) == 1  # the first member was read before the damage
+    with pytest.raises(RecoError, match="not a readable tar"):
+        list(read_shard("wds", {"path": str(p)}))
+
+
 # -- manifest ----------------------------------------------------------------------------------------------------
 def _pairs(items):
     return [(it.key, it.caption) for it in items]

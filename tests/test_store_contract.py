@@ -151,3 +151,37 @@ def test_concurrent_readers_share_the_collection(store):
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_hold_with_create_dim_creates_then_keeps_open(store):
+    ids, img, txt, payloads = _data(20)
+    with store.hold("reco-h-v1", create_dim=DIM):
+        store.upsert("reco-h-v1", ids, img, txt, payloads)
+        store.upsert("reco-h-v1", ids, img, txt, payloads)
+    with store.hold("reco-h-v1", create_dim=DIM):  # a rerun task: the collection exists, nothing is lost
+        pass
+    assert store.count("reco-h-v1") == 20
+
+
+# -- embedded engine only ------------------------------------------------------------------------------------
+def _graph_files(root):
+    return [p for p in root.rglob("*") if "hnsw" in p.name or "graph" in p.name]
+
+
+def test_embedded_seal_builds_hnsw_above_the_threshold_only(tmp_path, monkeypatch):
+    """Like Qdrant: under the full-scan threshold a sealed version is searched exactly and gets no graph."""
+    import app.store.edge as edge
+
+    small = EdgeStore(tmp_path / "small")
+    name, ids, img, txt = _filled(small, n=300)
+    small.seal(name)
+    assert _graph_files(tmp_path / "small") == []
+    monkeypatch.setattr(edge, "FULL_SCAN_THRESHOLD_KB", 1)
+    monkeypatch.setattr(edge, "INDEXING_THRESHOLD_KB", 1)
+    big = EdgeStore(tmp_path / "big")
+    name, ids, img, txt = _filled(big, n=300)
+    big.seal(name)
+    assert _graph_files(tmp_path / "big")
+    hits = big.search(name, img, using="image", k=1)  # through the graph now
+    assert np.mean([row[0].id == ids[i] for i, row in enumerate(hits)]) >= 0.99
+    assert big.count(name) == 300

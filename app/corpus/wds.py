@@ -6,11 +6,11 @@ from __future__ import annotations
 import glob
 import json
 import re
-import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from ..errors import RecoError
+from . import tar
 from .base import Item, SkipReason, clean_caption
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -67,27 +67,25 @@ def read(spec: dict) -> Iterator[Item]:
     key = None
     unsafe = False
     try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not _safe(member.name) or member.issym() or member.islnk():
-                    k, _ = _split(member.name.lstrip("/"))
-                    if key is not None and k != key:
-                        yield _item(key, sample, unsafe, path)
-                        sample, unsafe = {}, False
-                    key, unsafe = k, True
-                    continue
-                if not member.isfile():
-                    continue
-                k, ext = _split(member.name)
+        for member in tar.members(path):
+            if member.type in (tar.LINK, tar.SYMLINK) or not _safe(member.name):
+                k, _ = _split(member.name.lstrip("/"))
                 if key is not None and k != key:
                     yield _item(key, sample, unsafe, path)
                     sample, unsafe = {}, False
-                key = k
-                f = tar.extractfile(member)
-                sample[ext] = f.read() if f is not None else b""
-                if ext in IMAGE_EXTS:
-                    sample["__member__"] = member.name
-    except (tarfile.TarError, EOFError, OSError) as exc:
+                key, unsafe = k, True
+                continue
+            if member.type != tar.REGULAR:
+                continue
+            k, ext = _split(member.name)
+            if key is not None and k != key:
+                yield _item(key, sample, unsafe, path)
+                sample, unsafe = {}, False
+            key = k
+            sample[ext] = member.data
+            if ext in IMAGE_EXTS:
+                sample["__member__"] = member.name
+    except (tar.TarError, OSError) as exc:
         raise RecoError(f"shard {path} is not a readable tar archive: {exc}") from exc
     if key is not None:
         yield _item(key, sample, unsafe, path)

@@ -115,8 +115,11 @@ class VectorStore(ABC):
         """Remove `alias` if it exists."""
 
     @contextmanager
-    def hold(self, collection: str) -> Iterator[None]:
-        """Keep a collection open across many calls (query loops, training); a no-op for servers."""
+    def hold(self, collection: str, create_dim: int | None = None) -> Iterator[None]:
+        """Keep a collection open across many calls (query loops, training, a shard's upserts); a no-op for
+        servers. With create_dim, create the collection first when it does not exist (one open, not two)."""
+        if create_dim is not None:
+            self.create(collection, create_dim)
         yield
 
     def close(self) -> None:

@@ -22,6 +22,9 @@ from ..errors import RecoError
 from .base import MODALITIES, Hit, VectorStore, as_matrix, check_modality
 
 FULL_SCAN_THRESHOLD_KB = 10_000
+# Qdrant's defaults: a segment under 10 MB per vector is searched exactly, so it gets no HNSW graph either (one
+# would never be consulted); sealing a larger version builds HNSW
+INDEXING_THRESHOLD_KB = FULL_SCAN_THRESHOLD_KB
 HNSW_M = 16
 HNSW_EF_CONSTRUCT = 128
 DEFAULT_EF = 128
@@ -63,7 +66,7 @@ class EdgeStore(VectorStore):
             hnsw_config=e.HnswIndexConfig(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT,
                                           full_scan_threshold=FULL_SCAN_THRESHOLD_KB),
             # 0 disables indexing while a version is written; sealing switches it on and builds HNSW once
-            optimizers=e.EdgeOptimizersConfig(indexing_threshold=1 if indexing else 0),
+            optimizers=e.EdgeOptimizersConfig(indexing_threshold=INDEXING_THRESHOLD_KB if indexing else 0),
         )
 
     @contextmanager
@@ -103,8 +106,8 @@ class EdgeStore(VectorStore):
                         h.lock.release()
 
     @contextmanager
-    def hold(self, collection: str) -> Iterator[None]:
-        with self._open(collection):
+    def hold(self, collection: str, create_dim: int | None = None) -> Iterator[None]:
+        with self._open(collection, create_dim=create_dim):
             yield
 
     # -- contract --------------------------------------------------------------------------------------
@@ -127,8 +130,9 @@ class EdgeStore(VectorStore):
         image, text = as_matrix(image), as_matrix(text)
         if not (len(ids) == len(image) == len(text) == len(payloads)):
             raise ValueError("ids, vectors and payloads must have the same length")
+        image, text = image.tolist(), text.tolist()
         points = [
-            e.Point(id=pid, vector={"image": image[i].tolist(), "text": text[i].tolist()}, payload=payloads[i])
+            e.Point(id=pid, vector={"image": image[i], "text": text[i]}, payload=payloads[i])
             for i, pid in enumerate(ids)
         ]
         with self._open(collection) as shard:

