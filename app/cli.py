@@ -273,6 +273,20 @@ def memory_verify(rt, name, version, as_json) -> None:
         sys.exit(1)
 
 
+@memory.command("finalize")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.pass_obj
+def memory_finalize(rt, name, version) -> None:
+    """Seal a version left `finalizing` by a finaliser that died (every shard done); then it is ready."""
+    from .memory import finalize
+
+    status = finalize(rt, name, version)
+    click.echo(f"{name} v{version} {status}")
+    if status != "ready":
+        sys.exit(1)
+
+
 @memory.command("delete")
 @click.argument("name")
 @click.argument("version", type=int)

@@ -141,6 +141,29 @@ def verify(rt, name: str, version: int | None = None) -> VerifyReport:
     return VerifyReport(name, v.version, v.status, v.items_stored or 0, shard_sum, store_count, done, len(shards), problems)
 
 
+def finalize(rt, name: str, version: int) -> str:
+    """Finish a version whose shards are all done but which is not ready: its finaliser died mid-seal (the
+    version stays `finalizing`). Sealing again is safe; run it only when that finaliser is gone."""
+    from .ingest import finalize_if_complete
+
+    with rt.db.session() as s:
+        v = get_version(s, name, version)
+        if v.status not in (VersionStatus.BUILDING, VersionStatus.FINALIZING):
+            raise RecoError(f"{name} v{version} is {v.status}: only a building or finalizing version is finalized")
+        pending = sum(sh.status != ShardStatus.DONE for sh in v.shards)
+        if pending:
+            raise RecoError(f"{name} v{version} has {pending} shard(s) not done: their tasks must finish first "
+                            f"(see `reco memory show {name} --version {version}`)")
+        version_id = v.id
+        s.execute(update(MemoryVersion).where(MemoryVersion.id == version_id,
+                                              MemoryVersion.status == VersionStatus.FINALIZING)
+                  .values(status=VersionStatus.BUILDING))
+    status = finalize_if_complete(rt, version_id)
+    if status is None:
+        raise RecoError(f"{name} v{version} was finalized by another process meanwhile")
+    return status
+
+
 def delete(rt, name: str, version: int, force: bool = False) -> None:
     with rt.db.session() as s:
         mem = get_memory(s, name)

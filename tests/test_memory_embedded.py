@@ -240,3 +240,34 @@ def test_server_backend_through_the_whole_pipeline(cli_run, monkeypatch, tmp_pat
         assert not s.exists("reco-srv-v1")
     finally:
         s.close()
+
+
+def test_finalize_recovers_a_version_whose_finaliser_died(cli_run, rt, wds_corpus, tiny_config):
+    """A finaliser killed mid-seal leaves the version `finalizing` with every shard done."""
+    v = start_build(rt, "stuck", str(wds_corpus), backbone=tiny_config, activate=True)
+    with rt.db.session() as s:
+        shard_ids = s.scalars(select(IngestShard.id).where(IngestShard.version_id == v.id)).all()
+    for sid in shard_ids:
+        run_shard(rt, sid, finalize=False)
+    with rt.db.session() as s:
+        s.get(MemoryVersion, v.id).status = "finalizing"  # what the dead finaliser's claim left behind
+    r = cli_run("memory", "activate", "stuck", "1", ok=False)
+    assert r.exit_code != 0 and "finalizing" in r.output
+
+    r = cli_run("memory", "finalize", "stuck", "1")
+    assert "stuck v1 ready" in r.output
+    verified = json.loads(cli_run("memory", "verify", "stuck", "--json").stdout)
+    assert verified["ok"] and verified["store_count"] == 24 and verified["status"] == "ready"
+    assert json.loads(cli_run("memory", "list", "--json").stdout)[0]["versions"][0]["active"]  # --activate kept
+
+    r = cli_run("memory", "finalize", "stuck", "1", ok=False)
+    assert r.exit_code != 0 and "is ready" in r.output
+
+
+def test_finalize_refuses_a_version_with_shards_not_done(cli_run, rt, wds_corpus, tiny_config):
+    v = start_build(rt, "half", str(wds_corpus), backbone=tiny_config)
+    with rt.db.session() as s:
+        first = s.scalars(select(IngestShard.id).where(IngestShard.version_id == v.id)).first()
+    run_shard(rt, first)
+    r = cli_run("memory", "finalize", "half", "1", ok=False)
+    assert r.exit_code != 0 and "2 shard(s) not done" in r.output
