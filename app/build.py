@@ -56,9 +56,7 @@ def run_in_process(rt, version_id: int, show_progress: bool = True, retries: int
     from tqdm import tqdm
 
     from .errors import TransientError
-    from .ingest import run_shard
-
-    from .ingest import finalize_if_complete
+    from .ingest import finalize_if_complete, run_shard
 
     with rt.db.session() as s:
         v = s.get(MemoryVersion, version_id)

@@ -55,3 +55,24 @@ def test_reduced_protocol_reco_beats_frozen_base(npm_cache, tmp_path, monkeypatc
     assert second["base_model"]["cached"] is True
     assert set(second["table"]) < set(first["table"])
     assert second["table"] == {row: first["table"][row] for row in second["table"]}
+
+
+def test_strong_augmentation_keeps_the_white_background():
+    import torch
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from benchmarks.emoji.base import _augment
+
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    rgb = torch.ones(16, 3, 64, 64)
+    rgb[:, 0, 24:40, 24:40] = 0.2  # a dark cyan-ish square on white
+    x = (rgb - mean) / std
+    geo = _augment(x, torch.Generator().manual_seed(0), "geometric")
+    strong = _augment(x, torch.Generator().manual_seed(0), "strong")
+    for out in (geo, strong):
+        corners = (out * std + mean)[:, :, :4, :4]
+        assert torch.allclose(corners, torch.ones_like(corners), atol=1e-4)  # white stays white
+    assert not torch.allclose(geo, strong)
+    with pytest.raises(ValueError, match="geometric or strong"):
+        _augment(x, torch.Generator(), "heavy")

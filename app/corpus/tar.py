@@ -1,7 +1,7 @@
 """A streaming tar member reader, about 4x faster than `tarfile` on WebDataset shards.
 
 `tarfile` builds a TarInfo per member through Python-level field parsing; a shard of small images has three
-members per item, so on a small backbone that parsing cost a fifth of the whole ingestion. This reader parses
+members per item, so on a small backbone that parsing was a tenth of the whole ingestion's time. This reader parses
 the 512-byte headers with one struct call, verifies each header's checksum, follows the long-name extensions
 (pax `path`/`size` records, GNU `L` names) and reads gzip, bzip2 and xz compressed archives through the
 standard library. It yields names and types as the archive states them; what is safe to use is the caller's
@@ -18,7 +18,6 @@ from typing import BinaryIO, Iterator, NamedTuple
 
 BLOCK = 512
 _HEADER = struct.Struct("100s24x12s12s8s1s100s6s2s32s32s8s8s155s12x")
-_CHKSUM_BLANK = b" " * 8
 
 REGULAR, LINK, SYMLINK, DIRECTORY, OTHER = "file", "link", "symlink", "dir", "other"
 _TYPES = {b"0": REGULAR, b"\0": REGULAR, b"7": REGULAR, b"1": LINK, b"2": SYMLINK, b"5": DIRECTORY}

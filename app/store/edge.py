@@ -22,9 +22,6 @@ from ..errors import RecoError
 from .base import MODALITIES, Hit, VectorStore, as_matrix, check_modality
 
 FULL_SCAN_THRESHOLD_KB = 10_000
-# Qdrant's defaults: a segment under 10 MB per vector is searched exactly, so it gets no HNSW graph either (one
-# would never be consulted); sealing a larger version builds HNSW
-INDEXING_THRESHOLD_KB = FULL_SCAN_THRESHOLD_KB
 HNSW_M = 16
 HNSW_EF_CONSTRUCT = 128
 DEFAULT_EF = 128
@@ -66,7 +63,7 @@ class EdgeStore(VectorStore):
             hnsw_config=e.HnswIndexConfig(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT,
                                           full_scan_threshold=FULL_SCAN_THRESHOLD_KB),
             # 0 disables indexing while a version is written; sealing switches it on and builds HNSW once
-            optimizers=e.EdgeOptimizersConfig(indexing_threshold=INDEXING_THRESHOLD_KB if indexing else 0),
+            optimizers=e.EdgeOptimizersConfig(indexing_threshold=1 if indexing else 0),
         )
 
     @contextmanager

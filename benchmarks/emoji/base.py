@@ -31,6 +31,9 @@ class BaseConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05
     vendors: tuple[str, ...] = ("apple", "google")
+    # "geometric": random scale / shift; "strong": also flips, ink / saturation jitter, grayscale, so that the tower
+    # cannot tell two drawings apart by palette or pose alone
+    augment: str = "geometric"
 
 
 def minilm_dir() -> Path:
@@ -80,20 +83,42 @@ def build_base(home: Path, cfg: BaseConfig, train: list[Emoji], seed: int, log=p
     return f"{config_path}:{weights_path}", {**info, "cached": False}
 
 
-def _augment(x, gen):
-    """Vendor-invariance on a batch [B, 3, H, W] normalised: random scale / shift (white fill)."""
+def _augment(x, gen, strength: str = "geometric"):
+    """Vendor-invariance on a batch [B, 3, H, W] normalised: random scale / shift (white fill); with "strong",
+    horizontal flips, ink (darkness) and saturation jitter and some grayscale too."""
     import torch
     import torch.nn.functional as F
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+    if strength not in ("geometric", "strong"):
+        raise ValueError(f"augment must be geometric or strong, not {strength!r}")
     b = x.shape[0]
-    scale = 0.8 + 0.35 * torch.rand(b, generator=gen)
-    shift = 0.2 * torch.rand(b, 2, generator=gen) - 0.1
+    strong = strength == "strong"
+    scale = (0.7 + 0.55 * torch.rand(b, generator=gen)) if strong else (0.8 + 0.35 * torch.rand(b, generator=gen))
+    shift = (0.3 if strong else 0.2) * torch.rand(b, 2, generator=gen) - (0.15 if strong else 0.1)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
     theta[:, :, 2] = shift
+    if strong:
+        theta[:, 0, 0] *= torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)  # horizontal flip
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     white = x.amax(dim=(0, 2, 3), keepdim=True)  # the normalised value of white per channel
-    return F.grid_sample(x - white, grid, align_corners=False, padding_mode="zeros") + white
+    x = F.grid_sample(x - white, grid, align_corners=False, padding_mode="zeros") + white
+    if not strong:
+        return x
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    rgb = x * std + mean
+
+    def jitter(lo=0.7, hi=1.3):
+        return (lo + (hi - lo) * torch.rand(b, 1, 1, 1, generator=gen))
+
+    rgb = 1 - (1 - rgb) * jitter()  # more or less ink; the white background stays white
+    gray = (0.299 * rgb[:, :1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:]).expand_as(rgb)
+    rgb = gray + (rgb - gray) * jitter(0.6, 1.4)  # saturation
+    to_gray = (torch.rand(b, 1, 1, 1, generator=gen) < 0.1).float()
+    rgb = to_gray * gray + (1 - to_gray) * rgb
+    return (rgb.clamp(0, 1) - mean) / std
 
 
 def _pretrain(config_path: Path, weights_path: Path, cfg: BaseConfig, train: list[Emoji], seed: int, log) -> dict:
@@ -133,7 +158,7 @@ def _pretrain(config_path: Path, weights_path: Path, cfg: BaseConfig, train: lis
             g["lr"] = lr
         idx = torch.randperm(n, generator=gen)[:bs]  # each emoji once per batch: no false negatives
         vend = torch.randint(len(cfg.vendors), (bs,), generator=gen)
-        x = _augment(pix[idx, vend], gen)
+        x = _augment(pix[idx, vend], gen, cfg.augment)
         v = F.normalize(visual(x), dim=-1)
         logits = logit_scale.exp().clamp(max=100) * v @ text[idx].t()
         target = torch.arange(bs)
