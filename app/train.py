@@ -419,7 +419,7 @@ def run_training(rt, name: str, progress: bool = True,
         score = (val or {}).get("acc", -(train_loss if train_loss is not None else float("inf")))
         if best is None or score > best["score"]:
             best = {"step": step, "score": score, "val": val}
-            checkpoint.save(ckdir, "best", {k: v for k, v in model.state_dict().items()},
+            checkpoint.save(ckdir, "best", model.state_dict(),
                             {**base_meta, "step": step, "val": val})
         save_last()
         with rt.db.session() as s:

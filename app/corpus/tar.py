@@ -59,9 +59,12 @@ def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _read(f: BinaryIO, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
+def _read(f: BinaryIO, n: int, exact: bool = True) -> bytes:
+    try:
+        data = f.read(n)
+    except (OSError, EOFError, lzma.LZMAError) as exc:  # a damaged compressed stream
+        raise TarError(str(exc)) from exc
+    if exact and len(data) != n:
         raise TarError("unexpected end of data (truncated archive?)")
     return data
 
@@ -89,10 +92,7 @@ def members(path: str) -> Iterator[Member]:
         pax: dict[str, str] = {}
         first = True
         while True:
-            try:
-                header = f.read(BLOCK)
-            except (OSError, EOFError, lzma.LZMAError) as exc:  # a damaged compressed stream
-                raise TarError(str(exc)) from exc
+            header = _read(f, BLOCK, exact=False)
             if len(header) < BLOCK:
                 if first and not header:
                     raise TarError("empty file")
@@ -106,11 +106,8 @@ def members(path: str) -> Iterator[Member]:
                 raise TarError("invalid header (not a tar archive, or a damaged one)")
             first = False
             n = int(pax["size"]) if "size" in pax else _number(size)
-            try:
-                data = _read(f, n)
-                _read(f, -n % BLOCK)
-            except (OSError, EOFError, lzma.LZMAError) as exc:
-                raise TarError(str(exc)) from exc
+            data = _read(f, n)
+            _read(f, -n % BLOCK)
             if typeflag in (b"x", b"g", b"L", b"K"):  # extensions that describe the next member
                 if typeflag == b"x":
                     pax = _pax(data)
