@@ -342,6 +342,8 @@ def memory_query(rt, name, text, image, k, version, as_json) -> None:
 @click.option("--val-fraction", default=0.1, show_default=True, help="Share of the pairs held out for validation.")
 @click.option("--val-by", type=click.Choice(["concept", "item"]), default="concept", show_default=True,
               help="Hold out whole concepts (pairs sharing a caption) or single items.")
+@click.option("--val-pairs", default=None, help="Validate on this memory's pairs (NAME or NAME@VERSION) instead "
+              "of held-out training pairs, e.g. concepts the backbone never saw; trains on all of --pairs.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--checkpoint-every", default=200, show_default=True, help="Steps between checkpoints.")
 @click.option("--heads", type=int, default=None, help="Attention heads (default dim/64).")

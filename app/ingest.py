@@ -224,8 +224,7 @@ def finalize_if_complete(rt, version_id: int) -> str | None:
     if expected == 0:
         error = "no item could be stored (see the skip reasons with `reco memory show`)"
     else:
-        rt.store.seal(collection)
-        n = rt.store.count(collection)
+        n = rt.store.seal(collection)
         if n != expected:
             error = f"the vector store holds {n} points but the shards stored {expected} (duplicate keys across shards?)"
     with rt.db.session() as s:

@@ -38,6 +38,9 @@ class TrainConfig:
     fusion: str = "cross"
     val_fraction: float = 0.1
     val_by: str = "concept"  # hold out whole concepts (pairs sharing a caption) or single items
+    # validate on another memory's pairs instead of a slice of the training pairs (e.g. concepts the frozen
+    # backbone never saw, which behave like the rare concepts RECO is for); val_fraction and val_by then unused
+    val_pairs: str | None = None
     seed: int = 0
     checkpoint_every: int = 200
     heads: int | None = None
@@ -90,6 +93,18 @@ def create_job(rt, name: str, pairs: str, memory: str, cfg: TrainConfig) -> Fusi
         job = {"pairs": [p_name, pv.version, pv.collection, pv.created_at.isoformat()],
                "memory": [m_name, mv.version, mv.collection, mv.created_at.isoformat()],
                "train": asdict(cfg)}
+        if cfg.val_pairs:
+            vp_name, vp_ver = parse_memory_ref(cfg.val_pairs)
+            vv = _ready_version(s, vp_name, vp_ver, "validation pairs")
+            if vv.backbone_hash != mv.backbone_hash:
+                raise RecoError(f"validation pairs {vp_name} v{vv.version} were embedded with {vv.backbone}, memory "
+                                f"{m_name} v{mv.version} with {mv.backbone}: both must use the same backbone")
+            if vv.collection == pv.collection:
+                raise RecoError("--val-pairs names the training pairs themselves: validate on another memory, "
+                                "or drop --val-pairs to hold out --val-fraction of the pairs")
+            if vv.items_stored < 2:
+                raise RecoError(f"validation pairs {vp_name} v{vv.version} hold fewer than 2 items")
+            job["val_pairs"] = [vp_name, vv.version, vv.collection, vv.created_at.isoformat()]
         existing = s.query(FusionModel).filter_by(name=name).one_or_none()
         if existing is not None:
             if existing.status == ModelStatus.READY:
@@ -370,7 +385,14 @@ def run_training(rt, name: str, progress: bool = True,
     pairs = load_pairs(rt, job["pairs"][2], job["pairs"][3])
     cache = NeighbourCache(rt, job, cfg, dim)
     nbrs = cache.get(pairs, progress=progress)
-    train_rows, val_rows = split(pairs, cfg)
+    if job.get("val_pairs"):
+        val_cache = NeighbourCache(rt, {**job, "pairs": job["val_pairs"]}, cfg, dim)
+        val_data = load_pairs(rt, job["val_pairs"][2], job["val_pairs"][3])
+        val_nbrs = val_cache.get(val_data, progress=progress)
+        train_rows, val_rows = np.arange(len(pairs.ids)), np.arange(len(val_data.ids))
+    else:
+        val_cache, val_data, val_nbrs = None, pairs, nbrs
+        train_rows, val_rows = split(pairs, cfg)
     if len(train_rows) < 2:
         raise RecoError("fewer than 2 training pairs: nothing to learn from")
     bs = min(cfg.batch_size, len(train_rows))
@@ -412,7 +434,7 @@ def run_training(rt, name: str, progress: bool = True,
     def consider(train_loss: float | None, train_acc: float | None) -> None:
         """Validate, keep the best checkpoint (held-out concepts catch memorisation), save the last one."""
         nonlocal best
-        val = evaluate(model, pairs, nbrs, val_rows, bs, device)
+        val = evaluate(model, val_data, val_nbrs, val_rows, bs, device)
         entry = {"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss, "train_acc": train_acc,
                  "val": val, "lr": opt.param_groups[0]["lr"]}
         history.append(entry)
@@ -463,7 +485,8 @@ def run_training(rt, name: str, progress: bool = True,
     metrics = {
         "steps": step, "epochs": cfg.epochs, "train_pairs": int(len(train_rows)), "val_pairs": int(len(val_rows)),
         "best": best, "final": history[-1] if history else None, "resumed_from": resumed_from,
-        "store_queries": cache.store_queries, "seconds": round(time.monotonic() - t0, 2),
+        "store_queries": cache.store_queries + (val_cache.store_queries if val_cache else 0),
+        "seconds": round(time.monotonic() - t0, 2),
     }
     with rt.db.session() as s:
         row = s.query(FusionModel).filter_by(name=name).one()

@@ -1,5 +1,6 @@
 """One contract, run unchanged against both store backends."""
 
+import json
 import threading
 
 import numpy as np
@@ -85,7 +86,7 @@ def test_search_is_exact_on_self_and_returns_other_modality(store):
 
 def test_search_matches_exact_ranking(store):
     name, ids, img, txt = _filled(store, n=200)
-    store.seal(name)
+    assert store.seal(name) == 200  # the count the finaliser reconciles against the shards
     q = np.random.default_rng(5).standard_normal((10, DIM)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     hits = store.search(name, q, using="text", k=5)
@@ -164,20 +165,26 @@ def test_hold_with_create_dim_creates_then_keeps_open(store):
 
 
 # -- embedded engine only ------------------------------------------------------------------------------------
-def _graph_files(root):
-    return [p for p in root.rglob("*") if "hnsw" in p.name or "graph" in p.name]
+def _graph_degrees(root):
+    """The HNSW `m` of every sealed vector index under root (0: indexed segment without graph links)."""
+    return {json.loads(p.read_text())["m"] for p in root.rglob("hnsw_config.json")}
 
 
-def test_embedded_seal_builds_hnsw_and_search_stays_exact_on_small_memories(tmp_path, monkeypatch):
-    """Sealing builds the graph; a memory under the full-scan threshold is still searched exactly (reproducible)."""
+def test_embedded_seal_builds_a_graph_only_where_search_consults_one(tmp_path, monkeypatch):
+    """Under the full-scan threshold search is exact and the graph would go unused, so sealing builds none."""
     import app.store.edge as edge
 
-    store = EdgeStore(tmp_path / "v")
+    store = EdgeStore(tmp_path / "small")
     name, ids, img, txt = _filled(store, n=300)
-    store.seal(name)
-    assert _graph_files(tmp_path / "v")
+    assert store.seal(name) == 300
+    assert _graph_degrees(tmp_path / "small") == {0}
     hits = store.search(name, img, using="image", k=1)
     assert [row[0].id for row in hits] == ids
-    monkeypatch.setattr(edge, "FULL_SCAN_THRESHOLD_KB", 1)
-    hits = EdgeStore(tmp_path / "v").search(name, img, using="image", k=1)  # through the graph now
+
+    monkeypatch.setattr(edge, "FULL_SCAN_THRESHOLD_KB", 1)  # 300 x 16-d floats = 19 KB per vector: over it
+    store = EdgeStore(tmp_path / "large")
+    name, ids, img, txt = _filled(store, n=300)
+    assert store.seal(name) == 300
+    assert _graph_degrees(tmp_path / "large") == {edge.HNSW_M}
+    hits = store.search(name, img, using="image", k=1)  # through the graph
     assert np.mean([row[0].id == ids[i] for i, row in enumerate(hits)]) >= 0.99

@@ -163,6 +163,33 @@ def test_train_cli_and_model_commands(cli_run, rt, memory):
     assert r.exit_code == 1 and "no model named 'nope'" in r.output
 
 
+def test_validation_on_another_memorys_pairs(rt, memory, tmp_path, tiny_config):
+    """--val-pairs: every training pair trains, and the checkpoint is chosen on the other memory's pairs."""
+    synthetic.write_wds(tmp_path / "val", 1, 32, seed=2, jitter=JITTER, prefix="v")
+    build(rt, "val", tmp_path / "val", tiny_config)
+    create_job(rt, "vp", "mem", "mem", cfg(epochs=3, val_pairs="val"))
+    metrics = run_training(rt, "vp", progress=False)
+    assert metrics["train_pairs"] == 256 and metrics["val_pairs"] == 32
+    with rt.db.session() as s:
+        from app.db.models import FusionModel
+
+        job = s.query(FusionModel).filter_by(name="vp").one().config["job"]
+    assert job["val_pairs"][0] == "val" and job["train"]["val_pairs"] == "val"
+    val = load_pairs(rt, job["val_pairs"][2], job["val_pairs"][3])
+    frozen = float(((val.image @ val.text.T).argmax(1) == np.arange(32)).mean())
+    from app.checkpoint import load
+
+    _, meta = load(rt.settings.home / "models" / "vp", "last")
+    assert meta["history"][0]["step"] == 0
+    assert meta["history"][0]["val"]["baseline_acc"] == pytest.approx(frozen)  # measured on the val memory
+    assert metrics["best"]["step"] in [h["step"] for h in meta["history"]]
+
+    with pytest.raises(RecoError, match="names the training pairs"):
+        create_job(rt, "vp2", "mem", "mem", cfg(val_pairs="mem"))
+    with pytest.raises(NotFound):
+        create_job(rt, "vp2", "mem", "mem", cfg(val_pairs="nope"))
+
+
 def test_bad_inputs(rt, memory, tmp_path, tiny_config):
     other_cfg = tmp_path / "other.json"
     other_cfg.write_text(json.dumps({**synthetic.TINY_CONFIG, "vision_cfg": {**synthetic.TINY_CONFIG["vision_cfg"],

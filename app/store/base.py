@@ -102,8 +102,8 @@ class VectorStore(ABC):
         """Every point as batches of (ids, image vectors, text vectors, payloads): training reads its pairs so."""
 
     @abstractmethod
-    def seal(self, collection: str) -> None:
-        """Build the HNSW index and flush: the collection is complete and will not change."""
+    def seal(self, collection: str) -> int:
+        """Index and flush: the collection is complete and will not change. Returns its number of points."""
 
     @abstractmethod
     def drop(self, collection: str) -> None: ...

@@ -54,13 +54,14 @@ class EdgeStore(VectorStore):
     def _dir(self, collection: str) -> Path:
         return self.root / collection
 
-    def _config(self, dim: int, indexing: bool = False):
+    def _config(self, dim: int, indexing: bool = False, graph: bool = True):
         e = _edge()
         return e.EdgeConfig(
             vectors={name: e.EdgeVectorParams(size=dim, distance=e.Distance.Cosine) for name in MODALITIES},
             # Qdrant's default: a segment under 10 MB per vector is searched exactly (faster there, and exact
-            # answers make small memories' results reproducible; an HNSW graph built by several threads is not)
-            hnsw_config=e.HnswIndexConfig(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT,
+            # answers make small memories' results reproducible; an HNSW graph built by several threads is not).
+            # Such a segment never consults its graph, so sealing it builds none (m=0).
+            hnsw_config=e.HnswIndexConfig(m=HNSW_M if graph else 0, ef_construct=HNSW_EF_CONSTRUCT,
                                           full_scan_threshold=FULL_SCAN_THRESHOLD_KB),
             # 0 disables indexing while a version is written; sealing switches it on and builds HNSW once
             optimizers=e.EdgeOptimizersConfig(indexing_threshold=1 if indexing else 0),
@@ -202,7 +203,7 @@ class EdgeStore(VectorStore):
                 if offset is None:
                     return
 
-    def seal(self, collection: str) -> None:
+    def seal(self, collection: str) -> int:
         e = _edge()
         path = self._dir(collection)
         with self._registry_lock:
@@ -210,13 +211,21 @@ class EdgeStore(VectorStore):
                 raise RecoError(f"cannot seal {collection} while it is open in this process")
             with FileLock(str(path) + ".lock", timeout=self.lock_timeout, thread_local=False):
                 dim = json.loads((path / "edge_config.json").read_text())["vectors"]["image"]["size"]
-                # reloading with indexing switched on persists the new config; optimize() builds HNSW now
-                shard = e.EdgeShard.load(str(path), self._config(dim, indexing=True))
+                shard = e.EdgeShard.load(str(path))
+                try:
+                    points = shard.count(e.CountRequest(exact=True))
+                finally:
+                    shard.close()
+                graph = points * dim * 4 / 1024 >= FULL_SCAN_THRESHOLD_KB
+                # reloading with indexing switched on persists the new config; optimize() merges the segments
+                # into one indexed segment, with an HNSW graph where search will consult one
+                shard = e.EdgeShard.load(str(path), self._config(dim, indexing=True, graph=graph))
                 try:
                     shard.optimize()
                     shard.flush()
                 finally:
                     shard.close()
+        return points
 
     def drop(self, collection: str) -> None:
         path = self._dir(collection)

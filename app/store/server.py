@@ -156,7 +156,7 @@ class ServerStore(VectorStore):
             if offset is None:
                 return
 
-    def seal(self, collection: str) -> None:
+    def seal(self, collection: str) -> int:
         from qdrant_client import models
 
         self._call(
@@ -164,6 +164,7 @@ class ServerStore(VectorStore):
             collection_name=collection,
             optimizers_config=models.OptimizersConfigDiff(indexing_threshold=10000),
         )
+        return self.count(collection)
 
     def drop(self, collection: str) -> None:
         self._call(self.client.delete_collection, collection)

@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain-steps", type=int, default=BaseConfig.steps, help="base image tower steps")
     ap.add_argument("--augment", choices=("geometric", "strong"), default=BaseConfig.augment,
                     help="base pretraining augmentation (strong adds flips, ink / saturation jitter, grayscale)")
+    ap.add_argument("--unseen-val", type=float, default=Protocol.unseen_val,
+                    help="share of non-target emoji kept from the base and the fusion; RECO validates on them")
     ap.add_argument("--max-targets", type=int, default=None, help="keep the first N target emoji (reduced run)")
     ap.add_argument("--max-others", type=int, default=None, help="keep N non-target emoji (reduced run)")
     ap.add_argument("--home", default=os.environ.get("RECO_BENCH_HOME", ".reco-bench"),
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
 
     torch.use_deterministic_algorithms(True, warn_only=True)
     p = Protocol(targets=[t.strip() for t in args.targets.split(",") if t.strip()], seed=args.seed,
-                 epochs=args.epochs, max_targets=args.max_targets, max_rest=args.max_others,
+                 epochs=args.epochs, unseen_val=args.unseen_val, max_targets=args.max_targets,
+                 max_rest=args.max_others,
                  base=BaseConfig(steps=args.pretrain_steps, augment=args.augment))
     started = dt.datetime.now(dt.timezone.utc)
     result = run(p, Path(args.home).resolve(), Path(args.cache), log)
