@@ -328,18 +328,20 @@ def evaluate(model, pairs: Pairs, nbrs, rows: np.ndarray, batch_size: int, devic
         return {}
     model.eval()
     losses, acc, base = [], [], []
+    # equal chunks: in-batch accuracy depends on the batch size, so a short last batch (259 rows at 256: a batch
+    # of 3, nearly always right) would swing the mean; each chunk then weighs by its size
+    chunks = [c for c in np.array_split(rows, -(-len(rows) // batch_size)) if len(c) >= 2]
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            if len(chunk) < 2:
-                continue
+        for chunk in chunks:
             b = _batch(pairs, nbrs, chunk, device)
             v_ref, t_ref, v, t = _forward(model, b)
             losses.append(float(reco_loss(v_ref, t_ref, v, t, model.logit_scale)))
             acc.append(_in_batch_acc(v_ref, t_ref))
             base.append(_in_batch_acc(v, t))
     model.train()
-    return {"loss": float(np.mean(losses)), "acc": float(np.mean(acc)), "baseline_acc": float(np.mean(base))}
+    w = [len(c) for c in chunks]
+    return {"loss": float(np.average(losses, weights=w)), "acc": float(np.average(acc, weights=w)),
+            "baseline_acc": float(np.average(base, weights=w))}
 
 
 def _opt_tensors(opt) -> tuple[dict, dict]:
