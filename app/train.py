@@ -85,26 +85,20 @@ def create_job(rt, name: str, pairs: str, memory: str, cfg: TrainConfig) -> Fusi
     with rt.db.session() as s:
         pv = _ready_version(s, p_name, p_ver, "pairs")
         mv = _ready_version(s, m_name, m_ver, "memory")
-        if pv.backbone_hash != mv.backbone_hash:
-            raise RecoError(f"pairs {p_name} v{pv.version} were embedded with {pv.backbone}, memory {m_name} "
-                            f"v{mv.version} with {mv.backbone}: both must use the same backbone")
+        _same_backbone("pairs", p_name, pv, m_name, mv)
         if cfg.k > mv.items_stored:
             raise RecoError(f"k={cfg.k} is larger than memory {m_name} v{mv.version} ({mv.items_stored} items)")
-        job = {"pairs": [p_name, pv.version, pv.collection, pv.created_at.isoformat()],
-               "memory": [m_name, mv.version, mv.collection, mv.created_at.isoformat()],
-               "train": asdict(cfg)}
+        job = {"pairs": _job_ref(p_name, pv), "memory": _job_ref(m_name, mv), "train": asdict(cfg)}
         if cfg.val_pairs:
             vp_name, vp_ver = parse_memory_ref(cfg.val_pairs)
             vv = _ready_version(s, vp_name, vp_ver, "validation pairs")
-            if vv.backbone_hash != mv.backbone_hash:
-                raise RecoError(f"validation pairs {vp_name} v{vv.version} were embedded with {vv.backbone}, memory "
-                                f"{m_name} v{mv.version} with {mv.backbone}: both must use the same backbone")
+            _same_backbone("validation pairs", vp_name, vv, m_name, mv)
             if vv.collection == pv.collection:
                 raise RecoError("--val-pairs names the training pairs themselves: validate on another memory, "
                                 "or drop --val-pairs to hold out --val-fraction of the pairs")
             if vv.items_stored < 2:
                 raise RecoError(f"validation pairs {vp_name} v{vv.version} hold fewer than 2 items")
-            job["val_pairs"] = [vp_name, vv.version, vv.collection, vv.created_at.isoformat()]
+            job["val_pairs"] = _job_ref(vp_name, vv)
         existing = s.query(FusionModel).filter_by(name=name).one_or_none()
         if existing is not None:
             if existing.status == ModelStatus.READY:
@@ -123,6 +117,18 @@ def create_job(rt, name: str, pairs: str, memory: str, cfg: TrainConfig) -> Fusi
         s.add(row)
         s.flush()
         return row
+
+
+def _job_ref(name: str, v) -> list:
+    """How a job names a memory version: [name, version, collection, created] (the pairs and neighbour caches key
+    on it)."""
+    return [name, v.version, v.collection, v.created_at.isoformat()]
+
+
+def _same_backbone(what: str, name: str, v, m_name: str, mv) -> None:
+    if v.backbone_hash != mv.backbone_hash:
+        raise RecoError(f"{what} {name} v{v.version} were embedded with {v.backbone}, memory {m_name} "
+                        f"v{mv.version} with {mv.backbone}: both must use the same backbone")
 
 
 def _ready_version(s, name, version, what):
