@@ -33,6 +33,12 @@ def save(directory: Path, stem: str, tensors: dict[str, torch.Tensor], meta: dic
     _atomic_write(directory / f"{stem}.json", json.dumps(meta, indent=1, default=str).encode())
 
 
+def remove(directory: Path, stem: str) -> None:
+    """Delete a checkpoint if it is there (the JSON first: without it the checkpoint no longer exists)."""
+    for suffix in (".json", ".safetensors"):
+        (directory / f"{stem}{suffix}").unlink(missing_ok=True)
+
+
 def exists(directory: Path, stem: str) -> bool:
     return (directory / f"{stem}.json").is_file() and (directory / f"{stem}.safetensors").is_file()
 

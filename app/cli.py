@@ -346,6 +346,9 @@ def memory_query(rt, name, text, image, k, version, as_json) -> None:
               "of held-out training pairs, e.g. concepts the backbone never saw; trains on all of --pairs.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--checkpoint-every", default=200, show_default=True, help="Steps between checkpoints.")
+@click.option("--select", type=click.Choice(["best", "1se"]), default="best", show_default=True,
+              help="Checkpoint inference uses: the best validation accuracy, or the earliest within one standard "
+              "error of it (with --val-pairs on concepts the backbone never saw).")
 @click.option("--heads", type=int, default=None, help="Attention heads (default dim/64).")
 @click.option("--dropout", default=0.0, show_default=True)
 @click.option("--neighbour-dropout", default=0.1, show_default=True)
@@ -386,7 +389,8 @@ def train(rt, model_name, pairs, memory, wait, timeout, **options) -> None:
         metrics = _wait_model(rt, model_name, timeout)
     best = metrics.get("best") or {}
     val = best.get("val") or {}
-    click.echo(f"{model_name} ready: {metrics['steps']} steps, best at step {best.get('step')}"
+    rule = f" ({best['rule']}: the highest was at step {best['top']})" if best.get("rule") == "1se" else ""
+    click.echo(f"{model_name} ready: {metrics['steps']} steps, checkpoint of step {best.get('step')}{rule}"
                + (f", val in-batch acc {val['acc']:.3f} (frozen {val['baseline_acc']:.3f})" if val else ""))
 
 

@@ -26,6 +26,9 @@ from .names import check_name
 from .retrieval import modes, search_hits
 
 
+SELECT_RULES = ("1se", "best")
+
+
 @dataclass
 class TrainConfig:
     k: int = 10
@@ -43,6 +46,11 @@ class TrainConfig:
     val_pairs: str | None = None
     seed: int = 0
     checkpoint_every: int = 200
+    # which checkpoint inference uses: "best" the highest validation accuracy; "1se" the earliest within one
+    # standard error of it. With validation on concepts the backbone never saw (val_pairs), neighbouring
+    # checkpoints differ by less than that noise while later ones drift from the retrieval start toward trusting
+    # the backbone, which is what fails on such concepts (README, quality)
+    select: str = "best"
     heads: int | None = None
     dropout: float = 0.0
     neighbour_dropout: float = 0.1
@@ -58,6 +66,8 @@ class TrainConfig:
         modes("image", self.search, self.fusion)
         if self.k < 1 or self.epochs < 1 or self.batch_size < 2:
             raise RecoError("k and epochs must be >= 1 and batch size >= 2")
+        if self.select not in SELECT_RULES:
+            raise RecoError(f"--select must be one of {', '.join(SELECT_RULES)}, not {self.select!r}")
         if not 0 <= self.val_fraction < 1:
             raise RecoError("--val-fraction must be in [0, 1)")
         if self.val_by not in ("concept", "item"):
@@ -350,6 +360,20 @@ def evaluate(model, pairs: Pairs, nbrs, rows: np.ndarray, batch_size: int, devic
             "baseline_acc": float(np.average(base, weights=w))}
 
 
+def select_1se(history: list[dict], n_val: int) -> tuple[dict, set[int]]:
+    """(the earliest validated entry within one standard error of the best accuracy, the steps still eligible).
+
+    The standard error is the binomial one of the best accuracy over n_val validation pairs. The threshold is kept
+    monotone (the highest it has been), so an entry once below it is never picked later and its file can go."""
+    validated = [h for h in history if h["val"]]
+    top = threshold = -math.inf
+    for h in validated:
+        top = max(top, h["val"]["acc"])
+        threshold = max(threshold, top - math.sqrt(top * (1 - top) / max(n_val, 1)))
+    keep = [h for h in validated if h["val"]["acc"] >= threshold]
+    return min(keep, key=lambda h: h["step"]), {h["step"] for h in keep}
+
+
 def _opt_tensors(opt) -> tuple[dict, dict]:
     state = opt.state_dict()
     tensors = {}
@@ -440,17 +464,29 @@ def run_training(rt, name: str, progress: bool = True,
                                                  "history": history})
 
     def consider(train_loss: float | None, train_acc: float | None) -> None:
-        """Validate, keep the best checkpoint (held-out concepts catch memorisation), save the last one."""
+        """Validate, keep the checkpoint the selection rule picks (held-out concepts catch memorisation), save the
+        last one."""
         nonlocal best
         val = evaluate(model, val_data, val_nbrs, val_rows, bs, device)
         entry = {"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss, "train_acc": train_acc,
                  "val": val, "lr": opt.param_groups[0]["lr"]}
         history.append(entry)
-        score = (val or {}).get("acc", -(train_loss if train_loss is not None else float("inf")))
-        if best is None or score > best["score"]:
-            best = {"step": step, "score": score, "val": val}
-            checkpoint.save(ckdir, "best", model.state_dict(),
-                            {**base_meta, "step": step, "val": val})
+        if val and cfg.select == "1se":
+            checkpoint.save(ckdir, f"cand-{step}", model.state_dict(), {**base_meta, "step": step, "val": val})
+            pick, keep = select_1se(history, len(val_rows))
+            for h in history:
+                if h["val"] and h["step"] not in keep:  # below the threshold: never picked later
+                    checkpoint.remove(ckdir, f"cand-{h['step']}")
+            if best is None or pick["step"] != best["step"]:
+                tensors, meta = checkpoint.load(ckdir, f"cand-{pick['step']}")
+                checkpoint.save(ckdir, "best", tensors, meta)
+            best = {"step": pick["step"], "score": pick["val"]["acc"], "val": pick["val"], "rule": "1se",
+                    "top": max((h for h in history if h["val"]), key=lambda h: h["val"]["acc"])["step"]}
+        else:
+            score = (val or {}).get("acc", -(train_loss if train_loss is not None else float("inf")))
+            if best is None or score > best["score"]:
+                best = {"step": step, "score": score, "val": val, "rule": "best"}
+                checkpoint.save(ckdir, "best", model.state_dict(), {**base_meta, "step": step, "val": val})
         save_last()
         with rt.db.session() as s:
             s.query(FusionModel).filter_by(name=name).update({"step": step})
@@ -490,6 +526,8 @@ def run_training(rt, name: str, progress: bool = True,
         raise
     finally:
         bar.close()
+    for cand in ckdir.glob("cand-*.json"):  # the candidates of the 1se rule: `best` holds the pick
+        checkpoint.remove(ckdir, cand.stem)
     metrics = {
         "steps": step, "epochs": cfg.epochs, "train_pairs": int(len(train_rows)), "val_pairs": int(len(val_rows)),
         "best": best, "final": history[-1] if history else None, "resumed_from": resumed_from,

@@ -76,3 +76,11 @@ def test_strong_augmentation_keeps_the_white_background():
     assert not torch.allclose(geo, strong)
     with pytest.raises(ValueError, match="geometric or strong"):
         _augment(x, torch.Generator(), "heavy")
+
+
+def test_result_records_the_cpu_it_ran_on():
+    """The base tower is trained from scratch and ends elsewhere on another CPU: the result must say which."""
+    from benchmarks.emoji.__main__ import _versions
+
+    cpu = _versions()["cpu"]
+    assert cpu["model"] and cpu["torch_capability"] and cpu["threads"] >= 1

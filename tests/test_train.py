@@ -195,6 +195,48 @@ def test_validation_on_another_memorys_pairs(rt, memory, tmp_path, tiny_config, 
         create_job(rt, "vp2", "mem", "mem", cfg(val_pairs="nope"))
 
 
+def test_select_1se_picks_the_earliest_checkpoint_within_one_standard_error():
+    from app.train import select_1se
+
+    def hist(accs):
+        return [{"step": 5 * i, "val": {"acc": a} if a is not None else {}} for i, a in enumerate(accs)]
+
+    # best 0.47 over 240 pairs: one standard error is 0.032, so 0.44 and up qualify; the earliest of them wins
+    pick, keep = select_1se(hist([0.30, 0.40, 0.46, 0.47, 0.45, None, 0.43]), 240)
+    assert pick["step"] == 10 and keep == {10, 15, 20}
+    # with many validation pairs the error is small and the rule approaches the best checkpoint
+    assert select_1se(hist([0.30, 0.40, 0.46, 0.47, 0.45]), 1_000_000)[0]["step"] == 15
+    # the threshold never falls: 0.40 was out once 0.47 was seen and stays out
+    pick, keep = select_1se(hist([0.40, 0.47, 0.05]), 240)
+    assert pick["step"] == 5 and keep == {5}
+
+
+@pytest.mark.parametrize("rule", ["1se", "best"])
+def test_the_selected_checkpoint_is_the_one_inference_loads(rt, memory, rule):
+    from app.checkpoint import load
+    from app.train import select_1se
+
+    create_job(rt, rule, "mem", "mem", cfg(epochs=6, checkpoint_every=1, select=rule))
+    metrics = run_training(rt, rule, progress=False)
+    ckdir = rt.settings.home / "models" / rule
+    _, last = load(ckdir, "last")
+    validated = [h for h in last["history"] if h["val"]]
+    top = max(validated, key=lambda h: h["val"]["acc"])
+    expected = select_1se(last["history"], metrics["val_pairs"])[0] if rule == "1se" else top
+    best = metrics["best"]
+    assert best["step"] == expected["step"] and best["rule"] == rule
+    if rule == "1se":
+        assert best["top"] == top["step"] and best["step"] <= top["step"]
+    tensors, meta = load(ckdir, "best")
+    assert meta["step"] == best["step"]
+    enc = RecoEncoder.load(rule, runtime=rt, load_backbone=False)
+    for key, value in enc.fusion.state_dict().items():
+        torch.testing.assert_close(value, tensors[key])
+    assert not list(ckdir.glob("cand-*"))  # the candidates are gone once training ends
+    with pytest.raises(RecoError, match="--select must be one of"):
+        cfg(select="median").check()
+
+
 def test_validation_accuracy_is_not_swung_by_a_short_last_batch():
     """259 validation rows at batch 256: two batches of ~130, not 256 + 3 (a batch of 3 is nearly always right)."""
     from app.fusion import FusionConfig, RecoFusion

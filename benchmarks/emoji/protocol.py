@@ -55,6 +55,9 @@ def _train_cfg(p: Protocol, **over):
     return TrainConfig(**{"k": max(p.ks), "epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr,
                           "seed": p.seed, "val_fraction": 0.15, "val_by": "concept", "checkpoint_every": 10_000,
                           "val_pairs": "unseen" if p.unseen_val else None,
+                          # the earliest checkpoint within one standard error of the best on the unseen concepts:
+                          # their accuracy plateaus within its noise while the targets' falls (README, quality)
+                          "select": "1se" if p.unseen_val else "best",
                           "init": p.fusion_init, "score_scale": p.score_scale, **over})
 
 
