@@ -58,11 +58,12 @@ bench-ingest: venv
 bench-search: venv
 	$(BIN)/python benchmarks/search.py
 
-# RECO vs the frozen base on held-out emoji (TARGETS=country-flag SEED=0): benchmarks/results/emoji.{json,md,png}
-TARGETS ?= country-flag
-SEED    ?= 0
+# RECO vs its untrained start and the frozen base on held-out emoji, both regimes, three seeds:
+# benchmarks/results/emoji-{absent,rare}-s{0,1,2}.{json,md,png} and emoji-summary.{json,md}
+REGIMES ?= absent rare
+SEEDS   ?= 0,1,2
 bench-quality: venv bench-data
-	$(BIN)/python -m benchmarks.emoji --targets $(TARGETS) --seed $(SEED)
+	for r in $(REGIMES); do $(BIN)/python -m benchmarks.emoji --regime $$r --seeds $(SEEDS) || exit 1; done
 
 clean:
 	rm -rf $(DEMO) .reco .pytest_cache

@@ -358,6 +358,15 @@ def memory_query(rt, name, text, image, k, version, as_json) -> None:
 @click.option("--init", type=click.Choice(["retrieval", "identity"]), default="retrieval", show_default=True,
               help="Start as score-weighted retrieval fusion (generalises to unseen concepts) or as the identity.")
 @click.option("--score-scale", default=100.0, show_default=True, help="Initial 1/temperature of the score softmax.")
+@click.option("--query-noise", default=0.0, show_default=True,
+              help="Training only: noise of this norm on each frozen query the layers refine, so the base is unsure "
+              "of every pair and the memory pays (try 0.5-1 when the pairs are concepts the backbone knows well).")
+@click.option("--tune", type=click.Choice(["all", "attention"]), default="all", show_default=True,
+              help="attention: only where each side looks learns; values, output projection and MLP keep their start.")
+@click.option("--batching", type=click.Choice(["random", "similar"]), default="random", show_default=True,
+              help="similar: each batch is a group of pairs with near captions, so in-batch negatives are hard.")
+@click.option("--retrieval/--no-retrieval", default=True, show_default=True,
+              help="--no-retrieval masks every neighbour: the control that trains the same layers without memory.")
 @click.option("--dedup-threshold", type=float, default=0.98, show_default=True,
               help="Drop neighbours whose search score is above this (near-duplicates of the pair); 1 disables.")
 @click.option("--score-threshold", type=float, default=None, help="Drop neighbours scoring below this.")
@@ -388,10 +397,25 @@ def train(rt, model_name, pairs, memory, wait, timeout, **options) -> None:
             return
         metrics = _wait_model(rt, model_name, timeout)
     best = metrics.get("best") or {}
-    val = best.get("val") or {}
     rule = f" ({best['rule']}: the highest was at step {best['top']})" if best.get("rule") == "1se" else ""
-    click.echo(f"{model_name} ready: {metrics['steps']} steps, checkpoint of step {best.get('step')}{rule}"
-               + (f", val in-batch acc {val['acc']:.3f} (frozen {val['baseline_acc']:.3f})" if val else ""))
+    click.echo(f"{model_name} ready: {metrics['steps']} steps, checkpoint of step {best.get('step')}{rule}")
+    line = _val_line(metrics)
+    if line:
+        click.echo(line)
+
+
+def _val_line(metrics: dict | None) -> str:
+    """Validation of the pick beside its untrained start and the frozen backbone: did training help?"""
+    val = ((metrics or {}).get("best") or {}).get("val") or {}
+    if not val:
+        return ""
+    start = (metrics or {}).get("start")
+    if not start:
+        return f"val in-batch acc {val['acc']:.3f} (frozen {val['baseline_acc']:.3f})"
+    gain = val["acc"] - start["acc"]
+    verdict = "training helped" if gain > 0 else "training did not beat the untrained start"
+    return (f"val in-batch acc {val['acc']:.3f}, untrained start {start['acc']:.3f} ({gain:+.3f}: {verdict}), "
+            f"frozen {val['baseline_acc']:.3f}")
 
 
 def _wait_model(rt, name: str, timeout: float | None) -> dict:
@@ -452,10 +476,12 @@ def model_list(rt, as_json) -> None:
 
     def val(m):
         v = ((m["metrics"] or {}).get("best") or {}).get("val") or {}
-        return f"{v['acc']:.3f} ({v['baseline_acc']:.3f})" if v else ""
+        start = (m["metrics"] or {}).get("start") or {}
+        return f"{v['acc']:.3f} ({start['acc']:.3f} / {v['baseline_acc']:.3f})" if v and start else \
+            f"{v['acc']:.3f} (- / {v['baseline_acc']:.3f})" if v else ""
 
     _table([[m["name"], m["status"], m["memory"], m["pairs"], m["step"], val(m), m["backbone"]] for m in out],
-           ["NAME", "STATUS", "MEMORY", "PAIRS", "STEP", "VAL ACC (FROZEN)", "BACKBONE"])
+           ["NAME", "STATUS", "MEMORY", "PAIRS", "STEP", "VAL ACC (START / FROZEN)", "BACKBONE"])
 
 
 @model.command("show")
@@ -474,6 +500,9 @@ def model_show(rt, name, as_json) -> None:
         if d.get(key) is not None:
             click.echo(f"{key:28} {d[key]}")
     click.echo("train " + json.dumps(d["train"]))
+    line = _val_line(d["metrics"])
+    if line:
+        click.echo(line)
     final = (d["metrics"] or {}).get("final")
     if final:
         click.echo("final " + json.dumps(final))
@@ -513,6 +542,8 @@ _eval_options = [
     click.option("-k", "ks", default=None, help="Neighbours, one or a list: -k 1,5,10 (default: the model's k)."),
     click.option("--guard/--no-guard", default=True, show_default=True,
                  help="Keep copies of the evaluation images out of retrieval."),
+    click.option("--checkpoint", type=click.Choice(["best", "start"]), default="best", show_default=True,
+                 help="The trained checkpoint, or the same layers untrained (what training must beat)."),
     click.option("--seed", default=0, show_default=True),
     click.option("--batch-size", default=64, show_default=True),
     click.option("--json", "as_json", is_flag=True, help="Print the whole result JSON."),
@@ -546,14 +577,14 @@ def _print_run(run: dict, as_json: bool) -> None:
 @click.option("--retrieval", type=click.Choice(["both", "image", "text", "none"]), default="both", show_default=True)
 @_with_eval_options
 @click.pass_obj
-def eval_classification(rt, dataset, classnames, templates, retrieval, model, memory, ks, guard, seed, batch_size,
-                        as_json) -> None:
+def eval_classification(rt, dataset, classnames, templates, retrieval, model, memory, ks, guard, checkpoint, seed,
+                        batch_size, as_json) -> None:
     """Zero-shot classification: acc1, acc5, mean per-class recall."""
     from .evaluate import evaluate_classification
 
     run = evaluate_classification(rt, model, dataset, memory=memory, ks=_ks(ks) if ks else None,
                                   retrieval=retrieval, guard=guard, seed=seed, batch_size=batch_size,
-                                  classnames=classnames, templates=templates)
+                                  classnames=classnames, templates=templates, checkpoint=checkpoint)
     _print_run(run, as_json)
 
 
@@ -564,12 +595,14 @@ def eval_classification(rt, dataset, classnames, templates, retrieval, model, me
               help="Which side retrieves (the paper's best for retrieval tasks: text).")
 @_with_eval_options
 @click.pass_obj
-def eval_retrieval(rt, dataset, images_root, retrieval, model, memory, ks, guard, seed, batch_size, as_json) -> None:
+def eval_retrieval(rt, dataset, images_root, retrieval, model, memory, ks, guard, checkpoint, seed, batch_size,
+                   as_json) -> None:
     """Zero-shot image-text retrieval: recall@1/5/10 both ways (every caption of an image is a positive)."""
     from .evaluate import evaluate_retrieval
 
     run = evaluate_retrieval(rt, model, dataset, memory=memory, ks=_ks(ks) if ks else None, retrieval=retrieval,
-                             guard=guard, seed=seed, batch_size=batch_size, images_root=images_root)
+                             guard=guard, seed=seed, batch_size=batch_size, images_root=images_root,
+                             checkpoint=checkpoint)
     _print_run(run, as_json)
 
 

@@ -16,17 +16,19 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint as checkpoint_files
 from .db.models import FusionModel, ModelStatus
 from .errors import NotFound, RecoError
 from .retrieval import retrieve
 from .runtime import Runtime
 
 KEEP_OPEN_S = 10.0  # seconds an encoder keeps its memory open after its last call
+CHECKPOINTS = ("best", "start")  # the trained pick, or the same layers at step 0
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class RecoEncoder:
         self.image_retrieval = image_retrieval
         self.text_retrieval = text_retrieval
         self.timing = Timing()
+        self.checkpoint = "best"
         self._keep = _KeepOpen(rt, KEEP_OPEN_S)
         weakref.finalize(self, self._keep.close)
         cfg = model_row["config"]["job"]["train"]
@@ -110,10 +113,12 @@ class RecoEncoder:
     @classmethod
     def load(cls, model_name: str, memory: str | None = None, runtime: Runtime | None = None,
              device: str | None = None, image_retrieval: bool = True, text_retrieval: bool = True,
-             load_backbone: bool = True) -> "RecoEncoder":
-        """memory: NAME (follows its active version) or NAME@VERSION (pinned); default the training memory."""
+             load_backbone: bool = True, checkpoint: str = "best") -> "RecoEncoder":
+        """memory: NAME (follows its active version) or NAME@VERSION (pinned); default the training memory.
+        checkpoint: "best" (the one training picked) or "start" (the same layers untrained: what training must
+        beat)."""
         from .backbone import get_backbone, pick_device
-        from .fusion import FusionConfig, RecoFusion
+        from .fusion import FusionConfig, build
         from .train import parse_memory_ref
 
         rt = runtime or Runtime()
@@ -125,19 +130,24 @@ class RecoEncoder:
                 raise RecoError(f"model {model_name} is {row.status}, not ready")
             info = {c: getattr(row, c) for c in ("name", "backbone", "backbone_hash", "dim", "memory_name",
                                                  "memory_version", "config", "checkpoint_dir", "metrics")}
-        tensors, meta = checkpoint.load(__import__("pathlib").Path(info["checkpoint_dir"]), "best")
+        if checkpoint not in CHECKPOINTS:
+            raise RecoError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, not {checkpoint!r}")
+        tensors, meta = checkpoint_files.load(Path(info["checkpoint_dir"]), "best")
         device = pick_device(device or rt.settings.device)
-        fusion = RecoFusion(FusionConfig(**meta["fusion"]))
-        try:
-            fusion.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise RecoError(f"checkpoint of {model_name} does not fit its config: {exc}") from exc
+        fusion = build(FusionConfig(**meta["fusion"]), meta["job"]["train"]["seed"])
+        if checkpoint == "best":
+            try:
+                fusion.load_state_dict(tensors)
+            except RuntimeError as exc:
+                raise RecoError(f"checkpoint of {model_name} does not fit its config: {exc}") from exc
         fusion.to(device).eval()
         for p in fusion.parameters():
             p.requires_grad_(False)
         name, version = parse_memory_ref(memory) if memory else (info["memory_name"], None)
         bb = get_backbone(info["backbone"], device, rt.settings.offline) if load_backbone else None
-        return cls(rt, info, fusion, bb, name, version, device, image_retrieval, text_retrieval)
+        enc = cls(rt, info, fusion, bb, name, version, device, image_retrieval, text_retrieval)
+        enc.checkpoint = checkpoint
+        return enc
 
     # -- memory ----------------------------------------------------------------------------------------------
     def resolve(self):

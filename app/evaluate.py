@@ -106,7 +106,7 @@ def _check_ks(ks: list[int], model_k: int) -> list[int]:
 def evaluate_classification(rt, model: str, dataset: str, memory: str | None = None, ks=None,
                             retrieval: str = "both", guard: bool = True, seed: int = 0, batch_size: int = 64,
                             classnames: str | None = None, templates: str | None = None,
-                            progress: bool = False) -> dict:
+                            progress: bool = False, checkpoint: str = "best") -> dict:
     from .datasets import load_classification
     from .encoder import RecoEncoder
 
@@ -114,7 +114,7 @@ def evaluate_classification(rt, model: str, dataset: str, memory: str | None = N
         raise RecoError(f"--retrieval must be one of {', '.join(RETRIEVAL_CHOICES)}")
     np.random.seed(seed)
     ds = load_classification(dataset, classnames, templates)
-    enc = RecoEncoder.load(model, memory=memory, runtime=rt)
+    enc = RecoEncoder.load(model, memory=memory, runtime=rt, checkpoint=checkpoint)
     ks = _check_ks(ks or [enc.k], enc.k)
     collection, version = enc.resolve()
     timing = {"encode": 0.0, "search": 0.0, "fuse": 0.0}
@@ -155,7 +155,7 @@ def evaluate_classification(rt, model: str, dataset: str, memory: str | None = N
 
 def evaluate_retrieval(rt, model: str, dataset: str, memory: str | None = None, ks=None, retrieval: str = "text",
                        guard: bool = True, seed: int = 0, batch_size: int = 64, images_root: str | None = None,
-                       progress: bool = False) -> dict:
+                       progress: bool = False, checkpoint: str = "best") -> dict:
     from .datasets import karpathy
     from .encoder import RecoEncoder
 
@@ -165,7 +165,7 @@ def evaluate_retrieval(rt, model: str, dataset: str, memory: str | None = None, 
     if kind != "karpathy" or not path:
         raise RecoError(f"bad retrieval dataset {dataset!r}: use karpathy:/path/dataset_coco.json")
     ds = karpathy(path, images_root)
-    enc = RecoEncoder.load(model, memory=memory, runtime=rt)
+    enc = RecoEncoder.load(model, memory=memory, runtime=rt, checkpoint=checkpoint)
     ks = _check_ks(ks or [enc.k], enc.k)
     collection, version = enc.resolve()
     timing = {"encode": 0.0, "search": 0.0, "fuse": 0.0}
@@ -225,7 +225,8 @@ def _store(rt, *, task, enc, version, dataset, dataset_hash, ks, retrieval, guar
         row.result_path = str(path)
     head = metrics["reco"][str(extra["headline_k"])]
     result = {
-        "run": run_id, "dataset": dataset, "model": enc.info["name"], "pretrained": enc.info["backbone"],
+        "run": run_id, "dataset": dataset, "model": enc.info["name"], "checkpoint": enc.checkpoint,
+        "pretrained": enc.info["backbone"],
         "task": task, "metrics": head, "language": "en",
         "baseline": metrics["baseline"], "reco": metrics["reco"], "k": ks, "retrieval": retrieval,
         "memory": {"name": enc.memory, "version": version.version, "collection": version.collection},

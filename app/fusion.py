@@ -35,6 +35,9 @@ class FusionConfig:
     score_scale_init: float = 10.0  # 1/τ of the score softmax
     init: str = "identity"  # or "retrieval": start as score-weighted retrieval fusion
     alpha_init: float = 1.0  # "retrieval": weight of the fused neighbours against the query
+    # False: every retrieved token is masked, in training and at inference. The paper's Figure 3-left control:
+    # the same layers trained the same way, so "more training" is told apart from "retrieval"
+    retrieval: bool = True
 
     def __post_init__(self):
         if self.heads is None:
@@ -86,6 +89,8 @@ class FusionLayer(nn.Module):
             raise ValueError(f"got {k} neighbours, the model was built for at most {self.cfg.k}")
         if mask is None:
             mask = torch.ones(b, k, dtype=torch.bool, device=query.device)
+        if not self.cfg.retrieval:
+            mask = torch.zeros_like(mask)
         if self.training and self.cfg.neighbour_dropout > 0:
             mask = mask & (torch.rand(b, k, device=query.device) >= self.cfg.neighbour_dropout)
         q_tok = query + self.type_emb[0]
@@ -117,6 +122,40 @@ class RecoFusion(nn.Module):
         self.image = FusionLayer(cfg)
         self.text = FusionLayer(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+
+def build(cfg: FusionConfig, seed: int) -> RecoFusion:
+    """The layers at step 0. Training starts from this and `RecoEncoder.load(checkpoint="start")` rebuilds it, so
+    the untrained start of any model can be evaluated beside its trained checkpoint without storing it."""
+    torch.manual_seed(seed)
+    return RecoFusion(cfg)
+
+
+TUNE = ("all", "attention")
+
+
+def param_groups(model: RecoFusion, tune: str, weight_decay: float) -> list[dict]:
+    """What the optimizer updates. "all": every parameter. "attention": only where each side looks (query and key
+    projections, type and rank embeddings, the score scale) and the loss temperature; the value and output
+    projections, the layer norms and the MLP keep their start (for init=retrieval: what a neighbour adds stays the
+    neighbour itself). Those large maps, fitted to the training concepts, are what eroded the retrieval prior on
+    held-out concepts (README, quality)."""
+    if tune not in TUNE:
+        raise ValueError(f"tune must be one of {TUNE}, not {tune!r}")
+    if tune == "all":
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    decay, keep = [], [model.logit_scale]
+    for layer in (model.image, model.text):
+        for p in (*layer.out.parameters(), *layer.mlp.parameters(), *layer.ln1.parameters(), *layer.ln2.parameters()):
+            p.requires_grad_(False)
+        d = layer.cfg.dim
+        for p in layer.kv.parameters():  # keys learn, values (the second half of the rows) do not
+            p.register_hook(lambda g: torch.cat([g[:d], torch.zeros_like(g[d:])]))
+        decay += [layer.q.weight]
+        keep += [layer.q.bias, *layer.kv.parameters(), layer.type_emb] + \
+            [p for p in (layer.rank_emb, layer.score_scale) if p is not None]
+    # no weight decay where it would move a frozen value row or a scale away from its start
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

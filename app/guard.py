@@ -58,20 +58,18 @@ class LeakageGuard:
         """Memory point ids that are copies of any evaluation image (none when the guard is off).
 
         load_image(i) returns evaluation image i; it is called only for images that have candidates."""
-        from .corpus import read_source_image
+        from .corpus import read_source_images
 
         if not self.enabled:
             return set()
         rows = self.store.search(self.collection, image_embeddings, using="image", k=self.candidates,
                                  score_threshold=self.min_score, with_payload=True)
-        thumbs: dict[str, np.ndarray | None] = {}
+        sources = read_source_images({h.id: h.payload.get("src") for row in rows for h in row})
+        thumbs = {pid: thumbnail(im) if im is not None else None for pid, im in sources.items()}
         for i, row in enumerate(rows):
             crops = None
             found = False
             for h in row:
-                if h.id not in thumbs:
-                    src_image = read_source_image(h.payload.get("src"))
-                    thumbs[h.id] = thumbnail(src_image) if src_image is not None else None
                 if thumbs[h.id] is not None:
                     if crops is None:
                         crops = crop_thumbnails(load_image(i))

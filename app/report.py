@@ -86,23 +86,25 @@ def gallery(run: dict, out: Path, limit: int = 100) -> Path:
     with the baseline's and RECO's predictions marked right or wrong."""
     from PIL import Image
 
-    from .corpus import read_source_image
+    from .corpus import read_source_images
 
     details = run.get("details") or []
     if not details:
         from .errors import RecoError
 
         raise RecoError(f"run {run['run']} has no per-query details to show (galleries need a classification run)")
+    sources = read_source_images({(i, j): nb.get("src") for i, d in enumerate(details[:limit])
+                                  for j, nb in enumerate(d["neighbours"])})
     rows = []
-    for d in details[:limit]:
+    for i, d in enumerate(details[:limit]):
         try:
             with Image.open(d["image"]) as im:
                 q = _data_uri(im.convert("RGB"))
         except OSError:
             continue
         cells = []
-        for nb in d["neighbours"]:
-            src = read_source_image(nb.get("src"))
+        for j, nb in enumerate(d["neighbours"]):
+            src = sources[(i, j)]
             img = f'<img src="{_data_uri(src, 64)}" alt="">' if src is not None else '<div class="noimg">n/a</div>'
             cells.append(f'<figure>{img}<figcaption>{html.escape(str(nb.get("caption")))}'
                          f'<br><small>{nb["score"]:.3f}</small></figcaption></figure>')

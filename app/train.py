@@ -27,6 +27,7 @@ from .retrieval import modes, search_hits
 
 
 SELECT_RULES = ("1se", "best")
+BATCHING = ("random", "similar")
 
 
 @dataclass
@@ -58,6 +59,16 @@ class TrainConfig:
     use_score: bool = True
     init: str = "retrieval"  # fusion start: retrieval (score-weighted fusion) or identity (see app/fusion.py)
     score_scale: float = 100.0  # initial 1/τ of the retrieval-score softmax
+    # training only: Gaussian noise of this norm (relative to the unit query) on the frozen query each layer
+    # refines, re-normalised. The frozen base is then unsure of every training pair, as it is of the rare concepts
+    # RECO is for, so the loss rewards using the memory instead of teaching the layers to trust the base
+    query_noise: float = 0.0
+    retrieval: bool = True  # False: neighbours masked everywhere (the retrieval-off control)
+    # "similar": each batch (training and validation) is a group of pairs whose captions are near each other, so
+    # the in-batch negatives are near neighbours (flags with flags) and telling them apart takes the one right
+    # neighbour; "random" batches are told apart by coarse kind, which averaging many neighbours already gives
+    batching: str = "random"
+    tune: str = "all"  # which parameters learn: all, or attention only (see app/fusion.py param_groups)
     dedup_threshold: float | None = 0.98
     score_threshold: float | None = None
     device: str | None = None
@@ -66,6 +77,12 @@ class TrainConfig:
         modes("image", self.search, self.fusion)
         if self.k < 1 or self.epochs < 1 or self.batch_size < 2:
             raise RecoError("k and epochs must be >= 1 and batch size >= 2")
+        if self.tune not in ("all", "attention"):
+            raise RecoError(f"--tune must be all or attention, not {self.tune!r}")
+        if self.batching not in BATCHING:
+            raise RecoError(f"--batching must be one of {', '.join(BATCHING)}, not {self.batching!r}")
+        if self.query_noise < 0:
+            raise RecoError("--query-noise must be >= 0")
         if self.select not in SELECT_RULES:
             raise RecoError(f"--select must be one of {', '.join(SELECT_RULES)}, not {self.select!r}")
         if not 0 <= self.val_fraction < 1:
@@ -323,9 +340,19 @@ def _batch(pairs: Pairs, nbrs: dict[str, SideNeighbours], rows: np.ndarray, devi
             (t(nt.table[nt.idx[rows]]), t(nt.scores[rows]), t(nt.mask[rows], torch.bool)))
 
 
-def _forward(model, batch):
+def _forward(model, batch, query_noise: float = 0.0):
+    """(v̄, t̄, v, t). With query_noise the layers refine a noisy copy of each frozen query; the loss still compares
+    with the clean v and t."""
     v, t, (ri, si, mi), (rt_, st, mt) = batch
-    return model.image(v, ri, si, mi), model.text(t, rt_, st, mt), v, t
+    qv, qt = (_noisy(v, query_noise), _noisy(t, query_noise)) if query_noise else (v, t)
+    return model.image(qv, ri, si, mi), model.text(qt, rt_, st, mt), v, t
+
+
+def _noisy(x, norm: float):
+    import torch
+    import torch.nn.functional as F
+
+    return F.normalize(x + norm * F.normalize(torch.randn_like(x), dim=-1), dim=-1)
 
 
 def _in_batch_acc(a, b) -> float:
@@ -334,8 +361,37 @@ def _in_batch_acc(a, b) -> float:
     return float((torch.argmax(a @ b.t(), dim=1) == torch.arange(len(a), device=a.device)).float().mean())
 
 
-def evaluate(model, pairs: Pairs, nbrs, rows: np.ndarray, batch_size: int, device) -> dict:
-    """Loss and in-batch image->text accuracy, refined and frozen, on fixed batches of `rows`."""
+def similar_groups(x: np.ndarray, rows: np.ndarray, size: int) -> list[np.ndarray]:
+    """`rows` in groups of at most `size` (and more than size/2) whose vectors x[row] are near each other: each part
+    is halved along its principal direction until it fits (a balanced PCA tree). Deterministic."""
+    out, stack = [], [np.asarray(rows)]
+    while stack:
+        part = stack.pop()
+        if len(part) <= size:
+            out.append(np.sort(part))
+            continue
+        sub = x[part] - x[part].mean(0)
+        v = sub[np.argmax(np.linalg.norm(sub, axis=1))].astype(np.float64)
+        for _ in range(10):  # power iteration: the order along the direction is all that matters
+            v = sub.T @ (sub @ v)
+            v /= np.linalg.norm(v) or 1.0
+        order = part[np.argsort(sub @ v, kind="stable")]
+        stack += [order[: len(order) // 2], order[len(order) // 2 :]]
+    return sorted(out, key=lambda g: int(g[0]))
+
+
+def _batches(pairs: Pairs, rows: np.ndarray, batch_size: int, batching: str) -> list[np.ndarray]:
+    """Fixed batches of `rows`: equal chunks, or groups of similar captions (batching=similar)."""
+    if batching == "similar":
+        return similar_groups(pairs.text, rows, batch_size)
+    # equal chunks: in-batch accuracy depends on the batch size, so a short last batch (259 rows at 256: a batch
+    # of 3, nearly always right) would swing the mean
+    return np.array_split(rows, -(-len(rows) // batch_size))
+
+
+def evaluate(model, pairs: Pairs, nbrs, rows: np.ndarray, batch_size: int, device, batching: str = "random") -> dict:
+    """Loss and in-batch image->text accuracy, refined and frozen, on fixed batches of `rows`, each weighed by its
+    size."""
     import torch
 
     from .fusion import reco_loss
@@ -344,9 +400,7 @@ def evaluate(model, pairs: Pairs, nbrs, rows: np.ndarray, batch_size: int, devic
         return {}
     model.eval()
     losses, acc, base = [], [], []
-    # equal chunks: in-batch accuracy depends on the batch size, so a short last batch (259 rows at 256: a batch
-    # of 3, nearly always right) would swing the mean; each chunk then weighs by its size
-    chunks = [c for c in np.array_split(rows, -(-len(rows) // batch_size)) if len(c) >= 2]
+    chunks = [c for c in _batches(pairs, rows, batch_size, batching) if len(c) >= 2]
     with torch.no_grad():
         for chunk in chunks:
             b = _batch(pairs, nbrs, chunk, device)
@@ -399,7 +453,7 @@ def run_training(rt, name: str, progress: bool = True,
     from tqdm import tqdm
 
     from .backbone import pick_device
-    from .fusion import FusionConfig, RecoFusion, reco_loss
+    from .fusion import FusionConfig, build, param_groups, reco_loss
 
     with rt.db.session() as s:
         row = s.query(FusionModel).filter_by(name=name).one_or_none()
@@ -428,14 +482,15 @@ def run_training(rt, name: str, progress: bool = True,
     if len(train_rows) < 2:
         raise RecoError("fewer than 2 training pairs: nothing to learn from")
     bs = min(cfg.batch_size, len(train_rows))
-    steps_per_epoch = max(1, len(train_rows) // bs)
+    groups = similar_groups(pairs.text, train_rows, bs) if cfg.batching == "similar" else None
+    steps_per_epoch = len(groups) if groups else max(1, len(train_rows) // bs)
     total = steps_per_epoch * cfg.epochs
 
     fcfg = FusionConfig(dim=dim, k=cfg.k, heads=cfg.heads, dropout=cfg.dropout,
                         neighbour_dropout=cfg.neighbour_dropout, use_rank=cfg.use_rank, use_score=cfg.use_score,
-                        init=cfg.init, score_scale_init=cfg.score_scale)
-    model = RecoFusion(fcfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                        init=cfg.init, score_scale_init=cfg.score_scale, retrieval=cfg.retrieval)
+    model = build(fcfg, cfg.seed).to(device)
+    opt = torch.optim.AdamW(param_groups(model, cfg.tune, cfg.weight_decay), lr=cfg.lr)
     step, best, history = 0, None, []
     base_meta = {"name": name, "backbone": None, "fusion": fcfg.to_dict(), "job": job, "code_version": __version__}
     with rt.db.session() as s:
@@ -467,7 +522,7 @@ def run_training(rt, name: str, progress: bool = True,
         """Validate, keep the checkpoint the selection rule picks (held-out concepts catch memorisation), save the
         last one."""
         nonlocal best
-        val = evaluate(model, val_data, val_nbrs, val_rows, bs, device)
+        val = evaluate(model, val_data, val_nbrs, val_rows, bs, device, cfg.batching)
         entry = {"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss, "train_acc": train_acc,
                  "val": val, "lr": opt.param_groups[0]["lr"]}
         history.append(entry)
@@ -498,11 +553,14 @@ def run_training(rt, name: str, progress: bool = True,
     try:
         while step < total:
             epoch, pos = divmod(step, steps_per_epoch)
-            order = np.random.default_rng(cfg.seed * 1000 + epoch).permutation(train_rows)
-            rows = order[pos * bs : (pos + 1) * bs]
+            rng = np.random.default_rng(cfg.seed * 1000 + epoch)
+            if groups:  # a shuffled order of the fixed groups of similar pairs
+                rows = groups[rng.permutation(len(groups))[pos]]
+            else:
+                rows = rng.permutation(train_rows)[pos * bs : (pos + 1) * bs]
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, cfg)
-            v_ref, t_ref, v, t = _forward(model, _batch(pairs, nbrs, rows, device))
+            v_ref, t_ref, v, t = _forward(model, _batch(pairs, nbrs, rows, device), cfg.query_noise)
             loss = reco_loss(v_ref, t_ref, v, t, model.logit_scale)
             if not torch.isfinite(loss):
                 kept = f"the last good checkpoint (step {saved_step}) is kept" if saved_step is not None \
@@ -528,9 +586,11 @@ def run_training(rt, name: str, progress: bool = True,
         bar.close()
     for cand in ckdir.glob("cand-*.json"):  # the candidates of the 1se rule: `best` holds the pick
         checkpoint.remove(ckdir, cand.stem)
+    start = history[0] if history and history[0]["step"] == 0 else None
     metrics = {
         "steps": step, "epochs": cfg.epochs, "train_pairs": int(len(train_rows)), "val_pairs": int(len(val_rows)),
-        "best": best, "final": history[-1] if history else None, "resumed_from": resumed_from,
+        # validation of the same layers untrained: the number the pick must beat for training to have helped
+        "start": start["val"] if start else None, "best": best, "final": history[-1] if history else None, "resumed_from": resumed_from,
         "store_queries": cache.store_queries + (val_cache.store_queries if val_cache else 0),
         "seconds": round(time.monotonic() - t0, 2),
     }

@@ -35,26 +35,37 @@ def test_catalogue_has_four_vendors_and_names(npm_cache):
         data.split_targets(emojis, ["no-such-thing"])
 
 
-def test_reduced_protocol_reco_beats_frozen_base(npm_cache, tmp_path, monkeypatch):
+def test_reduced_protocol_trained_layers_beat_their_untrained_start(npm_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("RECO_HOME", str(tmp_path / "unused"))
-    p = Protocol(targets=["country-flag"], seed=0, epochs=10, max_targets=30, max_rest=300,
+    p = Protocol(targets=["country-flag"], seed=0, epochs=10, max_targets=30, max_rest=300, ablations=True,
                  base=BaseConfig(steps=60))
     first = run(p, tmp_path / "home", npm_cache, log=lambda m: None)
-    h = first["headline"]
+    assert set(first["groups"]) == {"country-flag", "dev"}
+    h = first["groups"]["country-flag"]["headline"]
     assert h["classes"] == 30
     assert first["base_model"]["cached"] is False
-    assert h["reco_top1"] >= h["baseline_top1"] + 15, first["table"]
-    assert h["no_target_memory_top1"] <= h["baseline_top1"] + 7, first["table"]
-    assert h["uni_search_top1"] > h["cross_search_top1"], first["table"]
-    assert 0 < h["swap_recovery"]
-    assert all(r["leakage_guard"]["enabled"] for r in first["eval_runs"].values())
+    assert h["reco_top1"] > h["untrained_top1"], first["groups"]["country-flag"]["table"]  # training helped
+    assert h["reco_top1"] >= h["baseline_top1"] + 15, first["groups"]["country-flag"]["table"]
+    assert h["retrieval_off_top1"] <= h["baseline_top1"] + 7, first["groups"]["country-flag"]["table"]
+    assert h["no_target_memory_top1"] <= h["baseline_top1"] + 7, first["groups"]["country-flag"]["table"]
+    assert h["cross_search_top1"] < h["reco_top1"] and 0 < h["swap_recovery"]
+    assert h["t2i_r1_reco"] > h["t2i_r1_baseline"]
+    assert first["training"]["reco"]["start"]["acc"] < first["training"]["reco"]["best"]["score"]
+    assert all(r["leakage_guard"]["enabled"] for r in [first["groups"]["country-flag"]["eval_run"]])
 
     # the same seed again (base model from the cache, the ablations left out): the same numbers
     p.ablations = False
     second = run(p, tmp_path / "home", npm_cache, log=lambda m: None)
     assert second["base_model"]["cached"] is True
-    assert set(second["table"]) < set(first["table"])
-    assert second["table"] == {row: first["table"][row] for row in second["table"]}
+    table, again = first["groups"]["country-flag"]["table"], second["groups"]["country-flag"]["table"]
+    assert set(again) < set(table)
+    assert again == {row: table[row] for row in again}
+
+    # the rare regime shows the targets to the base (one vendor, rarely): the base knows them a little
+    rare = run(Protocol(targets=["country-flag"], regime="rare", seed=0, epochs=2, max_targets=30, max_rest=300,
+                        base=BaseConfig(steps=60, rare_weight=1.0)), tmp_path / "home", npm_cache, log=lambda m: None)
+    assert rare["base_model"]["rare_emoji"] == 30 + rare["n_novel_pairs"] + rare["n_unseen_val_pairs"]
+    assert rare["groups"]["country-flag"]["headline"]["baseline_top1"] > h["baseline_top1"]
 
 
 def test_strong_augmentation_keeps_the_white_background():
@@ -84,3 +95,31 @@ def test_result_records_the_cpu_it_ran_on():
 
     cpu = _versions()["cpu"]
     assert cpu["model"] and cpu["torch_capability"] and cpu["threads"] >= 1
+
+
+def test_summary_means_over_seeds_per_regime_and_group():
+    from benchmarks.emoji.report import SUMMARY_KEYS, summarize
+
+    def run(seed, regime, reco):
+        head = {k: 10.0 + seed for k in SUMMARY_KEYS} | {"reco_top1": reco, "untrained_top1": 20.0, "classes": 7}
+        return {"protocol": {"seed": seed, "regime": regime}, "groups": {"country-flag": {"headline": head}}}
+
+    summary, md = summarize({"absent": [run(0, "absent", 30.0), run(1, "absent", 40.0), run(2, "absent", 50.0)],
+                             "rare": []})
+    flags = summary["regimes"]["absent"]["country-flag"]
+    assert set(summary["regimes"]) == {"absent"}
+    assert flags["reco_top1"] == 40.0 and flags["baseline_top1"] == 11.0 and flags["seeds"] == [0, 1, 2]
+    assert flags["reco_top1_std"] == pytest.approx(8.165, abs=1e-3) and flags["classes"] == 7
+    assert "| country-flag | 7 | 11.0 | 20.0 | **40.0** ± 8.2 | +20.0 |" in md
+
+
+def test_concept_split_is_seeded_disjoint_and_keeps_validation_when_novel_changes():
+    from benchmarks.emoji.protocol import split_concepts
+
+    rest = list(range(100))
+    base, novel, unseen = split_concepts(rest, 0.15, 0.2, seed=0)
+    assert (len(base), len(novel), len(unseen)) == (65, 20, 15)
+    assert sorted(base + novel + unseen) == rest
+    assert split_concepts(rest, 0.15, 0.2, seed=0) == (base, novel, unseen)
+    assert split_concepts(rest, 0.15, 0.0, seed=0)[2] == unseen  # the validation concepts stay put
+    assert split_concepts(rest, 0.15, 0.2, seed=1)[2] != unseen

@@ -128,3 +128,33 @@ def test_retrieval_init_starts_as_score_weighted_fusion():
     assert torch.nn.functional.cosine_similarity(alone, q).min() > 0.99
     with pytest.raises(ValueError, match="fusion init"):
         FusionConfig(dim=d, init="magic")
+
+
+def test_retrieval_off_ignores_every_neighbour_in_training_and_inference():
+    """The Figure 3-left control: with retrieval=False the neighbours, their scores and their mask change nothing."""
+    torch.manual_seed(0)
+    layer = FusionLayer(FusionConfig(dim=D, k=4, init="retrieval", retrieval=False))
+    for p in (layer.q.weight, layer.mlp[-1].weight):
+        torch.nn.init.normal_(p, std=0.5)
+    q = torch.nn.functional.normalize(torch.randn(5, D), dim=-1)
+    outs = [layer(q, torch.randn(5, 4, D), torch.rand(5, 4), torch.rand(5, 4) > 0.3) for _ in range(3)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0])
+    layer.train()
+    out = layer(q, torch.randn(5, 4, D), torch.rand(5, 4))
+    out.sum().backward()  # it still learns (the MLP and projections), from the query alone
+    assert layer.mlp[-1].weight.grad.abs().sum() > 0
+    on = FusionLayer(FusionConfig(dim=D, k=4, init="retrieval"))
+    on.load_state_dict(layer.state_dict())
+    on.eval()
+    assert not torch.allclose(on(q, torch.randn(5, 4, D), torch.rand(5, 4)), outs[0])
+
+
+def test_build_gives_the_same_start_for_the_same_seed():
+    from app.fusion import build
+
+    cfg = FusionConfig(dim=D, k=4)
+    a, b, c = build(cfg, 3), build(cfg, 3), build(cfg, 4)
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(value, b.state_dict()[key])
+    assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())

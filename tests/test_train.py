@@ -237,6 +237,57 @@ def test_the_selected_checkpoint_is_the_one_inference_loads(rt, memory, rule):
         cfg(select="median").check()
 
 
+def test_untrained_start_is_printed_stored_and_can_be_evaluated(cli_run, rt, memory):
+    """Users see at once whether training beat the same layers untrained, and can evaluate that start."""
+    from app.checkpoint import load
+    from app.fusion import FusionConfig, build
+
+    r = cli_run("train", "st", "--pairs", "mem", "--memory", "mem", "-k", "5", "--epochs", "4", "--batch-size", "64",
+                "--val-by", "concept", "--val-fraction", "0.25")
+    shown = json.loads(cli_run("model", "show", "st", "--json").stdout)
+    _, last = load(rt.settings.home / "models" / "st", "last")
+    start, pick = shown["metrics"]["start"], shown["metrics"]["best"]["val"]
+    assert start == last["history"][0]["val"] and last["history"][0]["step"] == 0
+    line = f"val in-batch acc {pick['acc']:.3f}, untrained start {start['acc']:.3f} ({pick['acc'] - start['acc']:+.3f}"
+    assert line in r.output and line in cli_run("model", "show", "st").output
+    assert f"{pick['acc']:.3f} ({start['acc']:.3f} / {pick['baseline_acc']:.3f})" in cli_run("model", "list").output
+
+    tensors, meta = load(rt.settings.home / "models" / "st", "best")
+    untrained = RecoEncoder.load("st", runtime=rt, load_backbone=False, checkpoint="start")
+    fresh = build(FusionConfig(**meta["fusion"]), 0)
+    for key, value in untrained.fusion.state_dict().items():
+        torch.testing.assert_close(value, fresh.state_dict()[key])
+    assert any(not torch.equal(v, tensors[k]) for k, v in untrained.fusion.state_dict().items())  # it trained
+    with pytest.raises(RecoError, match="checkpoint must be one of"):
+        RecoEncoder.load("st", runtime=rt, load_backbone=False, checkpoint="last")
+
+
+def test_query_noise_and_retrieval_off_options(cli_run, rt, memory):
+    from app.train import _forward
+
+    cli_run("train", "off", "--pairs", "mem", "--memory", "mem", "-k", "5", "--epochs", "2", "--batch-size", "64",
+            "--no-retrieval", "--query-noise", "0.5")
+    shown = json.loads(cli_run("model", "show", "off", "--json").stdout)
+    assert shown["train"]["retrieval"] is False and shown["train"]["query_noise"] == 0.5
+    enc = RecoEncoder.load("off", runtime=rt, load_backbone=False)
+    q = np.random.default_rng(0).standard_normal((4, enc.info["dim"])).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    alone = enc.fusion.image(torch.from_numpy(q), torch.zeros(4, 5, enc.info["dim"]), torch.zeros(4, 5),
+                             torch.zeros(4, 5, dtype=torch.bool))
+    np.testing.assert_allclose(enc.refine(q, "image"), alone.numpy(), atol=1e-6)  # the memory changes nothing
+
+    # noise reaches only what the layers refine; the loss compares with the clean frozen embeddings
+    torch.manual_seed(0)
+    v = torch.nn.functional.normalize(torch.randn(3, enc.info["dim"]), dim=-1)
+    nb = (torch.zeros(3, 5, enc.info["dim"]), torch.zeros(3, 5), torch.zeros(3, 5, dtype=torch.bool))
+    clean = _forward(enc.fusion, (v, v, nb, nb))
+    noisy = _forward(enc.fusion, (v, v, nb, nb), query_noise=0.5)
+    assert torch.equal(noisy[2], v) and torch.equal(noisy[3], v)
+    assert not torch.allclose(noisy[0], clean[0])
+    with pytest.raises(RecoError, match="query-noise"):
+        cfg(query_noise=-1).check()
+
+
 def test_validation_accuracy_is_not_swung_by_a_short_last_batch():
     """259 validation rows at batch 256: two batches of ~130, not 256 + 3 (a batch of 3 is nearly always right)."""
     from app.fusion import FusionConfig, RecoFusion

@@ -55,27 +55,41 @@ def read_shard(fmt: str, spec: dict) -> Iterator[Item]:
     return read(spec)
 
 
-def read_source_image(src: dict | None):
-    """The image an item came from, read again from its source (None when it cannot be): for the leakage
-    guard's pixel check and the evaluation gallery."""
+def read_source_images(srcs: dict) -> dict:
+    """{key: the image the item came from, read again from its source, or None when it cannot be}, for
+    {key: src payload}: the leakage guard's pixel check and the evaluation gallery. Each tar is opened and its
+    index read once for all the items it holds (one open per item re-reads the whole index each time)."""
     import io
     import tarfile
+    from collections import defaultdict
 
     from PIL import Image
 
-    if not src:
-        return None
-    try:
-        if "path" in src:
-            data = Path(src["path"]).read_bytes()
-        else:
-            with tarfile.open(src["tar"]) as tar:
-                f = tar.extractfile(src["member"])
-                data = f.read() if f is not None else None
-        if data is None:
-            return None
+    def decode(data):
         im = Image.open(io.BytesIO(data))
         im.load()
         return im.convert("RGB")
-    except (OSError, KeyError, tarfile.TarError, ValueError):
-        return None
+
+    out: dict = {}
+    by_tar = defaultdict(list)
+    for key, src in srcs.items():
+        out[key] = None
+        if src and "path" in src:
+            try:
+                out[key] = decode(Path(src["path"]).read_bytes())
+            except (OSError, ValueError):
+                pass
+        elif src and "tar" in src:
+            by_tar[src["tar"]].append((key, src["member"]))
+    for path, members in by_tar.items():
+        try:
+            with tarfile.open(path) as tar:
+                for key, member in members:
+                    try:
+                        f = tar.extractfile(member)
+                        out[key] = decode(f.read()) if f is not None else None
+                    except (OSError, KeyError, tarfile.TarError, ValueError):
+                        pass
+        except (OSError, tarfile.TarError):
+            pass
+    return out

@@ -1,17 +1,20 @@
 """RECO's quality effect on real artwork: held-out fine-grained emoji, a frozen base, a swappable memory.
 
-    python -m benchmarks.emoji [--targets country-flag] [--seed 0] [--out benchmarks/results/emoji.json]
+    python -m benchmarks.emoji [--regime absent|rare] [--seeds 0,1,2] [--targets country-flag,animal-mammal,...]
+    python -m benchmarks.emoji summary          # emoji-summary.{json,md,png} from the runs in benchmarks/results
 
 Installs the emoji npm packages into a cache when missing (RECO_BENCH_CACHE, default ~/.cache/reco/bench),
 pretrains or reuses the base model (cached under --home by a hash of config, data and seed), then builds the
-memories, trains RECO and evaluates through the product's API. Writes the JSON, a markdown table beside it
-(.md) and a plot (.png). See benchmarks/emoji/protocol.py for the protocol.
+memories, trains RECO and evaluates every target group through the product's API. Writes per seed the JSON, a
+markdown table beside it (.md) and a plot (.png); after the default targets it refreshes the summary over seeds.
+See benchmarks/emoji/protocol.py for the protocol.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,14 +27,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.common import log, version, write_result  # noqa: E402
 from benchmarks.emoji import data  # noqa: E402
 from benchmarks.emoji.base import BaseConfig  # noqa: E402
-from benchmarks.emoji.protocol import Protocol, run  # noqa: E402
-from benchmarks.emoji.report import markdown, plot  # noqa: E402
+from benchmarks.emoji.protocol import DEFAULT_TARGETS, REGIMES, TRAIN_ON, Protocol, run  # noqa: E402
+from benchmarks.emoji.report import markdown, plot, summarize  # noqa: E402
+
+RESULTS = Path("benchmarks/results")
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["summary"]:
+        return _summary(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m benchmarks.emoji", description=__doc__.split("\n")[0])
-    ap.add_argument("--targets", default="country-flag", help="held-out subcategories, comma-separated")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--regime", choices=REGIMES, default="absent",
+                    help="absent: the targets are not in the base's pretraining; rare: they are, rarely")
+    ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                    help="held-out groups, comma-separated; a+b joins subcategories into one group")
+    ap.add_argument("--seeds", default="0", help="seeds, comma-separated: one run (and result file) each")
+    ap.add_argument("--novel-pairs", type=float, default=Protocol.novel_pairs,
+                    help="share of non-target emoji held like the targets and used as RECO training pairs")
+    ap.add_argument("--train-on", choices=TRAIN_ON, default=Protocol.train_on,
+                    help="RECO training pairs: base and novel concepts, base only, or novel only")
+    ap.add_argument("--tune", choices=("all", "attention"), default=Protocol.tune, help="reco train --tune")
+    ap.add_argument("--batching", choices=("random", "similar"), default=Protocol.batching,
+                    help="reco train --batching")
+    ap.add_argument("--query-noise", type=float, default=Protocol.query_noise, help="reco train --query-noise")
+    ap.add_argument("--rare-weight", type=float, default=BaseConfig.rare_weight,
+                    help="rare regime: a rare emoji's chance to enter a pretraining batch, relative to a common one")
+    ap.add_argument("--val-vendor", choices=("facebook", "google"), default=Protocol.val_vendor,
+                    help="whose drawings of the unseen concepts RECO validates on (google: the training pairs' vendor)")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also the paper's plain layer, identity start, cross search, uni fusion and the swap")
     ap.add_argument("--epochs", type=int, default=Protocol.epochs, help="RECO training epochs")
     ap.add_argument("--pretrain-steps", type=int, default=BaseConfig.steps, help="base image tower steps")
     ap.add_argument("--augment", choices=("geometric", "strong"), default=BaseConfig.augment,
@@ -43,36 +68,67 @@ def main(argv=None) -> int:
     ap.add_argument("--home", default=os.environ.get("RECO_BENCH_HOME", ".reco-bench"),
                     help="where the base model cache and the run's RECO_HOME live")
     ap.add_argument("--cache", default=str(data.DEFAULT_CACHE), help="npm package cache")
-    ap.add_argument("--out", default=None, help="default benchmarks/results/emoji.json for the default targets "
-                    "and seed, else emoji-TARGETS-sSEED.json beside it")
+    ap.add_argument("--out-dir", default=str(RESULTS), help="where the result files go")
     args = ap.parse_args(argv)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--seeds takes integers, e.g. 0,1,2, not {args.seeds!r}")
 
     import torch
 
     torch.use_deterministic_algorithms(True, warn_only=True)
-    p = Protocol(targets=[t.strip() for t in args.targets.split(",") if t.strip()], seed=args.seed,
-                 epochs=args.epochs, unseen_val=args.unseen_val, max_targets=args.max_targets,
-                 max_rest=args.max_others,
-                 base=BaseConfig(steps=args.pretrain_steps, augment=args.augment))
-    started = dt.datetime.now(dt.timezone.utc)
-    result = run(p, Path(args.home).resolve(), Path(args.cache), log)
-    result = {"benchmark": "emoji: RECO vs the frozen base on held-out fine-grained emoji",
-              "command": "python -m benchmarks.emoji " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "started": started.isoformat(), "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
-              "versions": _versions(), **result}
-    out = Path(args.out or _default_out(p))
-    write_result(out, result)
-    out.with_suffix(".md").write_text(markdown(result))
-    plot(result, out.with_suffix(".png"))
-    log(markdown(result))
-    log(f"-> {out} (+ .md, .png)")
+    for seed in seeds:
+        p = Protocol(targets=[t.strip() for t in args.targets.split(",") if t.strip()], regime=args.regime,
+                     seed=seed, epochs=args.epochs, unseen_val=args.unseen_val, novel_pairs=args.novel_pairs,
+                     query_noise=args.query_noise, batching=args.batching, tune=args.tune,
+                     val_vendor=args.val_vendor, train_on=args.train_on, max_targets=args.max_targets,
+                     max_rest=args.max_others,
+                     ablations=args.ablations,
+                     base=BaseConfig(steps=args.pretrain_steps, augment=args.augment, rare_weight=args.rare_weight))
+        started = dt.datetime.now(dt.timezone.utc)
+        result = run(p, Path(args.home).resolve(), Path(args.cache), log)
+        result = {"benchmark": "emoji: RECO vs the frozen base on held-out fine-grained emoji",
+                  "command": "python -m benchmarks.emoji " + " ".join(argv),
+                  "started": started.isoformat(), "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
+                  "versions": _versions(), **result}
+        out = Path(args.out_dir) / _result_name(p)
+        write_result(out, result)
+        out.with_suffix(".md").write_text(markdown(result))
+        plot(result, out.with_suffix(".png"))
+        log(markdown(result))
+        log(f"-> {out} (+ .md, .png)")
+    if args.targets == ",".join(DEFAULT_TARGETS) and not (args.max_targets or args.max_others):
+        _summary(["--dir", args.out_dir])
     return 0
 
 
-def _default_out(p: Protocol) -> str:
-    if p.targets == Protocol().targets and p.seed == 0 and not (p.max_targets or p.max_rest):
-        return "benchmarks/results/emoji.json"
-    return f"benchmarks/results/emoji-{'+'.join(p.targets)}-s{p.seed}.json"
+def _result_name(p: Protocol) -> str:
+    """emoji-REGIME-sSEED.json for the default protocol; anything else names what differs."""
+    parts = [p.regime]
+    if p.targets != list(DEFAULT_TARGETS):
+        parts.append("+".join(p.targets).replace("+", "_"))
+    if p.max_targets or p.max_rest:
+        parts.append(f"reduced{p.max_targets}x{p.max_rest}")
+    return f"emoji-{'-'.join(parts)}-s{p.seed}.json"
+
+
+def _summary(argv) -> int:
+    """Means and standard deviations over seeds, per regime and group, of every default-protocol run found."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.emoji summary", description=_summary.__doc__)
+    ap.add_argument("--dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    d = Path(args.dir)
+    runs = {r: [json.loads(f.read_text()) for f in sorted(d.glob(f"emoji-{r}-s*.json"))] for r in REGIMES}
+    if not any(runs.values()):
+        raise SystemExit(f"no emoji-REGIME-sSEED.json result in {d}: run `python -m benchmarks.emoji` first")
+    summary, md = summarize(runs)
+    out = d / "emoji-summary.json"
+    write_result(out, summary)
+    out.with_suffix(".md").write_text(md)
+    log(md)
+    log(f"-> {out} (+ .md)")
+    return 0
 
 
 def _versions() -> dict:

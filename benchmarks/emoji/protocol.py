@@ -1,17 +1,28 @@
 """The quality protocol, run through the product's own API: memory build, activate, train, eval.
 
-Corpora (WebDataset shards written here, built into memories with `start_build`/`run_in_process`):
-  pairs      google images of the non-target emoji the base was pretrained on, captions in varied forms
-             (RECO's training pairs)
-  unseen     google images of the other non-target emoji (`unseen_val`): neither the base nor the fusion
-             trains on them, so that, like the targets, the base does not know them; RECO validates on them
-  twitter    v1: twitter images of the non-target emoji; v2: all of them, targets included
+Concepts (seeded): the target groups (`targets`: comma-separated groups, `a+b` joins subcategories into one
+group), and the other emoji, split into
+  base      concepts the frozen base is pretrained on (apple + google drawings)
+  novel     `novel_pairs` of the others: RECO training pairs the base knows as it knows the targets (absent from
+            its pretraining, or rare there), so that the training loss rewards using the memory
+  unseen    `unseen_val` of the others, held like the targets too: RECO validates and picks its checkpoint on them,
+            and the `dev` rows classify their facebook drawings (non-target data to choose settings on)
+Regimes: `absent` keeps the targets, novel and unseen concepts out of the base's pretraining; `rare` shows each of
+them to the base rarely (one vendor's drawing, `base.rare_weight` of a common emoji's chance per batch).
+
+Corpora (WebDataset shards written here, built into memories with `build_in_process`):
+  pairs      google drawings of the base and novel concepts, captions in varied forms (RECO's training pairs)
+  unseen     facebook drawings of the unseen concepts (validation pairs). Validating on google's, the training
+            pairs' vendor, rewarded layers fitted to that vendor: validation rose while every target group fell
+  twitter    v1: twitter drawings of every non-target emoji; v2: all of them, targets included;
              captions `{name} emoji` + emojilib keywords
-  eval       facebook images of the targets, classified among all target names with CLIP-style prompts
+  eval       per group: facebook drawings of its targets, classified among the group's names with CLIP-style
+             prompts, and an image-caption retrieval set (one caption per drawing)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -25,11 +36,16 @@ from .base import BaseConfig, build_base
 
 EVAL_TEMPLATES = ("a picture of the {c}.", "a photo of a {c}.", "an illustration of the {c}.",
                   "a rendering of a {c}.")
+REGIMES = ("absent", "rare")
+TRAIN_ON = ("all", "base", "novel")
+DEFAULT_TARGETS = ("country-flag", "animal-mammal", "food-prepared", "clothing")
+DEV = "dev"  # the group of unseen non-target concepts: settings are chosen on it, never on a target
 
 
 @dataclass
 class Protocol:
-    targets: list[str] = field(default_factory=lambda: ["country-flag"])
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    regime: str = "absent"
     seed: int = 0
     ks: tuple[int, ...] = (1, 3, 10, 30)
     headline_k: int = 10  # fixed before looking at any target (research note: chosen on non-target data)
@@ -39,35 +55,50 @@ class Protocol:
     score_scale: float = 100.0
     batch_size: int = 256
     lr: float = 1e-3
-    # share of the non-target emoji kept from the base's pretraining and from RECO's training pairs: RECO picks
-    # its checkpoint on them, concepts the base does not know, as it does not know the targets. Validating on
-    # concepts the base has seen picks the fusion that trusts the base, which fails on targets (README, quality)
-    unseen_val: float = 0.15
-    max_targets: int | None = None  # a reduced run (the test suite) keeps the first N target emoji
+    unseen_val: float = 0.15  # share of the non-target emoji RECO validates on (held like the targets)
+    novel_pairs: float = 0.2  # share of the non-target emoji held like the targets and used as training pairs
+    query_noise: float = 0.0  # reco train --query-noise
+    batching: str = "random"  # reco train --batching
+    tune: str = "all"  # reco train --tune
+    # RECO's training pairs: "all" (base and novel concepts), "base" (only concepts the base was pretrained on, the
+    # protocol before novel concepts existed) or "novel"; the base model is the same for all three
+    train_on: str = "all"
+    val_vendor: str = "facebook"  # whose drawings of the unseen concepts RECO validates on
+    max_targets: int | None = None  # a reduced run (the test suite) keeps the first N emoji of each group
     max_rest: int | None = None  # ... and N non-target emoji
-    ablations: bool = True  # False: only RECO vs the baseline and the no-target control (a quick check)
+    ablations: bool = False  # also the paper's plain layer, identity start, cross search, uni fusion, the swap
     base: BaseConfig = field(default_factory=BaseConfig)
+
+    def __post_init__(self):
+        if self.regime not in REGIMES:
+            raise SystemExit(f"--regime must be one of {', '.join(REGIMES)}, not {self.regime!r}")
+        if self.train_on not in TRAIN_ON:
+            raise SystemExit(f"--train-on must be one of {', '.join(TRAIN_ON)}, not {self.train_on!r}")
+        if self.unseen_val <= 0 or self.novel_pairs < 0 or self.unseen_val + self.novel_pairs >= 0.9:
+            raise SystemExit("--unseen-val must be > 0, --novel-pairs >= 0, and together below 0.9")
+
+    def group_subcategories(self) -> dict[str, list[str]]:
+        return {g: [s.strip() for s in g.split("+") if s.strip()] for g in self.targets}
 
 
 def _train_cfg(p: Protocol, **over):
     from app.train import TrainConfig
 
     return TrainConfig(**{"k": max(p.ks), "epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr,
-                          "seed": p.seed, "val_fraction": 0.15, "val_by": "concept", "checkpoint_every": 10_000,
-                          "val_pairs": "unseen" if p.unseen_val else None,
-                          # the earliest checkpoint within one standard error of the best on the unseen concepts:
-                          # their accuracy plateaus within its noise while the targets' falls (README, quality)
-                          "select": "1se" if p.unseen_val else "best",
-                          "init": p.fusion_init, "score_scale": p.score_scale, **over})
+                          "seed": p.seed, "checkpoint_every": 10_000, "val_pairs": "unseen",
+                          # the earliest checkpoint within one standard error of the best on the unseen concepts
+                          "select": "1se", "init": p.fusion_init, "score_scale": p.score_scale,
+                          "query_noise": p.query_noise, "batching": p.batching, "tune": p.tune, **over})
 
 
-def split_unseen(rest: list, share: float, seed: int) -> tuple[list, list]:
-    """(seen, unseen): a seeded random `share` of the non-target emoji that the base and the fusion never see."""
-    if not share:
-        return list(rest), []
+def split_concepts(rest: list, unseen: float, novel: float, seed: int) -> tuple[list, list, list]:
+    """(base, novel, unseen): seeded shares of the non-target emoji. The unseen ones are the first of one seeded
+    order, so changing `novel` leaves the validation concepts as they are."""
     order = np.random.default_rng(seed).permutation(len(rest))
-    held = set(order[: max(2, round(share * len(rest)))].tolist())
-    return [e for i, e in enumerate(rest) if i not in held], [e for i, e in enumerate(rest) if i in held]
+    n_u = max(2, round(unseen * len(rest)))
+    n_n = round(novel * len(rest))
+    part = {int(i): 2 if j < n_u else 1 if j < n_u + n_n else 0 for j, i in enumerate(order)}
+    return tuple([e for i, e in enumerate(rest) if part[i] == which] for which in (0, 1, 2))
 
 
 def _top(run: dict, k: int | None) -> dict:
@@ -75,52 +106,65 @@ def _top(run: dict, k: int | None) -> dict:
     return {"top1": 100 * m["acc1"], "top5": 100 * m["acc5"]}
 
 
-def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+def _retrieval_points(m: dict) -> dict:
+    return {f"{d}_r{k}": 100 * m[f"{name}_R@{k}"] for d, name in (("t2i", "text_to_image"), ("i2t", "image_to_text"))
+            for k in (1, 5)}
 
-    def timed(label):
+
+class _Timer(dict):
+    def __call__(self, label):
+        timer = self
+
         class _T:
             def __enter__(self):
                 self.t = time.perf_counter()
 
             def __exit__(self, *exc):
-                timings[label] = round(timings.get(label, 0.0) + time.perf_counter() - self.t, 2)
+                timer[label] = round(timer.get(label, 0.0) + time.perf_counter() - self.t, 2)
         return _T()
+
+
+def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
+    t_start = time.perf_counter()
+    timed = _Timer()
 
     with timed("data"):
         emojis = data.catalogue(cache)
-        targets, rest = data.split_targets(emojis, p.targets)
-        if p.max_targets:
-            targets = targets[: p.max_targets]
+        subcats = p.group_subcategories()
+        targets_all, rest = data.split_targets(emojis, sorted({s for ss in subcats.values() for s in ss}))
+        groups = {g: [e for e in targets_all if e.subcategory in ss][: p.max_targets] for g, ss in subcats.items()}
+        targets = [e for e in targets_all if any(e in g for g in groups.values())]
         if p.max_rest:
             rest = rest[:: max(1, len(rest) // p.max_rest)][: p.max_rest]
-        seen, unseen = split_unseen(rest, p.unseen_val, p.seed)
-        log(f"{len(targets)} target emoji ({', '.join(p.targets)}), {len(rest)} others"
-            + (f" ({len(unseen)} of them unseen: RECO validates on them)" if unseen else ""))
+        base_c, novel, unseen = split_concepts(rest, p.unseen_val, p.novel_pairs, p.seed)
+        groups[DEV] = unseen
+        log(f"{p.regime} regime: {len(targets)} target emoji in {len(groups) - 1} groups; {len(rest)} others: "
+            f"{len(base_c)} base, {len(novel)} novel training pairs, {len(unseen)} unseen (validation, dev)")
     with timed("base_model"):
-        backbone, base_info = build_base(home, p.base, seen, p.seed, log)
+        rare = targets + novel + unseen if p.regime == "rare" else []
+        backbone, base_info = build_base(home, p.base, base_c, p.seed, log, rare=rare)
 
-    work = home / "runs" / f"{'+'.join(p.targets)}-s{p.seed}-t{len(targets)}"
+    work = home / "runs" / f"{p.regime}-{'+'.join(p.targets)}-s{p.seed}-t{len(targets)}"
     shutil.rmtree(work, ignore_errors=True)
     corpora = work / "corpora"
     with timed("corpora"):
-        pairs_src, unseen_src = (data.write_wds(corpora / name, [(e.key, data.rgb_png(e.images["google"]),
+        pairs_src, unseen_src = (data.write_wds(corpora / name, [(e.key, data.rgb_png(e.images[vendor]),
                                                                   data.pair_caption(e, p.seed)) for e in group])
-                                 for name, group in (("pairs", seen), ("unseen", unseen)))
-        mem_rows = {e.key: (e.key, data.rgb_png(e.images["twitter"]), data.memory_caption(e)) for e in emojis
-                    if e in rest or e in targets}
+                                 for name, group, vendor in (("pairs", {"all": base_c + novel, "base": base_c,
+                                                                        "novel": novel}[p.train_on], "google"),
+                                                             ("unseen", unseen, p.val_vendor)))
+        mem_rows = {e.key: (e.key, data.rgb_png(e.images["twitter"]), data.memory_caption(e)) for e in rest + targets}
         v1_src = data.write_wds(corpora / "twitter-v1", [mem_rows[e.key] for e in rest])
         v2_src = data.write_wds(corpora / "twitter-v2", [mem_rows[e.key] for e in rest + targets])
-        eval_dir, classnames = data.write_eval_folder(corpora / "eval", targets)
-        templates = corpora / "eval" / "templates.txt"
+        templates = corpora / "templates.txt"
         templates.write_text("".join(t + "\n" for t in EVAL_TEMPLATES))
+        evalsets = {g: _write_group(corpora / "eval" / f"g{i}", members, p.seed)
+                    for i, (g, members) in enumerate(groups.items())}
 
     os.environ["RECO_HOME"] = str(work / "home")
     for var in ("RECO_DATABASE_URL", "RECO_QDRANT_URL", "RECO_BROKER_URL"):
         os.environ.pop(var, None)
     from app.build import build_in_process
-    from app.evaluate import evaluate_classification
     from app.memory import activate
     from app.runtime import Runtime
     from app.train import create_job, run_training
@@ -128,21 +172,14 @@ def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
     rt = Runtime()
     with timed("memory_build"):
         build_in_process(rt, "pairs", str(pairs_src), backbone=backbone, activate=True)
-        if unseen:
-            build_in_process(rt, "unseen", str(unseen_src), backbone=backbone, activate=True)
+        build_in_process(rt, "unseen", str(unseen_src), backbone=backbone, activate=True)
         build_in_process(rt, "twitter", str(v1_src), backbone=backbone, activate=True)  # v1: no targets
         build_in_process(rt, "twitter", str(v2_src), backbone=backbone, activate=True)  # v2: with targets
 
     trained: dict[str, dict] = {}
-
-    def train(name, memory, **over):
-        with timed("train"):
-            create_job(rt, name, "pairs", memory, _train_cfg(p, **over))
-            trained[name] = run_training(rt, name, progress=False)
-            log(f"trained {name}: best val acc {trained[name]['best']['score']:.3f} at step "
-                f"{trained[name]['best']['step']} ({trained[name]['seconds']:.0f} s)")
-
-    models = {"reco": ("twitter@2", {})}
+    models = {"reco": ("twitter@2", {}),
+              # the paper's Figure 3-left control: the same layers and training, every neighbour masked
+              "reco-retrieval-off": ("twitter@2", {"retrieval": False})}
     if p.ablations:
         models.update({
             "reco-plain": ("twitter@2", {"use_rank": False, "use_score": False, "init": "identity"}),  # the paper's
@@ -152,81 +189,128 @@ def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
             "reco-v1": ("twitter@1", {}),  # for the swap: trained with the memory that lacks the targets
         })
     for name, (memory, over) in models.items():
-        train(name, memory, **over)
+        with timed("train"):
+            create_job(rt, name, "pairs", memory, _train_cfg(p, **over))
+            trained[name] = run_training(rt, name, progress=False)
+        m = trained[name]
+        log(f"trained {name}: val acc {m['best']['score']:.3f} at step {m['best']['step']} "
+            f"(untrained start {m['start']['acc']:.3f}; {m['seconds']:.0f} s)")
 
-    evals: dict[str, dict] = {}
-
-    def ev(label, model, memory=None, ks=(p.headline_k,), retrieval="both"):
+    results = {}
+    for g, es in evalsets.items():
         with timed("eval"):
-            r = evaluate_classification(rt, model, f"imagefolder:{eval_dir}", memory=memory, ks=list(ks),
-                                        retrieval=retrieval, guard=True, seed=p.seed,
-                                        classnames=str(classnames), templates=str(templates))
-        evals[label] = r
-        return r if len(ks) > 1 else _top(r, ks[0])
-
-    hk = p.headline_k
-    main = ev("reco", "reco", "twitter@2", ks=p.ks)
-    baseline = _top(main, None)
-    table = {"frozen baseline": baseline, **{f"RECO k={k}": _top(main, k) for k in p.ks}}
-    if p.ablations:
-        table["RECO, image side only"] = ev("image_side", "reco", "twitter@2", retrieval="image")
-        table["RECO, text side only"] = ev("text_side", "reco", "twitter@2", retrieval="text")
-        table["cross-modal search"] = ev("cross_search", "reco-cross-search", "twitter@2")
-        table["uni-modal fusion"] = ev("uni_fusion", "reco-uni-fusion", "twitter@2")
-        table["paper's plain fusion (no rank, no score)"] = ev("plain", "reco-plain", "twitter@2")
-        table["ours started from the identity (--init identity)"] = ev("identity_start", "reco-identity",
-                                                                       "twitter@2")
-    table["memory without the targets"] = ev("no_target_memory", "reco", "twitter@1")
-    if p.ablations:
-        table["swap: trained with v1, memory v1"] = ev("swap_before", "reco-v1", "twitter@1")
+            results[g] = _evaluate_group(rt, p, es, templates, ablations=p.ablations and g != DEV)
+    if p.ablations:  # the swap: the v1-trained model follows the active version, now v2, with no retraining
         activate(rt, "twitter", 2)
-        # no memory named: the model follows the active version, now v2, with no retraining
-        table["swap: trained with v1, memory v2 (no retraining)"] = ev("swap_after", "reco-v1", None)
-
+        for g, es in evalsets.items():
+            if g != DEV:
+                with timed("eval"):
+                    after = _classify(rt, p, "reco-v1", None, es, templates)
+                results[g]["table"]["swap: trained with v1, memory v2 (no retraining)"] = after
+                h = results[g]["headline"]
+                gain = h["reco_top1"] - h["baseline_top1"]
+                h["swap_recovery"] = (after["top1"] - h["baseline_top1"]) / gain if gain > 0 else 0.0
     with timed("ceilings"):
-        ceilings = _ceilings(rt, backbone, targets, eval_dir, classnames)
-
-    reco_top1 = table[f"RECO k={hk}"]["top1"]
-    gain = reco_top1 - baseline["top1"]
-    row = lambda name: table[name]["top1"] if name in table else None  # noqa: E731
-    swap = row("swap: trained with v1, memory v2 (no retraining)")
-    headline = {
-        "baseline_top1": baseline["top1"], "reco_top1": reco_top1,
-        "uni_search_top1": reco_top1, "cross_search_top1": row("cross-modal search"),
-        "no_target_memory_top1": row("memory without the targets"),
-        "swap_recovery": None if swap is None else (swap - baseline["top1"]) / gain if gain > 0 else 0.0,
-        "plain_fusion_top1": row("paper's plain fusion (no rank, no score)"),
-        "image_to_image_hit_rate": ceilings["image_to_image"], "text_to_text_hit_rate": ceilings["text_to_text"],
-        "k": hk, "classes": len(targets),
-    }
+        for g, es in evalsets.items():
+            results[g]["ceilings"] = _ceilings(rt, backbone, groups[g], es)
+            results[g]["headline"].update({"image_to_image_hit_rate": results[g]["ceilings"]["image_to_image"],
+                                           "text_to_text_hit_rate": results[g]["ceilings"]["text_to_text"]})
     return {
-        "protocol": {**asdict(p), "base": asdict(p.base)}, "targets": [e.name for e in targets],
-        "n_train_pairs": len(seen), "n_unseen_val_pairs": len(unseen), "n_memory_v1": len(rest),
-        "n_memory_v2": len(rest) + len(targets),
-        "base_model": base_info, "backbone": backbone, "headline": headline, "table": table,
-        "ceilings": ceilings, "training": trained,
-        "eval_runs": {k: {key: v.get(key) for key in ("run", "model", "memory", "retrieval", "baseline", "reco",
-                                                      "leakage_guard")} for k, v in evals.items()},
-        "timings_s": {**timings, "total": round(time.perf_counter() - t_start, 1)},
+        "protocol": {**asdict(p), "base": asdict(p.base)},
+        "groups": {g: {"subcategories": subcats.get(g, ["(unseen non-target concepts)"]),
+                       "targets": [e.name for e in groups[g]], **results[g]} for g in groups},
+        "n_base_concepts": len(base_c),
+        "n_novel_pairs": len(novel) if p.train_on != "base" else 0,
+        "n_train_pairs": (len(base_c) if p.train_on != "novel" else 0) + (len(novel) if p.train_on != "base" else 0),
+        "n_unseen_val_pairs": len(unseen), "n_memory_v1": len(rest), "n_memory_v2": len(rest) + len(targets),
+        "base_model": base_info, "backbone": backbone, "training": trained,
+        "timings_s": {**timed, "total": round(time.perf_counter() - t_start, 1)},
     }
 
 
-def _ceilings(rt, backbone: str, targets, eval_dir: Path, classnames: Path) -> dict:
+def _write_group(root: Path, members: list, seed: int) -> dict:
+    """A group's classification folder (facebook drawings) and a Karpathy-style retrieval set: each drawing with
+    one caption in a varied form (none is a memory caption or a class prompt)."""
+    images, classnames = data.write_eval_folder(root, members)
+    karpathy = {"images": [{"split": "test", "filepath": f"images/{i:04d}", "filename": f"{e.key}.png",
+                            "sentences": [{"raw": data.pair_caption(e, seed + 1)}]} for i, e in enumerate(members)]}
+    (root / "retrieval.json").write_text(json.dumps(karpathy))
+    return {"images": images, "classnames": classnames, "retrieval": root / "retrieval.json"}
+
+
+def _classify(rt, p, model, memory, es, templates, ks=None, retrieval="both", checkpoint="best", full=False):
+    from app.evaluate import evaluate_classification
+
+    ks = ks or (p.headline_k,)
+    r = evaluate_classification(rt, model, f"imagefolder:{es['images']}", memory=memory, ks=list(ks),
+                                retrieval=retrieval, guard=True, seed=p.seed, classnames=str(es["classnames"]),
+                                templates=str(templates), checkpoint=checkpoint)
+    return r if full else _top(r, ks[0])
+
+
+def _retrieve(rt, p, model, es, checkpoint="best") -> dict:
+    from app.evaluate import evaluate_retrieval
+
+    r = evaluate_retrieval(rt, model, f"karpathy:{es['retrieval']}", memory="twitter@2", ks=[p.headline_k],
+                           retrieval="both", guard=True, seed=p.seed, checkpoint=checkpoint)
+    return {"baseline": _retrieval_points(r["baseline"]), "reco": _retrieval_points(r["reco"][str(p.headline_k)])}
+
+
+def _evaluate_group(rt, p: Protocol, es: dict, templates: Path, ablations: bool) -> dict:
+    """One group's table: baseline, RECO at every k, its untrained start, the retrieval-off control, the memory
+    without the targets (and the ablations); image-text retrieval for baseline, untrained start and RECO."""
+    hk = p.headline_k
+    main = _classify(rt, p, "reco", "twitter@2", es, templates, ks=p.ks, full=True)
+    baseline = _top(main, None)
+    table = {"frozen baseline": baseline,
+             "untrained start (step 0)": _classify(rt, p, "reco", "twitter@2", es, templates, checkpoint="start"),
+             **{f"RECO k={k}": _top(main, k) for k in p.ks},
+             "retrieval-off training control": _classify(rt, p, "reco-retrieval-off", "twitter@2", es, templates)}
+    if ablations:
+        table["RECO, image side only"] = _classify(rt, p, "reco", "twitter@2", es, templates, retrieval="image")
+        table["RECO, text side only"] = _classify(rt, p, "reco", "twitter@2", es, templates, retrieval="text")
+        table["cross-modal search"] = _classify(rt, p, "reco-cross-search", "twitter@2", es, templates)
+        table["uni-modal fusion"] = _classify(rt, p, "reco-uni-fusion", "twitter@2", es, templates)
+        table["paper's plain fusion (no rank, no score)"] = _classify(rt, p, "reco-plain", "twitter@2", es,
+                                                                     templates)
+        table["ours started from the identity (--init identity)"] = _classify(rt, p, "reco-identity",
+                                                                              "twitter@2", es, templates)
+    table["memory without the targets"] = _classify(rt, p, "reco", "twitter@1", es, templates)
+    if ablations:
+        table["swap: trained with v1, memory v1"] = _classify(rt, p, "reco-v1", "twitter@1", es, templates)
+    trained, start = _retrieve(rt, p, "reco", es), _retrieve(rt, p, "reco", es, checkpoint="start")
+    retrieval = {"frozen baseline": trained["baseline"], "untrained start (step 0)": start["reco"],
+                 f"RECO k={hk}": trained["reco"]}
+    row = lambda name: table[name]["top1"] if name in table else None  # noqa: E731
+    headline = {
+        "baseline_top1": baseline["top1"], "untrained_top1": row("untrained start (step 0)"),
+        "reco_top1": row(f"RECO k={hk}"), "retrieval_off_top1": row("retrieval-off training control"),
+        "no_target_memory_top1": row("memory without the targets"),
+        "cross_search_top1": row("cross-modal search"), "plain_fusion_top1": row("paper's plain fusion (no rank, no score)"),
+        "t2i_r1_baseline": trained["baseline"]["t2i_r1"], "t2i_r1_untrained": start["reco"]["t2i_r1"],
+        "t2i_r1_reco": trained["reco"]["t2i_r1"], "k": hk,
+        "classes": len(Path(es["classnames"]).read_text().splitlines()),
+    }
+    return {"headline": headline, "table": table, "retrieval": retrieval,
+            "eval_run": {key: main.get(key) for key in ("run", "model", "memory", "retrieval", "leakage_guard")}}
+
+
+def _ceilings(rt, backbone: str, members, es: dict) -> dict:
     """What uni-modal search can give at best (k = 1): a facebook image's nearest memory image is its own emoji;
     a class prompt's nearest memory caption is its own class."""
+    from PIL import Image
+
     from app.backbone import get_backbone
     from app.memory import resolve_collection
 
     bb = get_backbone(backbone, "cpu", "1")
     collection, _ = resolve_collection(rt, "twitter", 2)
-    keys = [e.key for e in targets]
-    from PIL import Image
-
-    imgs = [Image.open(next((eval_dir / f"{i:04d}").iterdir())).convert("RGB") for i in range(len(targets))]
+    keys = [e.key for e in members]
+    imgs = [Image.open(next((es["images"] / f"{i:04d}").iterdir())).convert("RGB") for i in range(len(members))]
     v = bb.encode_images(imgs)
     hits = rt.store.search(collection, v, using="image", k=1, with_payload=True)
     i2i = float(np.mean([bool(h) and h[0].payload.get("key") == key for h, key in zip(hits, keys)]))
-    t = bb.encode_texts([EVAL_TEMPLATES[0].format(c=e.name) for e in targets])
+    t = bb.encode_texts([EVAL_TEMPLATES[0].format(c=e.name) for e in members])
     hits = rt.store.search(collection, t, using="text", k=1, with_payload=True)
     t2t = float(np.mean([bool(h) and h[0].payload.get("key") == key for h, key in zip(hits, keys)]))
     return {"image_to_image": 100 * i2i, "text_to_text": 100 * t2t, "k": 1}

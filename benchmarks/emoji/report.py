@@ -1,26 +1,44 @@
-"""The benchmark's table (markdown) and plot (PNG)."""
+"""The benchmark's tables (markdown), plot (PNG) and the summary over seeds."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+# what the summary averages over seeds, per regime and group (points, 0-100)
+SUMMARY_KEYS = ("baseline_top1", "untrained_top1", "reco_top1", "retrieval_off_top1", "no_target_memory_top1",
+                "t2i_r1_baseline", "t2i_r1_untrained", "t2i_r1_reco")
+
 
 def markdown(r: dict) -> str:
-    h = r["headline"]
-    base = h["baseline_top1"]
-    lines = [f"Held-out targets: {', '.join(r['protocol']['targets'])} ({h['classes']} classes, "
-             f"{len(r['targets'])} facebook images); memory: twitter "
-             f"({r['n_memory_v2']} emoji); seed {r['protocol']['seed']}; headline k = {h['k']}.", "",
-             "| | top-1 % | top-5 % | Δ top-1 vs baseline |", "|---|---|---|---|"]
-    for name, m in r["table"].items():
-        delta = "" if name == "frozen baseline" else f"{m['top1'] - base:+.1f}"
-        lines.append(f"| {name} | {m['top1']:.1f} | {m['top5']:.1f} | {delta} |")
-    c = r["ceilings"]
-    lines += ["", f"Ceilings (k = 1): a facebook image's nearest twitter image is its own emoji "
-                  f"{c['image_to_image']:.1f} %; a class prompt's nearest memory caption is its own class "
-                  f"{c['text_to_text']:.1f} %."
-              + (f" Memory swap recovers {100 * h['swap_recovery']:.0f} % of the gain with no retraining."
-                 if h["swap_recovery"] is not None else "")]
+    p = r["protocol"]
+    lines = [f"Regime **{p['regime']}**, seed {p['seed']}; memory: twitter ({r['n_memory_v2']} emoji); "
+             f"RECO training pairs: {r['n_train_pairs']} ({r['n_novel_pairs']} of them concepts the base knows as "
+             f"it knows the targets); validation: {r['n_unseen_val_pairs']} unseen concepts.", ""]
+    for name, m in r["training"].items():
+        lines.append(f"- {name}: validation {m['start']['acc']:.3f} untrained → {m['best']['score']:.3f} at step "
+                     f"{m['best']['step']} of {m['steps']} (frozen {m['best']['val']['baseline_acc']:.3f})")
+    for g, res in r["groups"].items():
+        h = res["headline"]
+        base, start = h["baseline_top1"], h["untrained_top1"]
+        lines += ["", f"### {g} ({h['classes']} classes)", "",
+                  "| | top-1 % | top-5 % | Δ top-1 vs baseline | Δ top-1 vs untrained start |",
+                  "|---|---|---|---|---|"]
+        for name, m in res["table"].items():
+            d_base = "" if name == "frozen baseline" else f"{m['top1'] - base:+.1f}"
+            d_start = "" if name in ("frozen baseline", "untrained start (step 0)") else f"{m['top1'] - start:+.1f}"
+            lines.append(f"| {name} | {m['top1']:.1f} | {m['top5']:.1f} | {d_base} | {d_start} |")
+        lines += ["", "| retrieval (one caption per drawing) | text→image R@1 | R@5 | image→text R@1 | R@5 |",
+                  "|---|---|---|---|---|"]
+        for name, m in res["retrieval"].items():
+            lines.append(f"| {name} | {m['t2i_r1']:.1f} | {m['t2i_r5']:.1f} | {m['i2t_r1']:.1f} | {m['i2t_r5']:.1f} |")
+        c = res["ceilings"]
+        lines += ["", f"Ceilings (k = 1): a facebook drawing's nearest twitter drawing is its own emoji "
+                      f"{c['image_to_image']:.1f} %; a class prompt's nearest memory caption is its own class "
+                      f"{c['text_to_text']:.1f} %."
+                  + (f" Memory swap recovers {100 * h['swap_recovery']:.0f} % of the gain with no retraining."
+                     if h.get("swap_recovery") is not None else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -30,20 +48,52 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(r["table"])
-    top1 = [r["table"][n]["top1"] for n in names]
-    fig, ax = plt.subplots(figsize=(8, 0.38 * len(names) + 1.2))
-    colors = ["#888888" if n == "frozen baseline" else "#2b6cb0" if n.startswith("RECO") else "#d69e2e"
-              for n in names]
-    ax.barh(range(len(names)), top1, color=colors)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.invert_yaxis()
-    ax.axvline(top1[0], color="#888888", lw=0.8, ls="--")
-    for i, v in enumerate(top1):
-        ax.text(v + 0.5, i, f"{v:.1f}", va="center", fontsize=7)
-    ax.set_xlabel("top-1 accuracy (%)")
-    ax.set_title(f"RECO on held-out emoji ({', '.join(r['protocol']['targets'])}, "
-                 f"{r['headline']['classes']} classes)", fontsize=9)
+    groups = list(r["groups"])
+    rows = ["frozen baseline", "untrained start (step 0)", f"RECO k={r['protocol']['headline_k']}",
+            "retrieval-off training control", "memory without the targets"]
+    colors = ["#888888", "#9ab6d6", "#2b6cb0", "#d69e2e", "#c05621"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 3, 3.6))
+    width = 0.8 / len(rows)
+    for j, (name, color) in enumerate(zip(rows, colors)):
+        vals = [r["groups"][g]["table"][name]["top1"] for g in groups]
+        xs = np.arange(len(groups)) + (j - (len(rows) - 1) / 2) * width
+        ax.bar(xs, vals, width, label=name, color=color)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"RECO on held-out emoji, {r['protocol']['regime']} regime, seed {r['protocol']['seed']}",
+                 fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
+    """(emoji-summary.json, its markdown): per regime and group, the mean over seeds of SUMMARY_KEYS, the standard
+    deviation of RECO's top-1 and of its gain over the untrained start, and the seeds."""
+    out: dict = {"regimes": {}}
+    lines = []
+    for regime, rs in runs.items():
+        if not rs:
+            continue
+        per: dict = {}
+        for g in rs[0]["groups"]:
+            hs = [r["groups"][g]["headline"] for r in rs if g in r["groups"]]
+            vals = {k: [h[k] for h in hs] for k in SUMMARY_KEYS}
+            gain = np.subtract(vals["reco_top1"], vals["untrained_top1"])
+            per[g] = {**{k: float(np.mean(v)) for k, v in vals.items()},
+                      "reco_top1_std": float(np.std(vals["reco_top1"])),
+                      "reco_minus_untrained_std": float(np.std(gain)),
+                      "classes": hs[0]["classes"], "seeds": [r["protocol"]["seed"] for r in rs if g in r["groups"]]}
+        out["regimes"][regime] = per
+        lines += [f"### {regime} regime (mean over seeds {', '.join(map(str, next(iter(per.values()))['seeds']))})",
+                  "", "| group | classes | baseline | untrained start | RECO (± std) | RECO − untrained | "
+                      "retrieval-off control | memory without targets | text→image R@1 baseline → RECO |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for g, m in per.items():
+            lines.append(f"| {g} | {m['classes']} | {m['baseline_top1']:.1f} | {m['untrained_top1']:.1f} | "
+                         f"**{m['reco_top1']:.1f}** ± {m['reco_top1_std']:.1f} | "
+                         f"{m['reco_top1'] - m['untrained_top1']:+.1f} | {m['retrieval_off_top1']:.1f} | "
+                         f"{m['no_target_memory_top1']:.1f} | {m['t2i_r1_baseline']:.1f} → {m['t2i_r1_reco']:.1f} |")
+        lines.append("")
+    return out, "\n".join(lines)
