@@ -476,9 +476,11 @@ def model_list(rt, as_json) -> None:
 
     def val(m):
         v = ((m["metrics"] or {}).get("best") or {}).get("val") or {}
-        start = (m["metrics"] or {}).get("start") or {}
-        return f"{v['acc']:.3f} ({start['acc']:.3f} / {v['baseline_acc']:.3f})" if v and start else \
-            f"{v['acc']:.3f} (- / {v['baseline_acc']:.3f})" if v else ""
+        if not v:
+            return ""
+        start = (m["metrics"] or {}).get("start")
+        return f"{v['acc']:.3f} ({start['acc']:.3f} / {v['baseline_acc']:.3f})" if start else \
+            f"{v['acc']:.3f} (- / {v['baseline_acc']:.3f})"
 
     _table([[m["name"], m["status"], m["memory"], m["pairs"], m["step"], val(m), m["backbone"]] for m in out],
            ["NAME", "STATUS", "MEMORY", "PAIRS", "STEP", "VAL ACC (START / FROZEN)", "BACKBONE"])

@@ -93,7 +93,7 @@ class _KeepOpen:
 
 class RecoEncoder:
     def __init__(self, rt: Runtime, model_row: dict, fusion, backbone, memory: str, memory_version: int | None,
-                 device: str, image_retrieval: bool = True, text_retrieval: bool = True):
+                 device: str, image_retrieval: bool = True, text_retrieval: bool = True, checkpoint: str = "best"):
         self.rt = rt
         self.info = model_row
         self.fusion = fusion
@@ -104,7 +104,7 @@ class RecoEncoder:
         self.image_retrieval = image_retrieval
         self.text_retrieval = text_retrieval
         self.timing = Timing()
-        self.checkpoint = "best"
+        self.checkpoint = checkpoint
         self._keep = _KeepOpen(rt, KEEP_OPEN_S)
         weakref.finalize(self, self._keep.close)
         cfg = model_row["config"]["job"]["train"]
@@ -145,9 +145,7 @@ class RecoEncoder:
             p.requires_grad_(False)
         name, version = parse_memory_ref(memory) if memory else (info["memory_name"], None)
         bb = get_backbone(info["backbone"], device, rt.settings.offline) if load_backbone else None
-        enc = cls(rt, info, fusion, bb, name, version, device, image_retrieval, text_retrieval)
-        enc.checkpoint = checkpoint
-        return enc
+        return cls(rt, info, fusion, bb, name, version, device, image_retrieval, text_retrieval, checkpoint)
 
     # -- memory ----------------------------------------------------------------------------------------------
     def resolve(self):

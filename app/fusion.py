@@ -131,19 +131,16 @@ def build(cfg: FusionConfig, seed: int) -> RecoFusion:
     return RecoFusion(cfg)
 
 
-TUNE = ("all", "attention")
-
-
 def param_groups(model: RecoFusion, tune: str, weight_decay: float) -> list[dict]:
     """What the optimizer updates. "all": every parameter. "attention": only where each side looks (query and key
     projections, type and rank embeddings, the score scale) and the loss temperature; the value and output
     projections, the layer norms and the MLP keep their start (for init=retrieval: what a neighbour adds stays the
     neighbour itself). Those large maps, fitted to the training concepts, are what eroded the retrieval prior on
     held-out concepts (README, quality)."""
-    if tune not in TUNE:
-        raise ValueError(f"tune must be one of {TUNE}, not {tune!r}")
     if tune == "all":
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    if tune != "attention":
+        raise ValueError(f"tune must be all or attention, not {tune!r}")
     decay, keep = [], [model.logit_scale]
     for layer in (model.image, model.text):
         for p in (*layer.out.parameters(), *layer.mlp.parameters(), *layer.ln1.parameters(), *layer.ln2.parameters()):

@@ -28,6 +28,7 @@ from .retrieval import modes, search_hits
 
 SELECT_RULES = ("1se", "best")
 BATCHING = ("random", "similar")
+TUNE = ("all", "attention")
 
 
 @dataclass
@@ -77,8 +78,8 @@ class TrainConfig:
         modes("image", self.search, self.fusion)
         if self.k < 1 or self.epochs < 1 or self.batch_size < 2:
             raise RecoError("k and epochs must be >= 1 and batch size >= 2")
-        if self.tune not in ("all", "attention"):
-            raise RecoError(f"--tune must be all or attention, not {self.tune!r}")
+        if self.tune not in TUNE:
+            raise RecoError(f"--tune must be one of {', '.join(TUNE)}, not {self.tune!r}")
         if self.batching not in BATCHING:
             raise RecoError(f"--batching must be one of {', '.join(BATCHING)}, not {self.batching!r}")
         if self.query_noise < 0:

@@ -158,3 +158,46 @@ def test_build_gives_the_same_start_for_the_same_seed():
     for key, value in a.state_dict().items():
         torch.testing.assert_close(value, b.state_dict()[key])
     assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_tune_attention_learns_where_to_look_and_keeps_the_values():
+    from app.fusion import build, param_groups
+
+    d = 32
+    model = build(FusionConfig(dim=d, k=4, init="retrieval"), 0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(param_groups(model, "attention", 0.05), lr=1e-2)
+    for _ in range(5):
+        q = torch.nn.functional.normalize(torch.randn(8, d), dim=-1)
+        r, s = torch.randn(8, 4, d), torch.rand(8, 4)
+        loss = reco_loss(model.image(q, r, s), model.text(q, r, s), q, q, model.logit_scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    now = model.state_dict()
+    for side in ("image", "text"):
+        for name in ("q.weight", "type_emb", "rank_emb", "score_scale"):
+            assert not torch.equal(now[f"{side}.{name}"], start[f"{side}.{name}"]), name
+        assert not torch.equal(now[f"{side}.kv.weight"][:d], start[f"{side}.kv.weight"][:d])  # keys learn
+        for name in ("kv.weight", "kv.bias"):  # values do not, not even by weight decay
+            assert torch.equal(now[f"{side}.{name}"][d:], start[f"{side}.{name}"][d:]), name
+        for name in ("out.weight", "mlp.0.weight", "mlp.3.weight", "ln1.weight", "ln2.bias"):
+            assert torch.equal(now[f"{side}.{name}"], start[f"{side}.{name}"]), name
+    with pytest.raises(ValueError, match="tune must be"):
+        param_groups(model, "values", 0.0)
+
+
+def test_similar_groups_are_balanced_complete_and_hold_near_rows():
+    from app.train import similar_groups
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((8, 16)) * 10
+    x = np.repeat(centres, 40, axis=0) + rng.standard_normal((320, 16))  # 8 clusters of 40 rows
+    rows = rng.permutation(320)[:300]
+    groups = similar_groups(x, rows, 40)
+    assert sorted(np.concatenate(groups).tolist()) == sorted(rows.tolist())
+    assert all(20 < len(g) <= 40 for g in groups)
+    # a group is mostly one cluster: near rows end up together
+    purity = np.mean([np.bincount(g // 40).max() / len(g) for g in groups])
+    assert purity > 0.9
+    assert [g.tolist() for g in similar_groups(x, rows, 40)] == [g.tolist() for g in groups]  # deterministic

@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -104,12 +105,20 @@ def main(argv=None) -> int:
 
 
 def _result_name(p: Protocol) -> str:
-    """emoji-REGIME-sSEED.json for the default protocol; anything else names what differs."""
+    """emoji-REGIME-sSEED.json for the default protocol (what the summary reads); a run with other settings names
+    what differs, so it never overwrites a default run."""
+    from dataclasses import fields
+
+    default = Protocol(regime=p.regime)
     parts = [p.regime]
-    if p.targets != list(DEFAULT_TARGETS):
-        parts.append("+".join(p.targets).replace("+", "_"))
-    if p.max_targets or p.max_rest:
-        parts.append(f"reduced{p.max_targets}x{p.max_rest}")
+    if p.targets != default.targets:
+        parts.append("_".join(t.replace("+", "_") for t in p.targets))
+    for f in fields(Protocol):
+        if f.name not in ("targets", "regime", "seed", "base") and getattr(p, f.name) != getattr(default, f.name):
+            parts.append(f"{f.name}{getattr(p, f.name)}")
+    for f in fields(BaseConfig):
+        if getattr(p.base, f.name) != getattr(default.base, f.name):
+            parts.append(f"base_{f.name}{getattr(p.base, f.name)}")
     return f"emoji-{'-'.join(parts)}-s{p.seed}.json"
 
 
@@ -119,7 +128,8 @@ def _summary(argv) -> int:
     ap.add_argument("--dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     d = Path(args.dir)
-    runs = {r: [json.loads(f.read_text()) for f in sorted(d.glob(f"emoji-{r}-s*.json"))] for r in REGIMES}
+    runs = {r: [json.loads(f.read_text()) for f in sorted(d.glob(f"emoji-{r}-s*.json"))
+                if re.fullmatch(rf"emoji-{r}-s\d+\.json", f.name)] for r in REGIMES}
     if not any(runs.values()):
         raise SystemExit(f"no emoji-REGIME-sSEED.json result in {d}: run `python -m benchmarks.emoji` first")
     summary, md = summarize(runs)
