@@ -147,7 +147,7 @@ def param_groups(model: RecoFusion, tune: str, weight_decay: float) -> list[dict
             p.requires_grad_(False)
         d = layer.cfg.dim
         for p in layer.kv.parameters():  # keys learn, values (the second half of the rows) do not
-            p.register_hook(lambda g: torch.cat([g[:d], torch.zeros_like(g[d:])]))
+            p.register_hook(lambda g, d=d: torch.cat([g[:d], torch.zeros_like(g[d:])]))
         decay += [layer.q.weight]
         keep += [layer.q.bias, *layer.kv.parameters(), layer.type_emb] + \
             [p for p in (layer.rank_emb, layer.score_scale) if p is not None]

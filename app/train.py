@@ -591,7 +591,8 @@ def run_training(rt, name: str, progress: bool = True,
     metrics = {
         "steps": step, "epochs": cfg.epochs, "train_pairs": int(len(train_rows)), "val_pairs": int(len(val_rows)),
         # validation of the same layers untrained: the number the pick must beat for training to have helped
-        "start": start["val"] if start else None, "best": best, "final": history[-1] if history else None, "resumed_from": resumed_from,
+        "start": start["val"] if start else None, "best": best, "final": history[-1] if history else None,
+        "resumed_from": resumed_from,
         "store_queries": cache.store_queries + (val_cache.store_queries if val_cache else 0),
         "seconds": round(time.monotonic() - t0, 2),
     }

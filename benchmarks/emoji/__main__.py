@@ -1,7 +1,7 @@
 """RECO's quality effect on real artwork: held-out fine-grained emoji, a frozen base, a swappable memory.
 
     python -m benchmarks.emoji [--regime absent|rare] [--seeds 0,1,2] [--targets country-flag,animal-mammal,...]
-    python -m benchmarks.emoji summary          # emoji-summary.{json,md,png} from the runs in benchmarks/results
+    python -m benchmarks.emoji summary          # emoji-summary.{json,md} from the runs in benchmarks/results
 
 Installs the emoji npm packages into a cache when missing (RECO_BENCH_CACHE, default ~/.cache/reco/bench),
 pretrains or reuses the base model (cached under --home by a hash of config, data and seed), then builds the
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.common import log, version, write_result  # noqa: E402
 from benchmarks.emoji import data  # noqa: E402
 from benchmarks.emoji.base import BaseConfig  # noqa: E402
+from app.train import BATCHING, TUNE  # noqa: E402
 from benchmarks.emoji.protocol import DEFAULT_TARGETS, REGIMES, TRAIN_ON, Protocol, run  # noqa: E402
 from benchmarks.emoji.report import markdown, plot, summarize  # noqa: E402
 
@@ -48,8 +49,8 @@ def main(argv=None) -> int:
                     help="share of non-target emoji held like the targets and used as RECO training pairs")
     ap.add_argument("--train-on", choices=TRAIN_ON, default=Protocol.train_on,
                     help="RECO training pairs: base and novel concepts, base only, or novel only")
-    ap.add_argument("--tune", choices=("all", "attention"), default=Protocol.tune, help="reco train --tune")
-    ap.add_argument("--batching", choices=("random", "similar"), default=Protocol.batching,
+    ap.add_argument("--tune", choices=TUNE, default=Protocol.tune, help="reco train --tune")
+    ap.add_argument("--batching", choices=BATCHING, default=Protocol.batching,
                     help="reco train --batching")
     ap.add_argument("--query-noise", type=float, default=Protocol.query_noise, help="reco train --query-noise")
     ap.add_argument("--rare-weight", type=float, default=BaseConfig.rare_weight,

@@ -148,10 +148,10 @@ def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     corpora = work / "corpora"
     with timed("corpora"):
+        pairs = {"all": base_c + novel, "base": base_c, "novel": novel}[p.train_on]
         pairs_src, unseen_src = (data.write_wds(corpora / name, [(e.key, data.rgb_png(e.images[vendor]),
                                                                   data.pair_caption(e, p.seed)) for e in group])
-                                 for name, group, vendor in (("pairs", {"all": base_c + novel, "base": base_c,
-                                                                        "novel": novel}[p.train_on], "google"),
+                                 for name, group, vendor in (("pairs", pairs, "google"),
                                                              ("unseen", unseen, p.val_vendor)))
         mem_rows = {e.key: (e.key, data.rgb_png(e.images["twitter"]), data.memory_caption(e)) for e in rest + targets}
         v1_src = data.write_wds(corpora / "twitter-v1", [mem_rows[e.key] for e in rest])
@@ -220,8 +220,7 @@ def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
         "groups": {g: {"subcategories": subcats.get(g, ["(unseen non-target concepts)"]),
                        "targets": [e.name for e in groups[g]], **results[g]} for g in groups},
         "n_base_concepts": len(base_c),
-        "n_novel_pairs": len(novel) if p.train_on != "base" else 0,
-        "n_train_pairs": (len(base_c) if p.train_on != "novel" else 0) + (len(novel) if p.train_on != "base" else 0),
+        "n_novel_pairs": sum(e in novel for e in pairs), "n_train_pairs": len(pairs),
         "n_unseen_val_pairs": len(unseen), "n_memory_v1": len(rest), "n_memory_v2": len(rest) + len(targets),
         "base_model": base_info, "backbone": backbone, "training": trained,
         "timings_s": {**timed, "total": round(time.perf_counter() - t_start, 1)},
@@ -286,7 +285,8 @@ def _evaluate_group(rt, p: Protocol, es: dict, templates: Path, ablations: bool)
         "baseline_top1": baseline["top1"], "untrained_top1": row("untrained start (step 0)"),
         "reco_top1": row(f"RECO k={hk}"), "retrieval_off_top1": row("retrieval-off training control"),
         "no_target_memory_top1": row("memory without the targets"),
-        "cross_search_top1": row("cross-modal search"), "plain_fusion_top1": row("paper's plain fusion (no rank, no score)"),
+        "cross_search_top1": row("cross-modal search"),
+        "plain_fusion_top1": row("paper's plain fusion (no rank, no score)"),
         "t2i_r1_baseline": trained["baseline"]["t2i_r1"], "t2i_r1_untrained": start["reco"]["t2i_r1"],
         "t2i_r1_reco": trained["reco"]["t2i_r1"], "k": hk,
         "classes": len(Path(es["classnames"]).read_text().splitlines()),
