@@ -361,8 +361,9 @@ def memory_query(rt, name, text, image, k, version, as_json) -> None:
 @click.option("--query-noise", default=0.0, show_default=True,
               help="Training only: noise of this norm on each frozen query the layers refine, so the base is unsure "
               "of every pair and the memory pays (try 0.5-1 when the pairs are concepts the backbone knows well).")
-@click.option("--tune", type=click.Choice(["all", "attention"]), default="all", show_default=True,
-              help="attention: only where each side looks learns; values, output projection and MLP keep their start.")
+@click.option("--tune", type=click.Choice(["all", "attention", "scalars"]), default="all", show_default=True,
+              help="attention: only where each side looks learns; values, output projection and MLP keep their start. "
+              "scalars: only the memory's weight against the query and the score scale learn.")
 @click.option("--batching", type=click.Choice(["random", "similar"]), default="random", show_default=True,
               help="similar: each batch is a group of pairs with near captions, so in-batch negatives are hard.")
 @click.option("--retrieval/--no-retrieval", default=True, show_default=True,

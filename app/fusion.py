@@ -139,8 +139,10 @@ def param_groups(model: RecoFusion, tune: str, weight_decay: float) -> list[dict
     held-out concepts (README, quality)."""
     if tune == "all":
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    if tune == "scalars":
+        return _scalar_groups(model)
     if tune != "attention":
-        raise ValueError(f"tune must be all or attention, not {tune!r}")
+        raise ValueError(f"tune must be all, attention or scalars, not {tune!r}")
     decay, keep = [], [model.logit_scale]
     for layer in (model.image, model.text):
         for p in (*layer.out.parameters(), *layer.mlp.parameters(), *layer.ln1.parameters(), *layer.ln2.parameters()):
@@ -165,3 +167,22 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tor
 def reco_loss(v_ref, t_ref, v, t, logit_scale) -> torch.Tensor:
     """InfoNCE(v̄, t̄) + InfoNCE(v̄, t) + InfoNCE(v, t̄)."""
     return info_nce(v_ref, t_ref, logit_scale) + info_nce(v_ref, t, logit_scale) + info_nce(v, t_ref, logit_scale)
+
+
+def _scalar_groups(model: RecoFusion) -> list[dict]:
+    """tune="scalars": per side, only how much the memory weighs against the query (the output projection's scale
+    along the identity: its gradient is projected onto the identity, so the map stays alpha times the identity)
+    and the score scale; plus the loss temperature. Nothing that could fit a concept learns, only the balance of
+    the retrieval prior."""
+    keep = [model.logit_scale]
+    for layer in (model.image, model.text):
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        layer.out.weight.requires_grad_(True)
+        eye = torch.eye(layer.cfg.dim)
+        layer.out.weight.register_hook(lambda g, eye=eye: eye.to(g) * torch.diagonal(g).mean())
+        keep.append(layer.out.weight)
+        if layer.score_scale is not None:
+            layer.score_scale.requires_grad_(True)
+            keep.append(layer.score_scale)
+    return [{"params": keep, "weight_decay": 0.0}]

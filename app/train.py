@@ -28,7 +28,7 @@ from .retrieval import modes, search_hits
 
 SELECT_RULES = ("1se", "best")
 BATCHING = ("random", "similar")
-TUNE = ("all", "attention")
+TUNE = ("all", "attention", "scalars")
 
 
 @dataclass
@@ -69,7 +69,7 @@ class TrainConfig:
     # the in-batch negatives are near neighbours (flags with flags) and telling them apart takes the one right
     # neighbour; "random" batches are told apart by coarse kind, which averaging many neighbours already gives
     batching: str = "random"
-    tune: str = "all"  # which parameters learn: all, or attention only (see app/fusion.py param_groups)
+    tune: str = "all"  # which parameters learn: all, attention or scalars (see app/fusion.py param_groups)
     dedup_threshold: float | None = 0.98
     score_threshold: float | None = None
     device: str | None = None

@@ -187,6 +187,34 @@ def test_tune_attention_learns_where_to_look_and_keeps_the_values():
         param_groups(model, "values", 0.0)
 
 
+def test_tune_scalars_learns_only_the_balance_of_the_retrieval_prior():
+    import math
+
+    from app.fusion import build, param_groups
+
+    d = 32
+    model = build(FusionConfig(dim=d, k=4, init="retrieval"), 0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(param_groups(model, "scalars", 0.05), lr=1e-2)
+    for _ in range(5):
+        q = torch.nn.functional.normalize(torch.randn(8, d), dim=-1)
+        r, s = torch.randn(8, 4, d), torch.rand(8, 4)
+        loss = reco_loss(model.image(q, r, s), model.text(q, r, s), q, q, model.logit_scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    now = model.state_dict()
+    assert not torch.equal(now["logit_scale"], start["logit_scale"])
+    for side in ("image", "text"):
+        w = now[f"{side}.out.weight"]
+        alpha = w[0, 0] * math.sqrt(d)
+        assert abs(alpha - 1.0) > 1e-3  # the memory's weight moved ...
+        torch.testing.assert_close(w, torch.eye(d) * w[0, 0])  # ... and the map is still alpha times the identity
+        assert not torch.equal(now[f"{side}.score_scale"], start[f"{side}.score_scale"])
+        for name in ("q.weight", "kv.weight", "out.bias", "type_emb", "rank_emb", "mlp.0.weight", "ln1.weight"):
+            assert torch.equal(now[f"{side}.{name}"], start[f"{side}.{name}"]), name
+
+
 def test_similar_groups_are_balanced_complete_and_hold_near_rows():
     from app.train import similar_groups
 
