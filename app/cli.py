@@ -29,7 +29,14 @@ class RecoGroup(click.Group):
         try:
             return super().invoke(ctx)
         except RecoError as exc:
-            raise click.ClickException(str(exc)) from exc
+            from .settings import Settings, scrub
+
+            try:
+                st = Settings.from_env()
+                urls = (st.database_url, st.broker_url, st.result_backend, st.qdrant_url)
+            except RecoError:
+                urls = ()
+            raise click.ClickException(scrub(str(exc), *urls)) from exc
 
 
 @click.group(cls=RecoGroup)
@@ -76,12 +83,16 @@ def status(rt, as_json, timeout) -> None:
     for b in st["building_versions"]:
         sh = b["shards"]
         click.echo(f"  {b['memory']} v{b['version']} {b['status']}: {sh['done']}/{sum(sh.values())} shards done, "
-                   f"{sh['running']} running, {sh['failed']} failed, {b['items_stored']} items")
+                   f"{sh['running']} running, {sh['stale']} stale, {sh['pending']} pending, {sh['failed']} failed, "
+                   f"{b['items_stored']} items")
     click.echo("running:" + ("" if st["running_jobs"] else " none"))
     for j in st["running_jobs"]:
-        what = f"{j['memory']} v{j['version']} shard {j['shard']}" if j["kind"] == "ingest" else \
-            f"{j['model']} step {j['step']}"
-        click.echo(f"  {j['kind']} {what}")
+        if j["kind"] == "ingest":
+            lease = f"stale since {j['stale_since'][:19]} (lease of {j['worker']} not renewed; the sweeper re-queues " \
+                    f"it)" if j["state"] == "stale" else f"on {j['worker']} (heartbeat {j['heartbeat_age_s']:.0f} s ago)"
+            click.echo(f"  ingest {j['memory']} v{j['version']} shard {j['shard']} {lease}")
+        else:
+            click.echo(f"  train {j['model']} step {j['step']}")
     click.echo("failed:" + ("" if st["failed_jobs"] else " none"))
     for j in st["failed_jobs"]:
         what = f"{j['memory']} v{j['version']}" if j["kind"] == "ingest" else j["model"]
@@ -149,15 +160,22 @@ def memory_build(rt, name, source, fmt, backbone, activate, wait, image_column, 
     else:
         ids = enqueue(rt, v.id)
         click.echo(f"queued {len(ids)} shard task(s) on 'ingest'", err=True)
-        from workers.celery_app import workers_alive
-
-        if not workers_alive():
-            click.echo("warning: no worker answered; start one with `reco worker --queues ingest`", err=True)
+        if not _any_worker(rt):
+            click.echo("warning: no worker is alive; start one with `reco worker --queues ingest`", err=True)
         if not wait:
             click.echo(f"{name} v{v.version} building")
             return
-        status = wait_for(rt, v.id, timeout=timeout)
+        status = wait_for(rt, v.id, timeout=timeout, sweep_every=rt.settings.lease_s)
     _report_build(rt, name, v.version, status)
+
+
+def _any_worker(rt) -> bool:
+    """A worker heartbeat younger than two lease periods, or else an answer to a broker ping."""
+    from workers.celery_app import workers_alive
+
+    from .leases import live_workers
+
+    return bool(live_workers(rt)) or bool(workers_alive())
 
 
 def _status(rt, version_id: int) -> str:
@@ -177,7 +195,9 @@ def _report_build(rt, name: str, version: int, status: str) -> None:
     click.echo(f"{name} v{version} {status}{' (active)' if d['active'] else ''}: "
                f"{d['items_stored']} items stored, {d['items_skipped']} skipped ({skipped})")
     if status != "ready":
-        raise RecoError(f"{name} v{version} {status}: {d['error']}")
+        why = d["error"] or f"{d['shards_done']}/{d['shards_total']} shards done; a shard may be held by another " \
+            f"process's lease (`reco memory show {name} --version {version}`)"
+        raise RecoError(f"{name} v{version} {status}: {why}")
 
 
 @memory.command("list")
@@ -212,6 +232,7 @@ def memory_list(rt, as_json) -> None:
 @click.pass_obj
 def memory_show(rt, name, version, as_json) -> None:
     """Status, counts, skip reasons and per-shard progress of one version."""
+    from .leases import lease_info
     from .memory import get_memory, get_version, summary
 
     with rt.db.session() as s:
@@ -220,6 +241,7 @@ def memory_show(rt, name, version, as_json) -> None:
         d = summary(s, v, mem.active_version_id)
         d["name"] = name
         d["shards"] = [{"id": sh.id, "index": sh.index, "name": sh.spec.get("name"), "status": sh.status,
+                        **lease_info(sh, rt.settings.lease_s),
                         "items_stored": sh.items_stored, "items_skipped": sh.items_skipped,
                         "skip_reasons": sh.skip_reasons, "attempts": sh.attempts, "error": sh.error}
                        for sh in v.shards]
@@ -232,9 +254,10 @@ def memory_show(rt, name, version, as_json) -> None:
             click.echo(f"{k:14} {d[k]}")
     for r, n in sorted(d["skip_reasons"].items()):
         click.echo(f"  skipped {r}: {n}")
-    _table([[sh["index"], sh["name"], sh["status"], sh["items_stored"], sh["items_skipped"], sh["attempts"],
-             sh["error"] or ""] for sh in d["shards"]],
-           ["SHARD", "NAME", "STATUS", "STORED", "SKIPPED", "ATTEMPTS", "ERROR"])
+    _table([[sh["index"], sh["name"], sh["state"], sh["worker"] or "", sh["items_stored"], sh["items_skipped"],
+             sh["attempts"], sh["error"] or (f"lease expired {sh['stale_since'][:19]}" if sh["stale_since"] else "")]
+            for sh in d["shards"]],
+           ["SHARD", "NAME", "STATE", "WORKER", "STORED", "SKIPPED", "ATTEMPTS", "ERROR"])
 
 
 @memory.command("activate")
@@ -271,6 +294,31 @@ def memory_verify(rt, name, version, as_json) -> None:
         click.echo("OK" if r.ok else "FAILED")
     if not r.ok:
         sys.exit(1)
+
+
+@memory.command("resume")
+@click.argument("name")
+@click.argument("version", type=int, required=False)
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the version is ready.")
+@click.option("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
+@click.pass_obj
+def memory_resume(rt, name, version, wait, timeout) -> None:
+    """Put a building version's lost shards (pending with no message, stale lease) back to work now, or retry a
+    failed version's unfinished shards. Workers do the same on their own once per lease period."""
+    from .build import resume, wait_for
+
+    r = resume(rt, name, version)
+    number = r["version"]
+    if r.get("ran_in_process"):
+        status = _status(rt, r["version_id"])
+    else:
+        click.echo(f"{name} v{number}: {r['requeued']} shard(s) re-queued, {r['failed']} failed", err=True)
+        if not _any_worker(rt):
+            click.echo("warning: no worker is alive; start one with `reco worker --queues ingest`", err=True)
+        if not wait:
+            return
+        status = wait_for(rt, r["version_id"], timeout=timeout, sweep_every=rt.settings.lease_s)
+    _report_build(rt, name, number, status)
 
 
 @memory.command("finalize")
@@ -386,13 +434,13 @@ def train(rt, model_name, pairs, memory, wait, timeout, **options) -> None:
     if rt.settings.in_process_tasks:
         metrics = run_training(rt, model_name)
     else:
-        from workers.celery_app import check_broker, workers_alive
+        from workers.celery_app import check_broker
         from workers.tasks import train_model
 
         check_broker()
         train_model.apply_async(args=(model_name,), queue="train")
-        if not workers_alive():
-            click.echo("warning: no worker answered; start one with `reco worker --queues train`", err=True)
+        if not _any_worker(rt):
+            click.echo("warning: no worker is alive; start one with `reco worker --queues train`", err=True)
         if not wait:
             click.echo(f"{model_name}: training queued")
             return

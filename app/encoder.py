@@ -106,6 +106,7 @@ class RecoEncoder:
         self.timing = Timing()
         self.checkpoint = checkpoint
         self._keep = _KeepOpen(rt, KEEP_OPEN_S)
+        self._complete: set[str] = set()  # collections whose point count was checked
         weakref.finalize(self, self._keep.close)
         cfg = model_row["config"]["job"]["train"]
         self.k, self.search, self.fusion_mode = cfg["k"], cfg["search"], cfg["fusion"]
@@ -150,12 +151,16 @@ class RecoEncoder:
     # -- memory ----------------------------------------------------------------------------------------------
     def resolve(self):
         """(collection, version row) the next call reads: one DB read, refused if the backbone differs."""
-        from .memory import resolve_collection
+        from .memory import check_complete, resolve_collection
 
         collection, v = resolve_collection(self.rt, self.memory, self.memory_version)
         if v.backbone_hash != self.info["backbone_hash"]:
             raise RecoError(f"memory {self.memory} v{v.version} was embedded with {v.backbone}, model "
                             f"{self.info['name']} uses {self.info['backbone']}: they must share the backbone")
+        if collection not in self._complete:  # once per collection: counting opens an embedded shard
+            self._keep.use(collection)
+            check_complete(self.rt, self.memory, collection, v)
+            self._complete.add(collection)
         return collection, v
 
     def _collection(self) -> str:

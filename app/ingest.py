@@ -14,12 +14,13 @@ from collections import Counter
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from .corpus import Item, SkipReason, read_shard
-from .db.models import IngestShard, Memory, MemoryVersion, ShardStatus, VersionStatus, utcnow
+from .db.models import IngestShard, Memory, ShardStatus, utcnow
 from .errors import RecoError, TransientError
+from .leases import Heartbeat, claim, holder_name, release
+from .memory import fail_shard, finalize_if_complete
 from .store.base import point_id
 
 BATCH_SIZE = 128
@@ -116,28 +117,50 @@ def _prepared(fmt: str, spec: dict, backbone, counts: Counter, batch_size: int) 
 
 
 def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, batch_size: int = BATCH_SIZE,
-              finalize: bool = True) -> dict:
+              finalize: bool = True, holder: str | None = None) -> dict:
     """Ingest one shard. Returns its summary. Safe to call again for a shard that is done or half-done.
 
-    finalize: seal the version when this was its last shard (a caller that runs every shard itself, holding
-    the collection open meanwhile, passes False and finalizes once at the end)."""
-    from .backbone import get_backbone
-
+    The shard is taken under a lease (app/leases.py) that a thread renews while it works: a shard another worker
+    holds under a live lease is left to it. finalize: seal the version when this was its last shard (a caller
+    that runs every shard itself, holding the collection open meanwhile, passes False and finalizes once at the
+    end). holder: who takes the lease (default this host and process)."""
+    holder = holder or holder_name()
     with rt.db.session() as s:
         shard = s.get(IngestShard, shard_id)
         if shard is None:
             raise RecoError(f"ingest shard {shard_id} does not exist (was its version deleted?)")
         v = shard.version
         mem = s.get(Memory, v.memory_id)
-        if shard.status == ShardStatus.DONE or v.status != VersionStatus.BUILDING:
-            return {"shard": shard_id, "status": shard.status, "skipped_run": True}
-        shard.status = ShardStatus.RUNNING
-        shard.attempts = (shard.attempts or 0) + 1
-        shard.started_at = utcnow()
-        fmt, spec, collection, dim, backbone_spec = v.source_format, dict(shard.spec), v.collection, v.dim, v.backbone
-        memory_name, version_number, version_id = mem.name, v.version, v.id
+        job = {"fmt": v.source_format, "spec": dict(shard.spec), "collection": v.collection, "dim": v.dim,
+               "backbone": v.backbone, "memory": mem.name, "version": v.version}
+        version_id = v.id
+    if not claim(rt, shard_id, holder):  # done, failed, no longer building, or held by a live worker
+        with rt.db.session() as s:
+            shard = s.get(IngestShard, shard_id)
+            return {"shard": shard_id, "status": shard.status, "held_by": shard.worker, "skipped_run": True}
+    with Heartbeat(rt, shard_id, holder):
+        stored, counts = _encode_and_store(rt, shard_id, holder, job, progress, batch_size)
+        with rt.db.session() as s:
+            shard = s.get(IngestShard, shard_id)
+            shard.status = ShardStatus.DONE
+            shard.items_stored = stored
+            shard.items_skipped = sum(counts.values())
+            shard.skip_reasons = dict(counts)
+            shard.error = None
+            shard.finished_at = utcnow()
+    if finalize:
+        finalize_if_complete(rt, version_id)
+    return {"shard": shard_id, "status": ShardStatus.DONE, "stored": stored, "skipped": dict(counts)}
+
+
+def _encode_and_store(rt, shard_id: int, holder: str, job: dict, progress, batch_size: int) -> tuple[int, Counter]:
+    """The shard's work under its lease: (items stored, skip counts). A transient failure gives the lease back;
+    any other fails the shard and its version."""
+    from .backbone import get_backbone
+
+    fmt, spec, dim = job["fmt"], job["spec"], job["dim"]
     try:
-        backbone = None if fmt == "embeddings" else get_backbone(backbone_spec, rt.settings.device, rt.settings.offline)
+        backbone = None if fmt == "embeddings" else get_backbone(job["backbone"], rt.settings.device, rt.settings.offline)
         counts: Counter = Counter()
         chunks, stored, reported = [], 0, 0
         # encode the whole shard first, then write it under one open of the collection: an embedded shard is
@@ -151,7 +174,7 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
                 images = backbone.encode_image_tensor(images)
             if images.shape[1] != dim:
                 raise RecoError(f"vectors have dimension {images.shape[1]}, the memory expects {dim}")
-            ids = [point_id(memory_name, version_number, k) for k in keys]
+            ids = [point_id(job["memory"], job["version"], k) for k in keys]
             shard_name = spec.get("name", str(shard_id))
             payloads = [{"key": k, "caption": c, "shard": shard_name, **({"src": src} if src else {})}
                         for k, c, src in zip(keys, caps, srcs)]
@@ -161,81 +184,13 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
                 processed = stored + sum(counts.values())
                 progress(processed - reported)
                 reported = processed
-        with rt.store.hold(collection, create_dim=dim):
+        with rt.store.hold(job["collection"], create_dim=dim):
             for chunk in chunks:
-                rt.store.upsert(collection, *chunk)
+                rt.store.upsert(job["collection"], *chunk)
     except (TransientError, OperationalError, ConnectionError):
-        raise  # the task retries; the shard stays running until then
-    except Exception as exc:
-        _fail_shard(rt, shard_id, str(exc) if isinstance(exc, RecoError) else f"{type(exc).__name__}: {exc}")
+        release(rt, shard_id, holder)  # the task retries, maybe on another worker
         raise
-    with rt.db.session() as s:
-        shard = s.get(IngestShard, shard_id)
-        shard.status = ShardStatus.DONE
-        shard.items_stored = stored
-        shard.items_skipped = sum(counts.values())
-        shard.skip_reasons = dict(counts)
-        shard.error = None
-        shard.finished_at = utcnow()
-    if finalize:
-        finalize_if_complete(rt, version_id)
-    return {"shard": shard_id, "status": ShardStatus.DONE, "stored": stored, "skipped": dict(counts)}
-
-
-def _fail_shard(rt, shard_id: int, error: str) -> None:
-    with rt.db.session() as s:
-        shard = s.get(IngestShard, shard_id)
-        if shard is None:
-            return
-        shard.status = ShardStatus.FAILED
-        shard.error = error
-        shard.finished_at = utcnow()
-        v = shard.version
-        if v.status == VersionStatus.BUILDING:
-            v.status = VersionStatus.FAILED
-            v.error = f"shard {shard.index} ({shard.spec.get('name', '')}): {error}"
-
-
-def finalize_if_complete(rt, version_id: int) -> str | None:
-    """When every shard is done: seal the collection (HNSW), reconcile counts, mark ready, maybe activate.
-
-    Whoever finishes the last shard gets here; the status flip building→finalizing is one conditional UPDATE,
-    so exactly one process finalizes even when several finish at once.
-    """
-    with rt.db.session() as s:
-        statuses = s.scalars(select(IngestShard.status).where(IngestShard.version_id == version_id)).all()
-        if not statuses or any(st != ShardStatus.DONE for st in statuses):
-            return None
-        claimed = s.execute(
-            update(MemoryVersion)
-            .where(MemoryVersion.id == version_id, MemoryVersion.status == VersionStatus.BUILDING)
-            .values(status=VersionStatus.FINALIZING)
-        ).rowcount
-    if claimed != 1:
-        return None
-    with rt.db.session() as s:
-        v = s.get(MemoryVersion, version_id)
-        shards = list(v.shards)
-        expected = sum(sh.items_stored for sh in shards)
-        skipped = sum(sh.items_skipped for sh in shards)
-        collection, activate_after = v.collection, bool(v.activate_when_ready)
-        name, number = v.memory.name, v.version
-    error = None
-    if expected == 0:
-        error = "no item could be stored (see the skip reasons with `reco memory show`)"
-    else:
-        n = rt.store.seal(collection)
-        if n != expected:
-            error = f"the vector store holds {n} points but the shards stored {expected} (duplicate keys across shards?)"
-    with rt.db.session() as s:
-        v = s.get(MemoryVersion, version_id)
-        v.items_stored, v.items_skipped = expected, skipped
-        if error:
-            v.status, v.error = VersionStatus.FAILED, error
-        else:
-            v.status, v.ready_at = VersionStatus.READY, utcnow()
-    if not error and activate_after:
-        from .memory import activate
-
-        activate(rt, name, number)
-    return VersionStatus.FAILED if error else VersionStatus.READY
+    except Exception as exc:
+        fail_shard(rt, shard_id, str(exc) if isinstance(exc, RecoError) else f"{type(exc).__name__}: {exc}")
+        raise
+    return stored, counts

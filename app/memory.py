@@ -6,6 +6,7 @@ alias `reco-NAME` is switched too, in one atomic request, for clients that read 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
@@ -13,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .db.models import IngestShard, Memory, MemoryVersion, ShardStatus, VersionStatus, utcnow
 from .errors import NotFound, RecoError
+from .leases import STALE, shard_state
 from .names import check_name
 from .store.base import collection_name
 
@@ -99,6 +101,16 @@ def resolve_collection(rt, name: str, version: int | None = None) -> tuple[str, 
         return v.collection, v
 
 
+def check_complete(rt, name: str, collection: str, v: MemoryVersion) -> None:
+    """Refuse to read a version whose collection holds fewer points than it recorded (a data segment lost or
+    deleted): its answers would silently come from what is left."""
+    n = rt.store.count(collection)
+    if n < (v.items_stored or 0):
+        raise RecoError(f"memory {name} v{v.version} is damaged: the vector store holds {n} of its "
+                        f"{v.items_stored} points. `reco memory verify {name} --version {v.version}` shows the "
+                        f"mismatch; rebuild the version or activate another one")
+
+
 @dataclass
 class VerifyReport:
     memory: str
@@ -128,6 +140,14 @@ def verify(rt, name: str, version: int | None = None) -> VerifyReport:
     store_count = rt.store.count(v.collection) if rt.store.exists(v.collection) else 0
     if v.status == VersionStatus.FAILED:
         problems.append(f"version failed: {v.error}")
+    elif v.status in (VersionStatus.BUILDING, VersionStatus.FINALIZING):
+        states = Counter(shard_state(sh, rt.settings.lease_s) for sh in shards)
+        detail = ", ".join(f"{n} {st}" for st, n in sorted(states.items()) if st != ShardStatus.DONE)
+        hint = f"; `reco memory resume {name} {v.version}` re-queues stale and lost shards" if states[STALE] \
+            or states[ShardStatus.PENDING] else f"; if its finaliser died, `reco memory finalize {name} " \
+            f"{v.version}`" if v.status == VersionStatus.FINALIZING else ""
+        problems.append(f"not ready: {v.status}, {done}/{len(shards)} shards done"
+                        f"{' (' + detail + ')' if detail else ''}{hint}")
     if done != len(shards) and v.status in VersionStatus.ACTIVATABLE:
         problems.append(f"{len(shards) - done} shard(s) not done in a {v.status} version")
     if v.status in VersionStatus.ACTIVATABLE and (v.items_stored or 0) != shard_sum:
@@ -144,8 +164,6 @@ def verify(rt, name: str, version: int | None = None) -> VerifyReport:
 def finalize(rt, name: str, version: int) -> str:
     """Finish a version whose shards are all done but which is not ready: its finaliser died mid-seal (the
     version stays `finalizing`). Sealing again is safe; run it only when that finaliser is gone."""
-    from .ingest import finalize_if_complete
-
     with rt.db.session() as s:
         v = get_version(s, name, version)
         if v.status not in (VersionStatus.BUILDING, VersionStatus.FINALIZING):
@@ -204,3 +222,61 @@ def summary(s, v: MemoryVersion, active_id: int | None) -> dict:
         "ready_at": v.ready_at.isoformat() if v.ready_at else None,
         "activated_at": v.activated_at.isoformat() if v.activated_at else None,
     }
+
+
+def fail_shard(rt, shard_id: int, error: str) -> None:
+    """A shard that cannot succeed: it ends failed with its error, and so does its building version."""
+    with rt.db.session() as s:
+        shard = s.get(IngestShard, shard_id)
+        if shard is None:
+            return
+        shard.status = ShardStatus.FAILED
+        shard.error = error
+        shard.finished_at = utcnow()
+        v = shard.version
+        if v.status == VersionStatus.BUILDING:
+            v.status = VersionStatus.FAILED
+            v.error = f"shard {shard.index} ({shard.spec.get('name', '')}): {error}"
+
+
+def finalize_if_complete(rt, version_id: int) -> str | None:
+    """When every shard is done: seal the collection (HNSW), reconcile counts, mark ready, maybe activate.
+
+    Whoever finishes the last shard gets here; the status flip building→finalizing is one conditional UPDATE,
+    so exactly one process finalizes even when several finish at once.
+    """
+    with rt.db.session() as s:
+        statuses = s.scalars(select(IngestShard.status).where(IngestShard.version_id == version_id)).all()
+        if not statuses or any(st != ShardStatus.DONE for st in statuses):
+            return None
+        claimed = s.execute(
+            update(MemoryVersion)
+            .where(MemoryVersion.id == version_id, MemoryVersion.status == VersionStatus.BUILDING)
+            .values(status=VersionStatus.FINALIZING)
+        ).rowcount
+    if claimed != 1:
+        return None
+    with rt.db.session() as s:
+        v = s.get(MemoryVersion, version_id)
+        shards = list(v.shards)
+        expected = sum(sh.items_stored for sh in shards)
+        skipped = sum(sh.items_skipped for sh in shards)
+        collection, activate_after = v.collection, bool(v.activate_when_ready)
+        name, number = v.memory.name, v.version
+    error = None
+    if expected == 0:
+        error = "no item could be stored (see the skip reasons with `reco memory show`)"
+    else:
+        n = rt.store.seal(collection)
+        if n != expected:
+            error = f"the vector store holds {n} points but the shards stored {expected} (duplicate keys across shards?)"
+    with rt.db.session() as s:
+        v = s.get(MemoryVersion, version_id)
+        v.items_stored, v.items_skipped = expected, skipped
+        if error:
+            v.status, v.error = VersionStatus.FAILED, error
+        else:
+            v.status, v.ready_at = VersionStatus.READY, utcnow()
+    if not error and activate_after:
+        activate(rt, name, number)
+    return VersionStatus.FAILED if error else VersionStatus.READY

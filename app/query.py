@@ -10,9 +10,10 @@ def query_memory(rt, name: str, *, text: str | None = None, image=None, k: int =
     from PIL import Image
 
     from .backbone import get_backbone
-    from .memory import resolve_collection
+    from .memory import check_complete, resolve_collection
 
     collection, v = resolve_collection(rt, name, version)
+    check_complete(rt, name, collection, v)
     bb = get_backbone(v.backbone, rt.settings.device, rt.settings.offline)
     if text is not None:
         q, using = bb.encode_texts([text]), "text"

@@ -17,16 +17,71 @@ ENV_VARS = (
     "RECO_DEVICE",
     "RECO_OFFLINE",
     "RECO_VISIBILITY_TIMEOUT",
+    "RECO_LEASE_S",
+    "RECO_MAX_ATTEMPTS",
+    "RECO_TASK_RETRIES",
 )
 
-_URL_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
+# query parameters that carry a secret (libpq's password=, sslpassword=; tokens and keys of other services)
+_SECRET_PARAM = re.compile(r"(?i)^(ssl)?(password|passwd|pwd|pass|secret|token|api[_-]?key|access[_-]?key)$")
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The secret parts of a URL: the password of its userinfo (any characters, `@` included: the host starts
+    after the last `@`) and the values of password-like query parameters, raw and percent-decoded."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    if not url or "://" not in url:
+        return []
+    out = []
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    userinfo = parts.netloc.rpartition("@")[0]
+    if ":" in userinfo:
+        out.append(userinfo.split(":", 1)[1])
+    for chunk in parts.query.split("&"):
+        key, eq, value = chunk.partition("=")
+        if eq and value and _SECRET_PARAM.match(unquote(key)):
+            out.append(value)
+    out += [v for k, v in parse_qsl(parts.query) if v and _SECRET_PARAM.match(k)]
+    out = {x for v in out for x in (v, unquote(v)) if x}
+    # a raw `@` in a password splits it for a URL parser (SQLAlchemy reads `u:p@ss@h` as password `p`, host
+    # `ss@h`), and a driver's message may quote either piece
+    out |= {piece for v in out for piece in re.split(r"[@:]", v) if len(piece) >= 3}
+    return sorted(out, key=len, reverse=True)
 
 
 def mask_url(url: str | None) -> str | None:
-    """Hide the password part of a URL (`postgresql://u:secret@h/db` -> `postgresql://u:***@h/db`)."""
-    if not url:
+    """The URL with every secret replaced by *** (`postgresql://u:s@cret@h/db?password=x` ->
+    `postgresql://u:***@h/db?password=***`): what any output may show of a configured URL."""
+    if not url or not url_secrets(url):
         return url
-    return _URL_PASSWORD.sub(r"\1***\3", url)
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    user, at, host = parts.netloc.rpartition("@")
+    if at and ":" in user:
+        user = user.split(":", 1)[0] + ":***"
+    query = "&".join(
+        f"{k}=***" if eq and v and _SECRET_PARAM.match(k) else f"{k}{eq}{v}"
+        for k, eq, v in (c.partition("=") for c in parts.query.split("&"))) if parts.query else ""
+    return urlunsplit((parts.scheme, f"{user}{at}{host}", parts.path, query, parts.fragment))
+
+
+def scrub(text: str, *urls: str | None) -> str:
+    """`text` (an error message, a log line) with the secrets of `urls` replaced by ***: a driver's message may
+    quote the connection string or the password itself."""
+    for url in urls:
+        if url:
+            text = text.replace(url, mask_url(url))
+            for secret in url_secrets(url):
+                text = text.replace(secret, "***")
+    return text
 
 
 def _positive_int(env, name: str, default: int) -> int:
@@ -36,7 +91,7 @@ def _positive_int(env, name: str, default: int) -> int:
     if not raw.isdigit() or int(raw) < 1:
         from .errors import RecoError
 
-        raise RecoError(f"{name}={raw!r}: use a whole number of seconds, e.g. {name}={default}")
+        raise RecoError(f"{name}={raw!r}: use a whole number above 0, e.g. {name}={default}")
     return int(raw)
 
 
@@ -51,6 +106,13 @@ class Settings:
     device: str | None = None
     offline: str = "auto"
     visibility_timeout: int = 3600  # seconds before a dead worker's unacknowledged message is delivered again
+    # a worker renews its shard's lease every lease_s / 3 seconds; a lease not renewed for lease_s seconds is stale
+    # and the sweeper gives the shard to another worker (app/leases.py)
+    lease_s: int = 30
+    max_attempts: int = 5  # a shard taken this many times without finishing ends failed
+    # a task's retries on a transient error (backoff 2, 4, 8 ... 60 s: 8 retries ride out about 2 minutes); past
+    # them the sweeper sends the shard again once the outage is over
+    task_retries: int = 8
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -67,6 +129,9 @@ class Settings:
             device=env.get("RECO_DEVICE") or None,
             offline=(env.get("RECO_OFFLINE") or "auto").lower(),
             visibility_timeout=_positive_int(env, "RECO_VISIBILITY_TIMEOUT", 3600),
+            lease_s=_positive_int(env, "RECO_LEASE_S", 30),
+            max_attempts=_positive_int(env, "RECO_MAX_ATTEMPTS", 5),
+            task_retries=_positive_int(env, "RECO_TASK_RETRIES", 8),
         )
 
     @property
@@ -96,6 +161,9 @@ class Settings:
             "device": self.device or "auto",
             "offline": self.offline,
             "visibility_timeout_s": self.visibility_timeout,
+            "lease_s": self.lease_s,
+            "max_attempts": self.max_attempts,
+            "task_retries": self.task_retries,
         }
 
     def __repr__(self) -> str:  # never print a password

@@ -1,22 +1,28 @@
-"""`reco status`: what the system is doing now. Workers and queue depths from the broker (distributed profile),
-building versions and running or failed jobs from the metadata database."""
+"""`reco status`: what the system is doing now. Queue depths from the broker (distributed profile); workers from
+their heartbeats in the metadata database (a busy solo worker cannot answer a broker ping) and the ping; building
+versions, shards by lease state (running on a live worker, stale, pending, failed) and jobs from the database."""
 
 from __future__ import annotations
 
 from sqlalchemy import select
 
-from .db.models import IngestShard, Memory, MemoryVersion, ModelStatus, ShardStatus, VersionStatus, FusionModel
+from .db.models import IngestShard, Memory, MemoryVersion, ModelStatus, ShardStatus, VersionStatus, FusionModel, utcnow
+from .leases import STALE, lease_info, live_workers
 from .settings import mask_url
 
 QUEUES = ("ingest", "train")
 
 
-def broker_status(settings, timeout: float = 1.0) -> dict:
+def broker_status(rt, timeout: float = 1.0) -> dict:
+    settings = rt.settings
     if settings.in_process_tasks:
         return {"profile": "embedded", "broker": "in-process", "workers": [], "queues": {}}
     from workers.celery_app import app, workers_alive
 
-    out = {"profile": "distributed", "broker": mask_url(settings.broker_url), "workers": workers_alive(timeout),
+    beating = live_workers(rt)
+    pinged = workers_alive(timeout)
+    out = {"profile": "distributed", "broker": mask_url(settings.broker_url),
+           "workers": sorted({w["name"] for w in beating} | set(pinged)), "worker_heartbeats": beating,
            "queues": {}}
     try:
         with app.connection_for_read() as conn:
@@ -40,10 +46,13 @@ def job_status(rt, failed_limit: int = 20) -> dict:
             .where(MemoryVersion.status.in_([VersionStatus.BUILDING, VersionStatus.FINALIZING]))
             .order_by(MemoryVersion.id)).all()
         building = []
+        now, lease = utcnow(), rt.settings.lease_s
         for name, v in versions:
-            counts = {st: 0 for st in (ShardStatus.PENDING, ShardStatus.RUNNING, ShardStatus.DONE, ShardStatus.FAILED)}
+            counts = {st: 0 for st in (ShardStatus.PENDING, ShardStatus.RUNNING, STALE, ShardStatus.DONE,
+                                       ShardStatus.FAILED)}
             for sh in v.shards:
-                counts[sh.status] = counts.get(sh.status, 0) + 1
+                state = lease_info(sh, lease, now)["state"]
+                counts[state] = counts.get(state, 0) + 1
             building.append({"memory": name, "version": v.version, "status": v.status, "shards": counts,
                              "items_stored": sum(sh.items_stored or 0 for sh in v.shards),
                              "created_at": v.created_at.isoformat() if v.created_at else None})
@@ -61,7 +70,7 @@ def job_status(rt, failed_limit: int = 20) -> dict:
         return {
             "building_versions": building,
             "running_jobs": [{"kind": "ingest", "memory": n, "version": ver, "shard": sh.index,
-                              "attempts": sh.attempts,
+                              "attempts": sh.attempts, **lease_info(sh, lease, now),
                               "started_at": sh.started_at.isoformat() if sh.started_at else None}
                              for n, ver, sh in running_shards]
                             + [{"kind": "train", "model": m.name, "step": m.step}
@@ -74,4 +83,4 @@ def job_status(rt, failed_limit: int = 20) -> dict:
 
 
 def status(rt, timeout: float = 1.0) -> dict:
-    return {**broker_status(rt.settings, timeout), **job_status(rt)}
+    return {**broker_status(rt, timeout), **job_status(rt)}

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,55 +21,13 @@ import pytest
 from celery import Celery
 
 from app import synthetic
+from tests.services import OwnRedis
 from tests.test_distributed import pg_url, reco, shard_states, start_worker, version_status  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 DB_SECRET = "pg-" + uuid.uuid4().hex[:12]  # trust auth on loopback ignores it; it must still never be printed
 QDRANT_SECRET = "qk-" + uuid.uuid4().hex[:12]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class OwnRedis:
-    """A redis-server for one test: password, append-only file (queued messages survive a restart)."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, _free_port()
-        self.password = "rd-" + uuid.uuid4().hex[:12]
-        self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
-        self.proc = None
-        root.mkdir(parents=True, exist_ok=True)
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", self.password,
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--dir", str(self.root)],
-            stdout=open(self.root / "redis.log", "a"), stderr=subprocess.STDOUT)
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
-        for _ in range(100):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # SIGTERM: redis flushes its append-only file and exits
-            self.proc.wait(timeout=20)
-
-    def restart(self, down_s: float = 2.0):
-        self.stop()
-        time.sleep(down_s)
-        self.start()
 
 
 @pytest.fixture

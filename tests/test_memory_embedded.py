@@ -1,13 +1,14 @@
 """The embedded profile end to end through the CLI: build, list, show, verify, query, activate, delete."""
 
 import json
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 
 from app import synthetic
 from app.build import start_build
-from app.db.models import IngestShard, MemoryVersion
+from app.db.models import IngestShard, MemoryVersion, utcnow
 from app.ingest import run_shard
 
 
@@ -148,8 +149,12 @@ def test_a_shard_that_runs_twice_stores_each_item_once(rt, wds_corpus, tiny_conf
     with rt.db.session() as s:
         ids = s.scalars(select(IngestShard.id).where(IngestShard.version_id == v.id).order_by(IngestShard.index)).all()
     run_shard(rt, ids[0])
-    with rt.db.session() as s:  # simulate a worker that died after upserting but before marking the shard done
-        s.get(IngestShard, ids[0]).status = "running"
+    with rt.db.session() as s:  # a worker that died after upserting but before marking the shard done ...
+        sh = s.get(IngestShard, ids[0])
+        sh.status, sh.worker, sh.heartbeat_at = "running", "dead@host:1", utcnow()
+    assert run_shard(rt, ids[0])["held_by"] == "dead@host:1"  # ... holds a live lease: nobody else takes it
+    with rt.db.session() as s:  # ... until its lease expires
+        s.get(IngestShard, ids[0]).heartbeat_at = utcnow() - timedelta(seconds=rt.settings.lease_s + 1)
     run_shard(rt, ids[0])
     for sid in ids[1:]:
         run_shard(rt, sid)

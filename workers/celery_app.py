@@ -8,9 +8,10 @@ shard never sits queued behind another on a busy worker.
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
 
 from app.errors import RecoError
-from app.settings import Settings, mask_url
+from app.settings import Settings, mask_url, scrub
 
 settings = Settings.from_env()
 
@@ -40,15 +41,90 @@ def check_broker(timeout: float = 3.0) -> None:
             conn.ensure_connection(max_retries=1, timeout=timeout)
     except Exception as exc:
         raise RecoError(
-            f"cannot reach the task broker at {mask_url(settings.broker_url)} ({exc}); "
+            f"cannot reach the task broker at {mask_url(settings.broker_url)} ({scrub(str(exc), settings.broker_url)}); "
             "check RECO_BROKER_URL and that Redis or RabbitMQ is running"
         ) from exc
 
 
+def queue_depth(queue: str, timeout: float = 2.0) -> int | None:
+    """Messages waiting on `queue` (not counting those a worker holds), or None when the broker cannot say."""
+    try:
+        with app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+            try:
+                return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
+            except Exception:  # noqa: BLE001 - a queue nobody declared yet holds nothing
+                return 0
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def workers_alive(timeout: float = 1.0) -> list[str]:
-    """Names of the workers that answer a ping within `timeout` seconds."""
+    """Names of the workers that answer a ping within `timeout` seconds (a solo worker busy with a task cannot
+    answer: `app.leases.live_workers` reads the heartbeats they write from a thread instead)."""
     try:
         replies = app.control.ping(timeout=timeout) or []
     except Exception:
         return []
     return [name for r in replies for name in r]
+
+
+class _Housekeeper:
+    """In every worker, a thread that once per half lease period writes the worker's heartbeat and runs the sweeper
+    (app/leases.py), so lost shards come back as long as any worker lives."""
+
+    def __init__(self, name: str, queues: str):
+        import threading
+
+        self.name, self.queues = name, queues
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="reco-housekeeper", daemon=True)
+
+    def run(self) -> None:
+        import logging
+
+        from app.build import sweep_queued
+        from app.leases import beat_worker
+        from workers.tasks import runtime
+
+        log = logging.getLogger("reco.housekeeper")
+        rt = runtime()
+        period = max(0.5, rt.settings.lease_s / 2)
+        while True:
+            try:
+                beat_worker(rt, self.name, self.queues)
+                sweep_queued(rt)
+            except Exception as exc:  # noqa: BLE001 - a database or broker outage: try again next period
+                log.warning("housekeeping failed: %s", scrub(str(exc), settings.database_url, settings.broker_url))
+            if self.stop.wait(period):
+                return
+
+
+_housekeeper: _Housekeeper | None = None
+
+
+@worker_ready.connect
+def _start_housekeeping(sender=None, **_):
+    global _housekeeper
+    import open_clip  # noqa: F401 - imported once now, not inside the first task (seconds on a loaded machine)
+
+    try:
+        queues = ",".join(sorted(sender.app.amqp.queues.consume_from or ())) or "ingest,train"
+    except Exception:  # noqa: BLE001 - only shown by `reco status`
+        queues = "ingest,train"
+    _housekeeper = _Housekeeper(sender.hostname, queues)
+    _housekeeper.thread.start()
+
+
+@worker_shutdown.connect
+def _stop_housekeeping(**_):
+    if _housekeeper is None:
+        return
+    _housekeeper.stop.set()
+    try:
+        from app.leases import forget_worker
+        from workers.tasks import runtime
+
+        forget_worker(runtime(), _housekeeper.name)
+    except Exception:  # noqa: BLE001 - its heartbeat ages out anyway
+        pass

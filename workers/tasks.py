@@ -7,7 +7,7 @@ from sqlalchemy.exc import OperationalError
 from app.errors import TransientError
 from app.runtime import Runtime
 
-from .celery_app import app
+from .celery_app import app, settings
 
 _runtime: Runtime | None = None
 
@@ -28,12 +28,15 @@ def runtime() -> Runtime:
     retry_backoff=2,
     retry_backoff_max=60,
     retry_jitter=True,
-    max_retries=8,
+    max_retries=settings.task_retries,
 )
 def ingest_shard(self, shard_id: int) -> dict:
+    """Retries ride out short outages; after the last one the shard is pending or under an expiring lease, and the
+    sweeper (app/leases.py) sends it again once the database is back."""
     from app.ingest import run_shard
+    from app.leases import holder_name
 
-    return run_shard(runtime(), shard_id)
+    return run_shard(runtime(), shard_id, holder=holder_name(self.request.hostname))
 
 
 @app.task(

@@ -103,8 +103,24 @@ class IngestShard(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the lease (app/leases.py): who holds the shard and when it last said so; when it was last put on a queue
+    worker: Mapped[str | None] = mapped_column(String(255))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     version: Mapped[MemoryVersion] = relationship(back_populates="shards")
+
+
+class Worker(Base):
+    """A live `reco worker` renews its row every lease period from a thread of its own, so a worker busy with a
+    long shard (which cannot answer a broker ping) still counts as alive."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queues: Mapped[str] = mapped_column(String(255), nullable=False)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class FusionModel(Base):

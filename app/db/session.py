@@ -11,7 +11,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import RecoError, TransientError
-from ..settings import mask_url
+from ..settings import mask_url, scrub
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -57,7 +57,7 @@ class Database:
 
     def _connect_error(self, exc: Exception) -> TransientError:
         return TransientError(
-            f"cannot reach the metadata database at {mask_url(self.url)} ({str(exc).splitlines()[0]}); "
+            f"cannot reach the metadata database at {mask_url(self.url)} ({scrub(str(exc).splitlines()[0], self.url)}); "
             "check RECO_DATABASE_URL and that the server is running"
         )
 
@@ -83,7 +83,7 @@ class Database:
             except (OperationalError, ProgrammingError) as exc:
                 # another process may have upgraded at the same moment: fine if we are now at head
                 if self.current_revision() != head:
-                    raise RecoError(f"database upgrade failed: {str(exc).splitlines()[0]}") from exc
+                    raise RecoError(f"database upgrade failed: {scrub(str(exc).splitlines()[0], self.url)}") from exc
         return before, head
 
     def check_schema(self) -> None:

@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import RecoError, TransientError
-from ..settings import mask_url
+from ..settings import mask_url, scrub
 from .base import MODALITIES, Hit, VectorStore, as_matrix, check_modality
 
 DEFAULT_EF = 128
@@ -39,11 +39,11 @@ class ServerStore(VectorStore):
         try:
             return fn(*args, **kwargs)
         except ResponseHandlingException as exc:
-            raise TransientError(f"Qdrant at {mask_url(self.url)} did not answer: {exc}") from exc
+            raise TransientError(f"Qdrant at {mask_url(self.url)} did not answer: {scrub(str(exc), self.url)}") from exc
         except UnexpectedResponse as exc:
             if exc.status_code in (502, 503, 504, 429):
-                raise TransientError(f"Qdrant at {mask_url(self.url)} is busy: {exc}") from exc
-            raise RecoError(f"Qdrant at {mask_url(self.url)} refused the request: {exc}") from exc
+                raise TransientError(f"Qdrant at {mask_url(self.url)} is busy: {scrub(str(exc), self.url)}") from exc
+            raise RecoError(f"Qdrant at {mask_url(self.url)} refused the request: {scrub(str(exc), self.url)}") from exc
 
     def ping(self) -> None:
         try:
