@@ -34,6 +34,12 @@ def start_build(rt, name: str, source: str, *, backbone: str, fmt: str | None = 
     dim = spec.dim
     fmt, shards = plan_shards(source, fmt, dim=dim, **reader_options)
     rt.store.ping()
+    if rt.settings.in_process_tasks and fmt != "embeddings":
+        from .backbone import get_backbone
+
+        # the embedded build encodes in this process: a backbone that cannot load fails here, before a version
+        # row exists (it is cached, so ingestion does not load it again)
+        get_backbone(spec.canonical, rt.settings.device, rt.settings.offline)
     if not rt.settings.in_process_tasks:
         from workers.celery_app import check_broker
 

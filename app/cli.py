@@ -15,7 +15,8 @@ def _echo_json(obj) -> None:
 
 
 def _table(rows: list[list], headers: list[str]) -> None:
-    rows = [[("" if c is None else str(c)) for c in r] for r in rows]
+    # one line per row: a caption's line breaks and tabs would break the columns (--json keeps them)
+    rows = [[("" if c is None else " ".join(str(c).split())) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for r in rows:
@@ -26,10 +27,19 @@ class RecoGroup(click.Group):
     """Turns RecoError (and service outages) into one `Error: ...` line and exit code 1, for every subcommand."""
 
     def invoke(self, ctx):
+        from sqlalchemy.exc import DatabaseError
+
+        from .settings import Settings
+
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except DatabaseError as exc:  # e.g. a damaged SQLite file found mid-command
+                from .db.session import database_error
+
+                raise database_error(Settings.from_env().database_url, exc) from exc
         except RecoError as exc:
-            from .settings import Settings, scrub
+            from .settings import scrub
 
             try:
                 st = Settings.from_env()
@@ -361,8 +371,6 @@ def memory_query(rt, name, text, image, k, version, as_json) -> None:
     """Nearest memory items to a text or an image (uni-modal search, as RECO retrieves): a sanity check."""
     from .query import query_memory
 
-    if (text is None) == (image is None):
-        raise RecoError("give exactly one of --text or --image")
     hits = query_memory(rt, name, text=text, image=image, k=k, version=version)
     if as_json:
         _echo_json([{"rank": i + 1, "score": h.score, "key": h.payload.get("key"), "caption": h.payload.get("caption"),

@@ -132,7 +132,7 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
         v = shard.version
         mem = s.get(Memory, v.memory_id)
         job = {"fmt": v.source_format, "spec": dict(shard.spec), "collection": v.collection, "dim": v.dim,
-               "backbone": v.backbone, "memory": mem.name, "version": v.version}
+               "backbone": v.backbone, "memory": mem.name, "version": v.version, "index": shard.index}
         version_id = v.id
     if not claim(rt, shard_id, holder):  # done, failed, no longer building, or held by a live worker
         with rt.db.session() as s:
@@ -176,7 +176,8 @@ def _encode_and_store(rt, shard_id: int, holder: str, job: dict, progress, batch
                 raise RecoError(f"vectors have dimension {images.shape[1]}, the memory expects {dim}")
             ids = [point_id(job["memory"], job["version"], k) for k in keys]
             shard_name = spec.get("name", str(shard_id))
-            payloads = [{"key": k, "caption": c, "shard": shard_name, **({"src": src} if src else {})}
+            payloads = [{"key": k, "caption": c, "shard": shard_name, "shard_index": job["index"],
+                         **({"src": src} if src else {})}
                         for k, c, src in zip(keys, caps, srcs)]
             chunks.append((ids, images, texts, payloads))
             stored += len(ids)
@@ -186,7 +187,10 @@ def _encode_and_store(rt, shard_id: int, holder: str, job: dict, progress, batch
                 reported = processed
         with rt.store.hold(job["collection"], create_dim=dim):
             for chunk in chunks:
-                rt.store.upsert(job["collection"], *chunk)
+                dup = _write_first_wins(rt.store, job["collection"], job["index"], *chunk)
+                if dup:
+                    counts[SkipReason.DUPLICATE_KEY] += dup
+                    stored -= dup
     except (TransientError, OperationalError, ConnectionError):
         release(rt, shard_id, holder)  # the task retries, maybe on another worker
         raise
@@ -194,3 +198,17 @@ def _encode_and_store(rt, shard_id: int, holder: str, job: dict, progress, batch
         fail_shard(rt, shard_id, str(exc) if isinstance(exc, RecoError) else f"{type(exc).__name__}: {exc}")
         raise
     return stored, counts
+
+
+def _write_first_wins(store, collection: str, index: int, ids, images, texts, payloads) -> int:
+    """Upsert a chunk, except items whose key an earlier shard (in source order) already stored: those stay the
+    earlier shard's and count as duplicate keys here, as a repeated key inside one shard does. Returns how many
+    were left out. A point a later shard wrote first is overwritten; `finalize_if_complete` then moves the count
+    from that shard to its duplicates. (The embedded engine writes under a file lock, so check and write are one
+    step; on a Qdrant server two shards writing one key at the same moment may leave the later one's copy, and
+    the counts still come out exact.)"""
+    held = {h.id: h.payload.get("shard_index") for h in store.retrieve(collection, ids)}
+    keep = [i for i, pid in enumerate(ids) if held.get(pid) is None or held[pid] >= index]
+    if keep:
+        store.upsert(collection, [ids[i] for i in keep], images[keep], texts[keep], [payloads[i] for i in keep])
+    return len(ids) - len(keep)

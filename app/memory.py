@@ -264,6 +264,8 @@ def finalize_if_complete(rt, version_id: int) -> str | None:
         collection, activate_after = v.collection, bool(v.activate_when_ready)
         name, number = v.memory.name, v.version
     error = None
+    if expected and rt.store.count(collection) < expected:
+        expected, skipped = _move_overwritten_to_duplicates(rt, version_id, collection)
     if expected == 0:
         error = "no item could be stored (see the skip reasons with `reco memory show`)"
     else:
@@ -280,3 +282,23 @@ def finalize_if_complete(rt, version_id: int) -> str | None:
     if not error and activate_after:
         activate(rt, name, number)
     return VersionStatus.FAILED if error else VersionStatus.READY
+
+
+def _move_overwritten_to_duplicates(rt, version_id: int, collection: str) -> tuple[int, int]:
+    """A key stored by two shards is one point, the earliest shard's (app/ingest.py): where a later shard wrote
+    it first and was overwritten, count it as that shard's duplicate. Reads the payloads once, only when the
+    store holds fewer points than the shards reported. Returns the version's (stored, skipped)."""
+    owned: Counter = Counter()
+    for _ids, _img, _txt, payloads in rt.store.scan(collection):
+        owned.update(p.get("shard_index") for p in payloads)
+    with rt.db.session() as s:
+        shards = s.scalars(select(IngestShard).where(IngestShard.version_id == version_id)).all()
+        for sh in shards:
+            lost = (sh.items_stored or 0) - owned.get(sh.index, 0)
+            if lost > 0 and None not in owned:
+                sh.items_stored -= lost
+                sh.items_skipped = (sh.items_skipped or 0) + lost
+                reasons = dict(sh.skip_reasons or {})
+                reasons["duplicate_key"] = reasons.get("duplicate_key", 0) + lost
+                sh.skip_reasons = reasons
+        return sum(sh.items_stored or 0 for sh in shards), sum(sh.items_skipped or 0 for sh in shards)

@@ -43,9 +43,28 @@ def plan(source: str, dim: int | None = None, **_options) -> list[dict]:
                 f"embeddings in {f} have dimension {a.shape[1]} but the backbone produces {dim}: "
                 "name the backbone these embeddings were computed with (--backbone)"
             )
+        _check_metadata(meta, a.shape[0])
         shards.append({"img": str(f.resolve()), "text": str(txt.resolve()), "meta": str(meta.resolve()),
                        "part": int(n), "rows": int(a.shape[0]), "name": f"part {n}"})
     return shards
+
+
+def _check_metadata(meta: Path, rows: int) -> None:
+    """Every part's metadata, checked from its footer before anything is stored: a part without captions would
+    otherwise be counted as empty captions and leave a ready version with part of the data."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(meta)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise RecoError(f"cannot read {meta}: {exc}") from exc
+    names = pf.schema_arrow.names
+    if "caption" not in names:
+        raise RecoError(f"{meta} has no 'caption' column (columns: {', '.join(names) or 'none'}): every "
+                        "metadata_N.parquet needs one, as clip-retrieval writes it; rename the column that holds "
+                        "the captions")
+    if pf.metadata.num_rows != rows:
+        raise RecoError(f"{meta} has {pf.metadata.num_rows} rows but its embeddings have {rows} vectors")
 
 
 def read(spec: dict) -> Iterator[Item]:

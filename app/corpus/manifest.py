@@ -42,7 +42,13 @@ def _text_rows(path: Path, kind: str, offset: int = 0) -> Iterator[tuple[int, di
                     try:
                         row = json.loads(raw)
                     except ValueError as exc:
-                        raise RecoError(f"{path}: line at byte {start} is not JSON ({exc})") from exc
+                        hint = ("; a .json manifest must hold one JSON object per line (JSONL), not one array: "
+                                "convert it with `jq -c '.[]' in.json > out.jsonl`") if raw.lstrip()[:1] == b"[" else ""
+                        raise RecoError(f"{path}: line at byte {start} is not JSON ({exc}){hint}") from exc
+                    if not isinstance(row, dict):
+                        raise RecoError(f"{path}: line at byte {start} holds a JSON {type(row).__name__}, not an "
+                                        "object; a .json/.jsonl manifest holds one object per line, e.g. "
+                                        '{"image": "a.jpg", "caption": "a dog"} (convert an array with `jq -c \'.[]\'`)')
                     yield start, row
             return
         delim = "\t" if kind == "tsv" else ","
@@ -79,8 +85,13 @@ def _columns(path: Path, kind: str) -> list[str]:
 def plan(source: str, image_column: str = "image", caption_column: str = "caption", key_column: str | None = None,
          shard_size: int = DEFAULT_SHARD_SIZE, **_options) -> list[dict]:
     path = Path(source)
+    if path.is_dir():
+        raise RecoError(f"manifest {source} is a directory: give the manifest file itself (.csv, .tsv, .jsonl or "
+                        ".parquet), or drop --format manifest for a directory of .tar shards")
     if not path.is_file():
         raise RecoError(f"manifest {source} not found")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise RecoError(f"--shard-size must be a whole number of rows above 0, not {shard_size!r}")
     kind = _kind(path)
     cols = _columns(path, kind)
     for what, col in (("image", image_column), ("caption", caption_column), ("key", key_column)):

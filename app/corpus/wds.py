@@ -29,10 +29,29 @@ def expand_braces(pattern: str) -> list[str]:
     return out
 
 
+# what a directory source picks up: tar archives, plain or compressed (the tar reader detects the compression)
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+# archives it cannot read: a directory holding one of these stops the build rather than lose its items
+OTHER_ARCHIVES = (".zip", ".7z", ".rar", ".tar.zst", ".tzst", ".tar.lz4", ".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+def _shard_files(directory: Path) -> list[str]:
+    """The directory's tar shards, in name order; img2dataset's sidecar files (`_stats.json`, `.parquet`, ...) are
+    not shards and are left alone, but an archive in a form the reader cannot open stops the build."""
+    names = sorted(f for f in directory.iterdir() if f.is_file())
+    shards = [f for f in names if f.name.lower().endswith(TAR_SUFFIXES)]
+    other = [f.name for f in names if f not in shards and f.name.lower().endswith(OTHER_ARCHIVES)]
+    if other:
+        raise RecoError(f"{directory} holds {len(other)} archive(s) RECO cannot read as shards, e.g. {other[0]}: "
+                        f"convert them to .tar (or .tar.gz, .tar.bz2, .tar.xz) or move them out, so that no item is "
+                        f"silently left out")
+    return [str(f) for f in shards]
+
+
 def plan(source: str, **_options) -> list[dict]:
     p = Path(source)
     if p.is_dir():
-        files = sorted(str(f) for f in p.glob("*.tar"))
+        files = _shard_files(p)
     elif _BRACE.search(source):
         files = expand_braces(source)
         missing = [f for f in files if not Path(f).is_file()]
@@ -44,6 +63,15 @@ def plan(source: str, **_options) -> list[dict]:
         files = [str(p)]
     else:
         raise RecoError(f"corpus source {source} not found: give a directory of .tar shards, a glob or a brace pattern")
+    odd = [f for f in files if not f.lower().endswith(TAR_SUFFIXES)]
+    if odd:
+        raise RecoError(f"{odd[0]} is not a tar shard (the wds format reads {', '.join(TAR_SUFFIXES)}): give "
+                        f"--format manifest for a CSV, TSV, JSONL or Parquet manifest, --format embeddings for a "
+                        f"clip-retrieval folder")
+    if not files and p.is_dir():
+        raise RecoError(f"no shards found in {source}: a directory source holds WebDataset tars "
+                        f"({', '.join(TAR_SUFFIXES)}); for a manifest or clip-retrieval embeddings, give the file or "
+                        f"the folder with img_emb/ (--format manifest|embeddings)")
     return [{"path": str(Path(f).resolve()), "name": Path(f).name} for f in files]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import DatabaseError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import RecoError, TransientError
@@ -30,6 +30,24 @@ def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def is_damaged(exc: Exception) -> bool:
+    """An SQLite file that is not (or no longer) a database: every command would fail the same way."""
+    msg = str(exc).lower()
+    return "not a database" in msg or "malformed" in msg
+
+
+def database_error(url: str, exc: Exception) -> RecoError:
+    """One line for a database error no command expects: for a corrupt or partly overwritten SQLite file, which
+    file and the way out."""
+    first = scrub((str(getattr(exc, "orig", exc)).splitlines() or [type(exc).__name__])[0], url)
+    if url.startswith("sqlite") and is_damaged(exc):
+        path = url.split("///", 1)[-1]
+        return RecoError(f"the metadata database {path} is damaged ({first}): restore it from a backup, or move it "
+                         f"aside (`mv {path} {path}.broken`) and build the memories again (the vectors under "
+                         f"RECO_HOME/vectors cannot be used without it)")
+    return RecoError(f"the metadata database at {mask_url(url)} failed: {first}")
 
 
 class Database:
@@ -68,7 +86,11 @@ class Database:
             with self.engine.connect() as conn:
                 return MigrationContext.configure(conn).get_current_revision()
         except OperationalError as exc:
+            if is_damaged(exc):
+                raise database_error(self.url, exc) from exc
             raise self._connect_error(exc) from exc
+        except DatabaseError as exc:  # an SQLite file that is not a database fails before any query
+            raise database_error(self.url, exc) from exc
 
     def upgrade(self) -> tuple[str | None, str]:
         """Bring the schema to the newest migration. Returns (before, after)."""
