@@ -47,10 +47,10 @@ bench-data: venv
 	$(BIN)/python -c "from benchmarks.emoji.data import npm_root; print(npm_root())"
 
 test: venv bench-data
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 test-fast: venv bench-data
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 bench-ingest: venv
 	$(BIN)/python benchmarks/ingest.py

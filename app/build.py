@@ -30,9 +30,12 @@ log = logging.getLogger(__name__)
 def start_build(rt, name: str, source: str, *, backbone: str, fmt: str | None = None, activate: bool = False,
                 **reader_options) -> MemoryVersion:
     check_name(name)
+    # the source first: a wrong path or format fails before torch and open_clip are imported (seconds)
+    fmt, shards = plan_shards(source, fmt, **reader_options)
     spec = BackboneSpec.parse(backbone)
     dim = spec.dim
-    fmt, shards = plan_shards(source, fmt, dim=dim, **reader_options)
+    if fmt == "embeddings":  # their dimension against the backbone's
+        fmt, shards = plan_shards(source, fmt, dim=dim, **reader_options)
     rt.store.ping()
     if rt.settings.in_process_tasks and fmt != "embeddings":
         from .backbone import get_backbone

@@ -23,10 +23,33 @@ def _table(rows: list[list], headers: list[str]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def _usage_error(exc: click.UsageError) -> click.ClickException:
+    """A usage error as every other error: one `Error:` line, exit 1, and where to read the usage."""
+    where = exc.ctx.command_path if exc.ctx is not None else "reco"
+    return click.ClickException(f"{exc.format_message()} (see `{where} --help`)")
+
+
 class RecoGroup(click.Group):
-    """Turns RecoError (and service outages) into one `Error: ...` line and exit code 1, for every subcommand."""
+    """Turns RecoError, service outages and usage errors into one `Error: ...` line and exit code 1, for every
+    subcommand."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise _usage_error(exc) from exc
 
     def invoke(self, ctx):
+        try:
+            return self._invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise _usage_error(exc) from exc
+
+    def _invoke(self, ctx):
         from sqlalchemy.exc import DatabaseError
 
         from .settings import Settings

@@ -59,3 +59,23 @@ def cli_run(reco_env):
 @pytest.fixture
 def wds_corpus(tmp_path):
     return synthetic.write_wds(tmp_path / "wds", n_shards=3, per_shard=8)[0].parent
+
+
+@pytest.fixture(scope="session")
+def private_pg():
+    """One PostgreSQL cluster of the test session's own (tests/services.py): the machine's is never touched."""
+    from tests.services import private_postgres
+
+    pg = private_postgres()
+    yield pg
+    pg.remove()
+
+
+@pytest.fixture(scope="session")
+def private_redis_server(tmp_path_factory):
+    """One redis-server of the test session's own, with an append-only file."""
+    from tests.services import private_redis
+
+    r = private_redis(tmp_path_factory.mktemp("redis"))
+    yield r
+    r.stop()

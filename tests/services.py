@@ -110,3 +110,29 @@ class OwnPostgres:
         except subprocess.CalledProcessError:
             pass  # not running
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def require(what: str, found: bool) -> None:
+    """Skip (with the reason) where a server binary is missing; in CI, where `.ci/run` installs them, fail."""
+    import pytest
+
+    if not found:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"{what} is not installed: .ci/run installs it")
+        pytest.skip(f"{what} not installed (the test starts a private instance of it)")
+
+
+def private_postgres():
+    """A started OwnPostgres, or a skip where PostgreSQL's server binaries are missing."""
+    require("PostgreSQL server (initdb, pg_ctl)", pg_bin() is not None and (os.geteuid() != 0 or
+                                                                         shutil.which("runuser") is not None))
+    pg = OwnPostgres()
+    pg.start()
+    return pg
+
+
+def private_redis(root: Path, persistent: bool = True) -> OwnRedis:
+    require("redis-server", shutil.which("redis-server") is not None)
+    r = OwnRedis(root, persistent=persistent)
+    r.start()
+    return r

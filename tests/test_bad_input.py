@@ -222,7 +222,33 @@ BAD_ARGS = [
 
 @pytest.mark.parametrize("args", BAD_ARGS, ids=lambda a: " ".join(a))
 def test_no_command_answers_bad_arguments_with_a_traceback(reco_env, args):
+    """Usage errors too: one `Error:` line and exit 1, as every other error (click's own is exit 2 with usage)."""
     r = CliRunner().invoke(cli, list(args))
-    assert "Traceback" not in r.output
+    assert "Traceback" not in r.output and "Usage:" not in r.output, r.output
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert r.exit_code in (0, 1, 2)
+    assert r.exit_code in (0, 1), r.output
+    if r.exit_code:
+        _one_error_line(r)
+
+
+def test_a_usage_error_points_at_the_help(reco_env):
+    r = CliRunner().invoke(cli, ["memory", "query", "x", "--image", "/no/such.png"], prog_name="reco")
+    _one_error_line(r, "'--image'", "does not exist", "see `reco memory query --help`")
+
+
+@pytest.mark.parametrize("args", [("x", "{missing}"), ("x", "{missing}", "--format", "manifest"),
+                                  ("Bad Name", "{missing}"), ("x", "{dir}", "--format", "manifest")])
+def test_source_format_and_name_errors_come_before_torch_is_imported(tmp_path, args):
+    """The cheap checks run first: a typo costs a second, not the seconds torch and open_clip take to import."""
+    import os
+    import subprocess
+    import sys
+
+    args = [a.format(missing=tmp_path / "missing", dir=tmp_path) for a in args]
+    env = {**os.environ, "RECO_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "app", "memory", "build", *args, "--backbone",
+                        "ViT-B-32:laion2b_s34b_b79k"], env=env, capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert r.returncode == 1 and len(errors) == 1, r.stderr[-2000:]
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    assert "app.cli" in imported and not imported & {"torch", "open_clip", "torchvision"}, errors

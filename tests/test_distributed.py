@@ -1,7 +1,8 @@
 """The distributed profile on this machine: PostgreSQL metadata, Celery workers on Redis, real worker processes.
 
-Marked slow; `.ci/run` starts PostgreSQL and Redis and runs these. Vectors stay in the embedded engine (there is
-no Qdrant server binary here), shared by worker processes through the per-version file lock.
+Marked slow. PostgreSQL and Redis are private instances the test session starts (tests/services.py), never the
+machine's own. Vectors stay in the embedded engine (there is no Qdrant server binary here), shared by worker
+processes through the per-version file lock.
 """
 
 import json
@@ -20,39 +21,27 @@ from app.db import Database
 
 pytestmark = pytest.mark.slow
 
-PG = os.environ.get("RECO_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
-REDIS = os.environ.get("RECO_TEST_REDIS", "redis://127.0.0.1:6379")
-
-
-def _require(check, what):
-    try:
-        check()
-    except Exception as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"{what} not reachable: {exc}")
-
-
 @pytest.fixture
-def pg_url():
-    admin = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    _require(lambda: admin.connect().close(), "PostgreSQL")
+def pg_url(private_pg):
+    """A fresh database in the session's private PostgreSQL cluster."""
     name = f"reco_test_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    yield f"{PG}/{name}"
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    private_pg.create_db(name)
+    yield private_pg.url(name)
+    admin = create_engine(private_pg.url(), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    except Exception:  # noqa: BLE001 - a test that stopped the cluster; it is removed with the session anyway
+        pass
     admin.dispose()
 
 
 @pytest.fixture
-def redis_url():
+def redis_url(private_redis_server):
     import redis
 
-    url = f"{REDIS}/{9 + (os.getpid() % 5)}"
+    url = private_redis_server.url.rsplit("/", 1)[0] + "/3"
     client = redis.Redis.from_url(url)
-    _require(client.ping, "Redis")
     client.flushdb()
     yield url
     client.flushdb()

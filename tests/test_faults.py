@@ -3,13 +3,12 @@ ingestion, Redis restarted during ingestion, a training worker killed, two build
 message delivered twice; and the whole distributed run (two workers encoding at once, training, evaluation)
 with secrets in every URL, none of which may appear in any log line or CLI output.
 
-Redis here is the test's own redis-server (a password, an append-only file, a port of its own), so restarting it
-disturbs nothing else; PostgreSQL is the machine's cluster, restarted with pg_ctlcluster. Marked slow.
+Redis here is the test's own redis-server (a password, an append-only file, a port of its own) and PostgreSQL the
+session's private cluster (tests/services.py), so restarting either disturbs nothing else. Marked slow.
 """
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 from celery import Celery
 
 from app import synthetic
-from tests.services import OwnRedis
+from tests.services import private_redis
 from tests.test_distributed import pg_url, reco, shard_states, start_worker, version_status  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -32,10 +31,7 @@ QDRANT_SECRET = "qk-" + uuid.uuid4().hex[:12]
 
 @pytest.fixture
 def own_redis(tmp_path):
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server not installed")
-    r = OwnRedis(tmp_path / "redis")
-    r.start()
+    r = private_redis(tmp_path / "redis")
     yield r
     r.stop()
 
@@ -103,21 +99,14 @@ def stop(*procs):
             p.wait()
 
 
-def _restart_postgres():
-    version = sorted(os.listdir("/etc/postgresql"))[0]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True,
-                   capture_output=True, timeout=120)
-
-
-def test_postgres_restart_during_ingestion(env, tmp_path, tiny_config):
-    if not shutil.which("pg_ctlcluster") or os.geteuid() != 0:
-        pytest.skip("restarting PostgreSQL needs pg_ctlcluster and root (as in CI)")
+def test_postgres_restart_during_ingestion(env, private_pg, tmp_path, tiny_config):
     src = synthetic.write_wds(tmp_path / "wds", n_shards=6, per_shard=40)[0].parent
     w = start_worker(env, tmp_path, "pgw")
     try:
         reco(env, "memory", "build", "pgr", src, "--backbone", tiny_config, "--no-wait")
         wait_for_shards(env, lambda st: any(s == "running" for s, _ in st))
-        _restart_postgres()
+        private_pg.stop()  # the session's own cluster: a fast shutdown and a start
+        private_pg.start()
         assert wait_ready(env, "pgr", logs=[tmp_path / "pgw.log"]) == "ready"
         assert_clean(env, "pgr", 1, 240)
     finally:

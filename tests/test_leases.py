@@ -7,7 +7,6 @@ stored exactly once. Marked slow.
 
 import json
 import os
-import shutil
 import signal
 import time
 import uuid
@@ -18,7 +17,7 @@ from app import synthetic
 from app.runtime import Runtime
 from app.settings import Settings
 from app.status import job_status
-from tests.services import OwnPostgres, OwnRedis, pg_bin
+from tests.services import private_postgres, private_redis
 from tests.test_distributed import reco, start_worker
 from tests.test_faults import assert_clean, stop, wait_ready
 
@@ -30,33 +29,22 @@ PG_SECRET = "pq-" + uuid.uuid4().hex[:10]
 
 @pytest.fixture
 def own_pg():
-    if pg_bin() is None or not shutil.which("runuser"):
-        pytest.skip("PostgreSQL server binaries not installed")
-    pg = OwnPostgres()
-    pg.start()
+    pg = private_postgres()  # its own: these tests stop it
     pg.create_db("reco")
     yield pg
     pg.remove()
 
 
-def _redis(tmp_path, persistent: bool):
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server not installed")
-    r = OwnRedis(tmp_path / "redis", persistent=persistent)
-    r.start()
-    return r
-
-
 @pytest.fixture
 def redis_aof(tmp_path):
-    r = _redis(tmp_path, persistent=True)
+    r = private_redis(tmp_path / "redis", persistent=True)
     yield r
     r.stop()
 
 
 @pytest.fixture
 def redis_volatile(tmp_path):
-    r = _redis(tmp_path, persistent=False)
+    r = private_redis(tmp_path / "redis", persistent=False)
     yield r
     r.stop()
 

@@ -1,18 +1,16 @@
 """The Alembic migrations build exactly the schema the models describe, on SQLite and on PostgreSQL."""
 
-import os
 import uuid
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect
 
 from app.db import Base, Database
 from app.db.session import head_revision
 from app.errors import RecoError
 
-PG = os.environ.get("RECO_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 
 
 def _assert_matches_models(db: Database) -> None:
@@ -39,24 +37,11 @@ def test_auto_upgrade_for_the_embedded_profile(tmp_path):
 
 
 @pytest.mark.slow
-def test_postgres_upgrade_matches_models():
-    admin = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
-    try:
-        admin.connect().close()
-    except Exception as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
+def test_postgres_upgrade_matches_models(private_pg):
     name = f"reco_mig_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        db = Database(f"{PG}/{name}", check=False)
-        db.upgrade()
-        db.upgrade()
-        _assert_matches_models(db)
-        db.dispose()
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    private_pg.create_db(name)
+    db = Database(private_pg.url(name), check=False)
+    assert db.upgrade() == (None, head_revision())
+    assert db.upgrade() == (head_revision(), head_revision())
+    _assert_matches_models(db)
+    db.dispose()
