@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -23,10 +24,17 @@ def _table(rows: list[list], headers: list[str]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
-def _usage_error(exc: click.UsageError) -> click.ClickException:
-    """A usage error as every other error: one `Error:` line, exit 1, and where to read the usage."""
-    where = exc.ctx.command_path if exc.ctx is not None else "reco"
-    return click.ClickException(f"{exc.format_message()} (see `{where} --help`)")
+@contextlib.contextmanager
+def _usage_as_error():
+    """A usage error as every other error: one `Error:` line, exit 1, and where to read the usage (a command given
+    no arguments still shows its help)."""
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "reco"
+        raise click.ClickException(f"{exc.format_message()} (see `{where} --help`)") from exc
 
 
 class RecoGroup(click.Group):
@@ -34,20 +42,12 @@ class RecoGroup(click.Group):
     subcommand."""
 
     def make_context(self, info_name, args, parent=None, **extra):
-        try:
+        with _usage_as_error():
             return super().make_context(info_name, args, parent=parent, **extra)
-        except click.exceptions.NoArgsIsHelpError:
-            raise
-        except click.UsageError as exc:
-            raise _usage_error(exc) from exc
 
     def invoke(self, ctx):
-        try:
+        with _usage_as_error():
             return self._invoke(ctx)
-        except click.exceptions.NoArgsIsHelpError:
-            raise
-        except click.UsageError as exc:
-            raise _usage_error(exc) from exc
 
     def _invoke(self, ctx):
         from sqlalchemy.exc import DatabaseError

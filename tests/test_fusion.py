@@ -160,13 +160,13 @@ def test_build_gives_the_same_start_for_the_same_seed():
     assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
 
 
-def test_tune_attention_learns_where_to_look_and_keeps_the_values():
+def _tuned(tune: str, d: int = 32):
+    """(state at the start, state after five steps) of retrieval-init layers trained with `tune`."""
     from app.fusion import build, param_groups
 
-    d = 32
     model = build(FusionConfig(dim=d, k=4, init="retrieval"), 0)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(param_groups(model, "attention", 0.05), lr=1e-2)
+    opt = torch.optim.AdamW(param_groups(model, tune, 0.05), lr=1e-2)
     for _ in range(5):
         q = torch.nn.functional.normalize(torch.randn(8, d), dim=-1)
         r, s = torch.randn(8, 4, d), torch.rand(8, 4)
@@ -174,7 +174,14 @@ def test_tune_attention_learns_where_to_look_and_keeps_the_values():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    now = model.state_dict()
+    return start, model.state_dict()
+
+
+def test_tune_attention_learns_where_to_look_and_keeps_the_values():
+    from app.fusion import build, param_groups
+
+    d = 32
+    start, now = _tuned("attention", d)
     for side in ("image", "text"):
         for name in ("q.weight", "type_emb", "rank_emb", "score_scale"):
             assert not torch.equal(now[f"{side}.{name}"], start[f"{side}.{name}"]), name
@@ -184,26 +191,14 @@ def test_tune_attention_learns_where_to_look_and_keeps_the_values():
         for name in ("out.weight", "mlp.0.weight", "mlp.3.weight", "ln1.weight", "ln2.bias"):
             assert torch.equal(now[f"{side}.{name}"], start[f"{side}.{name}"]), name
     with pytest.raises(ValueError, match="tune must be"):
-        param_groups(model, "values", 0.0)
+        param_groups(build(FusionConfig(dim=d, k=4), 0), "values", 0.0)
 
 
 def test_tune_scalars_learns_only_the_balance_of_the_retrieval_prior():
     import math
 
-    from app.fusion import build, param_groups
-
     d = 32
-    model = build(FusionConfig(dim=d, k=4, init="retrieval"), 0)
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(param_groups(model, "scalars", 0.05), lr=1e-2)
-    for _ in range(5):
-        q = torch.nn.functional.normalize(torch.randn(8, d), dim=-1)
-        r, s = torch.randn(8, 4, d), torch.rand(8, 4)
-        loss = reco_loss(model.image(q, r, s), model.text(q, r, s), q, q, model.logit_scale)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    now = model.state_dict()
+    start, now = _tuned("scalars", d)
     assert not torch.equal(now["logit_scale"], start["logit_scale"])
     for side in ("image", "text"):
         w = now[f"{side}.out.weight"]
