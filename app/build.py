@@ -233,7 +233,10 @@ def wait_for(rt, version_id: int, timeout: float | None = None, show_progress: b
             if status not in (VersionStatus.BUILDING, VersionStatus.FINALIZING):
                 return status
             if sweep_every and time.monotonic() - swept > sweep_every:  # lost shards come back while we wait
-                sweep_queued(rt, version_id)
+                try:
+                    sweep_queued(rt, version_id)
+                except Exception as exc:  # noqa: BLE001 - a broker or database outage: the workers sweep too
+                    log.warning("sweeper: %s", exc)
                 swept = time.monotonic()
             if timeout is not None and time.monotonic() - start > timeout:
                 raise RecoError(f"version still {status} after {timeout:.0f}s ({done}/{total} shards done)")
