@@ -236,7 +236,9 @@ def wait_for(rt, version_id: int, timeout: float | None = None, show_progress: b
                 try:
                     sweep_queued(rt, version_id)
                 except Exception as exc:  # noqa: BLE001 - a broker or database outage: the workers sweep too
-                    log.warning("sweeper: %s", exc)
+                    from .settings import scrub
+
+                    log.warning("sweeper: %s", scrub(str(exc), rt.settings.broker_url, rt.settings.database_url))
                 swept = time.monotonic()
             if timeout is not None and time.monotonic() - start > timeout:
                 raise RecoError(f"version still {status} after {timeout:.0f}s ({done}/{total} shards done)")
