@@ -143,9 +143,11 @@ def verify(rt, name: str, version: int | None = None) -> VerifyReport:
     elif v.status in (VersionStatus.BUILDING, VersionStatus.FINALIZING):
         states = Counter(shard_state(sh, rt.settings.lease_s) for sh in shards)
         detail = ", ".join(f"{n} {st}" for st, n in sorted(states.items()) if st != ShardStatus.DONE)
-        hint = f"; `reco memory resume {name} {v.version}` re-queues stale and lost shards" if states[STALE] \
-            or states[ShardStatus.PENDING] else f"; if its finaliser died, `reco memory finalize {name} " \
-            f"{v.version}`" if v.status == VersionStatus.FINALIZING else ""
+        hint = ""
+        if states[STALE] or states[ShardStatus.PENDING]:
+            hint = f"; `reco memory resume {name} {v.version}` re-queues stale and lost shards"
+        elif v.status == VersionStatus.FINALIZING:
+            hint = f"; if its finaliser died, `reco memory finalize {name} {v.version}`"
         problems.append(f"not ready: {v.status}, {done}/{len(shards)} shards done"
                         f"{' (' + detail + ')' if detail else ''}{hint}")
     if done != len(shards) and v.status in VersionStatus.ACTIVATABLE:

@@ -17,7 +17,7 @@ def broker_status(rt, timeout: float = 1.0) -> dict:
     settings = rt.settings
     if settings.in_process_tasks:
         return {"profile": "embedded", "broker": "in-process", "workers": [], "queues": {}}
-    from workers.celery_app import app, workers_alive
+    from workers.celery_app import queue_depths, workers_alive
 
     beating = live_workers(rt)
     pinged = workers_alive(timeout)
@@ -25,15 +25,7 @@ def broker_status(rt, timeout: float = 1.0) -> dict:
            "workers": sorted({w["name"] for w in beating} | set(pinged)), "worker_heartbeats": beating,
            "queues": {}}
     try:
-        with app.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=1, timeout=timeout)
-            channel = conn.default_channel
-            for q in QUEUES:
-                try:
-                    out["queues"][q] = channel.queue_declare(queue=q, passive=True).message_count
-                except Exception:  # noqa: BLE001 - a queue nobody declared yet is empty
-                    out["queues"][q] = 0
-                    channel = conn.channel()
+        out["queues"] = queue_depths(QUEUES, timeout)
     except Exception as exc:  # noqa: BLE001 - status must report, not fail
         out["error"] = f"broker unreachable: {type(exc).__name__}"
     return out

@@ -46,15 +46,26 @@ def check_broker(timeout: float = 3.0) -> None:
         ) from exc
 
 
-def queue_depth(queue: str, timeout: float = 2.0) -> int | None:
-    """Messages waiting on `queue` (not counting those a worker holds), or None when the broker cannot say."""
-    try:
-        with app.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=1, timeout=timeout)
+def queue_depths(queues, timeout: float = 2.0) -> dict[str, int]:
+    """Messages waiting on each queue (not counting those a worker holds); a queue nobody declared yet holds
+    none. Raises when the broker cannot be reached."""
+    out = {}
+    with app.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1, timeout=timeout)
+        channel = conn.default_channel
+        for q in queues:
             try:
-                return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
-            except Exception:  # noqa: BLE001 - a queue nobody declared yet holds nothing
-                return 0
+                out[q] = channel.queue_declare(queue=q, passive=True).message_count
+            except Exception:  # noqa: BLE001 - an unknown queue: empty (AMQP closes the channel, so open another)
+                out[q] = 0
+                channel = conn.channel()
+    return out
+
+
+def queue_depth(queue: str, timeout: float = 2.0) -> int | None:
+    """Messages waiting on `queue`, or None when the broker cannot say."""
+    try:
+        return queue_depths((queue,), timeout)[queue]
     except Exception:  # noqa: BLE001
         return None
 
