@@ -193,8 +193,7 @@ def memory_build(rt, name, source, fmt, backbone, activate, wait, image_column, 
     else:
         ids = enqueue(rt, v.id)
         click.echo(f"queued {len(ids)} shard task(s) on 'ingest'", err=True)
-        if not _any_worker(rt):
-            click.echo("warning: no worker is alive; start one with `reco worker --queues ingest`", err=True)
+        _warn_without_workers(rt, "ingest")
         if not wait:
             click.echo(f"{name} v{v.version} building")
             return
@@ -202,13 +201,15 @@ def memory_build(rt, name, source, fmt, backbone, activate, wait, image_column, 
     _report_build(rt, name, v.version, status)
 
 
-def _any_worker(rt) -> bool:
-    """A worker heartbeat younger than two lease periods, or else an answer to a broker ping."""
+def _warn_without_workers(rt, queue: str) -> None:
+    """Warn when no worker is alive: no heartbeat younger than two lease periods, and no answer to a broker ping
+    (a solo worker busy with a task cannot answer one, but its heartbeat thread writes on)."""
     from workers.celery_app import workers_alive
 
     from .leases import live_workers
 
-    return bool(live_workers(rt)) or bool(workers_alive())
+    if not live_workers(rt) and not workers_alive():
+        click.echo(f"warning: no worker is alive; start one with `reco worker --queues {queue}`", err=True)
 
 
 def _status(rt, version_id: int) -> str:
@@ -346,8 +347,7 @@ def memory_resume(rt, name, version, wait, timeout) -> None:
         status = _status(rt, r["version_id"])
     else:
         click.echo(f"{name} v{number}: {r['requeued']} shard(s) re-queued, {r['failed']} failed", err=True)
-        if not _any_worker(rt):
-            click.echo("warning: no worker is alive; start one with `reco worker --queues ingest`", err=True)
+        _warn_without_workers(rt, "ingest")
         if not wait:
             return
         status = wait_for(rt, r["version_id"], timeout=timeout, sweep_every=rt.settings.lease_s)
@@ -470,8 +470,7 @@ def train(rt, model_name, pairs, memory, wait, timeout, **options) -> None:
 
         check_broker()
         train_model.apply_async(args=(model_name,), queue="train")
-        if not _any_worker(rt):
-            click.echo("warning: no worker is alive; start one with `reco worker --queues train`", err=True)
+        _warn_without_workers(rt, "train")
         if not wait:
             click.echo(f"{model_name}: training queued")
             return
