@@ -9,6 +9,7 @@ Spec strings (`--backbone`):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import openclip_registry
 from .errors import RecoError
 
 RANDOM_SEED = 0
@@ -77,10 +79,8 @@ class BackboneSpec:
             if not Path(rest).is_file():
                 raise RecoError(f"backbone weights file {rest} not found")
             return cls(model=model, weights=str(Path(rest).resolve()))
-        import open_clip
-
-        if not open_clip.get_pretrained_cfg(model, rest):
-            tags = open_clip.list_pretrained_tags_by_model(model)
+        if not openclip_registry.pretrained_cfg(model, rest):
+            tags = openclip_registry.pretrained_tags(model)
             raise RecoError(
                 f"unknown pretrained tag {rest!r} for {model}; known tags: {', '.join(tags) or 'none'}"
                 " (or pass MODEL:/path/to/weights)"
@@ -118,9 +118,7 @@ class BackboneSpec:
             if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
                 raise RecoError(f"backbone config {self.config} needs the keys embed_dim, vision_cfg and text_cfg")
             return cfg
-        import open_clip
-
-        return open_clip.get_model_config(self.model)
+        return copy.deepcopy(openclip_registry.model_config(self.model))
 
     @property
     def dim(self) -> int:
@@ -133,9 +131,7 @@ def _canonical_json(obj) -> bytes:
 
 
 def _check_model_name(model: str) -> None:
-    import open_clip
-
-    if model not in open_clip.list_models():
+    if model not in openclip_registry.model_names():
         raise RecoError(
             f"unknown backbone {model!r}: not an open_clip model name (list them with "
             "`python -c 'import open_clip; print(open_clip.list_models())'`) nor a config .json path"
@@ -164,28 +160,13 @@ def is_offline(setting: str = "auto") -> bool:
 def resolve_pretrained(model: str, tag: str, offline_setting: str = "auto") -> str:
     """Local path of the weights for MODEL:TAG: from the local caches, else downloaded (when online).
 
-    huggingface_hub retries for most of a minute when the network is absent; we look in the caches with its
-    offline switch on first, and only go to the network when it answers within a second.
+    huggingface_hub retries for most of a minute when the network is absent; we look in the caches first (without
+    importing torch or touching the network), and only go to the network when it answers within a second.
     """
-    import huggingface_hub.constants as hf_constants
-    import open_clip
-    from open_clip.pretrained import download_pretrained
-
-    cfg = open_clip.get_pretrained_cfg(model, tag)
-    previous = hf_constants.HF_HUB_OFFLINE
-    hf_constants.HF_HUB_OFFLINE = True
-    try:
-        if cfg.get("hf_hub"):
-            try:
-                return download_pretrained(cfg)
-            except Exception:
-                pass
-        elif cfg.get("url"):
-            cached = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
-            if cached.is_file():
-                return str(cached)
-    finally:
-        hf_constants.HF_HUB_OFFLINE = previous
+    cfg = openclip_registry.pretrained_cfg(model, tag)
+    cached = openclip_registry.cached_weights(cfg)
+    if cached:
+        return cached
     if is_offline(offline_setting):
         raise RecoError(
             f"pretrained weights {model}:{tag} are not in the local cache and the model hub cannot be reached "
@@ -193,6 +174,8 @@ def resolve_pretrained(model: str, tag: str, offline_setting: str = "auto") -> s
             f"open_clip.create_model('{model}', pretrained='{tag}')\") and copy the Hugging Face cache "
             f"(~/.cache/huggingface) here, or pass the file directly: --backbone {model}:/path/to/weights"
         )
+    from open_clip.pretrained import download_pretrained
+
     return download_pretrained(cfg)
 
 
@@ -220,18 +203,15 @@ class Backbone:
 
     @classmethod
     def load(cls, spec: str | BackboneSpec, device: str | None = None, offline: str = "auto") -> "Backbone":
+        spec = BackboneSpec.parse(spec) if isinstance(spec, str) else spec
+        pretrained = spec.weights
+        if spec.tag:  # before torch is imported: weights missing offline fail in well under 2 s
+            pretrained = resolve_pretrained(spec.model, spec.tag, offline)
         import open_clip
         import torch
 
-        spec = BackboneSpec.parse(spec) if isinstance(spec, str) else spec
         device = pick_device(device)
-        if spec.config:
-            name = _register_config(spec)
-        else:
-            name = spec.model
-        pretrained = spec.weights
-        if spec.tag:
-            pretrained = resolve_pretrained(spec.model, spec.tag, offline)
+        name = _register_config(spec) if spec.config else spec.model
         with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
             torch.manual_seed(RANDOM_SEED)  # random-weight backbones are identical in every process
             try:

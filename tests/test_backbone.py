@@ -286,3 +286,33 @@ def test_resolve_pretrained_offline_finds_cached_weights(empty_caches, monkeypat
     path = resolve_pretrained("ViT-B-32", TAG, "1")
     assert time.monotonic() - start < 2.0
     assert Path(path).parent == snap and Path(path).read_bytes() == b"weights"
+
+
+def test_registry_read_without_torch_matches_open_clip():
+    """Names, configs and the pretrained table come from open_clip's own files, read without importing it."""
+    import open_clip
+
+    from app import openclip_registry as reg
+
+    assert set(reg.model_names()) == {m for m in open_clip.list_models() if not m.startswith("reco-")}
+    assert reg.model_config("ViT-B-32") == open_clip.get_model_config("ViT-B-32")
+    for model, tag in open_clip.list_pretrained():
+        assert reg.pretrained_cfg(model, tag) == open_clip.get_pretrained_cfg(model, tag), (model, tag)
+    assert reg.pretrained_tags("ViT-B-32") == open_clip.list_pretrained_tags_by_model("ViT-B-32")
+    assert reg.pretrained_cfg("ViT-B-32", "nope") == {}
+
+
+def test_cached_weights_prefer_safetensors_as_open_clip_does(empty_caches):
+    from app import openclip_registry as reg
+
+    cfg = reg.pretrained_cfg("ViT-B-32", TAG)
+    repo = Path(empty_caches / "hf" / "hub" / ("models--" + cfg["hf_hub"].strip("/").replace("/", "--")))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    assert reg.cached_weights(cfg) is None
+    (snap / "open_clip_pytorch_model.bin").write_bytes(b"bin")
+    assert Path(reg.cached_weights(cfg)).name == "open_clip_pytorch_model.bin"
+    (snap / "open_clip_model.safetensors").write_bytes(b"safe")
+    assert Path(reg.cached_weights(cfg)).name == "open_clip_model.safetensors"

@@ -236,19 +236,38 @@ def test_a_usage_error_points_at_the_help(reco_env):
     _one_error_line(r, "'--image'", "does not exist", "see `reco memory query --help`")
 
 
-@pytest.mark.parametrize("args", [("x", "{missing}"), ("x", "{missing}", "--format", "manifest"),
-                                  ("Bad Name", "{missing}"), ("x", "{dir}", "--format", "manifest")])
-def test_source_format_and_name_errors_come_before_torch_is_imported(tmp_path, args):
-    """The cheap checks run first: a typo costs a second, not the seconds torch and open_clip take to import."""
+TAG = "ViT-B-32:laion2b_s34b_b79k"
+
+
+@pytest.mark.parametrize("args, backbone, says", [
+    (("x", "{missing}"), TAG, "not found"),
+    (("x", "{missing}", "--format", "manifest"), TAG, "not found"),
+    (("Bad Name", "{missing}"), TAG, "name"),
+    (("x", "{dir}", "--format", "manifest"), TAG, "is a directory"),
+    (("x", "{manifest}"), "ViT-B-33", "unknown backbone 'ViT-B-33'"),
+    (("x", "{manifest}"), "ViT-B-32:laion2b_nope", "known tags: openai"),
+    (("x", "{manifest}"), TAG, "not in the local cache"),  # weights missing offline
+])
+def test_source_name_and_backbone_errors_come_before_torch_is_imported(tmp_path, args, backbone, says):
+    """The cheap checks run first: a typo or absent weights cost a second, not the seconds torch takes to import,
+    and leave no version behind."""
     import os
     import subprocess
     import sys
 
-    args = [a.format(missing=tmp_path / "missing", dir=tmp_path) for a in args]
-    env = {**os.environ, "RECO_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text('{"image": "a.png", "caption": "red"}\n')
+    args = [a.format(missing=tmp_path / "missing", dir=tmp_path, manifest=tmp_path / "m.jsonl") for a in args]
+    env = {**os.environ, "RECO_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+           "HOME": str(tmp_path / "user"), "HF_HOME": str(tmp_path / "user" / "hf")}  # empty weight caches
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "app", "memory", "build", *args, "--backbone",
-                        "ViT-B-32:laion2b_s34b_b79k"], env=env, capture_output=True, text=True, timeout=120)
+                        backbone], env=env, capture_output=True, text=True, timeout=120)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
-    assert r.returncode == 1 and len(errors) == 1, r.stderr[-2000:]
+    assert r.returncode == 1 and len(errors) == 1 and says in errors[0], r.stderr[-2000:]
     imported = {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
     assert "app.cli" in imported and not imported & {"torch", "open_clip", "torchvision"}, errors
+    listed = subprocess.run([sys.executable, "-m", "app", "memory", "list", "--json"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stdout + listed.stderr
