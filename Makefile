@@ -41,6 +41,13 @@ demo: venv
 	RECO_HOME=$(DEMO)/home $(BIN)/reco eval gallery 1 --out $(DEMO)/gallery.html
 	RECO_HOME=$(DEMO)/home $(BIN)/reco eval plot 1 --out $(DEMO)/plots
 	RECO_HOME=$(DEMO)/home $(BIN)/reco eval compare 1
+	# the HTTP service on the demo's model, for a few requests (search page at the printed address)
+	port=$$($(BIN)/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"); \
+	RECO_HOME=$(DEMO)/home $(BIN)/reco serve --port $$port --log-level warning & pid=$$!; \
+	trap "kill $$pid" EXIT; \
+	$(BIN)/python -m app.serve.client --url http://127.0.0.1:$$port --wait 120 search --text "a red circle" -k 3 && \
+	$(BIN)/python -m app.serve.client --url http://127.0.0.1:$$port classify $(DEMO)/query.png \
+		--classes "blue triangle,red circle,green square,yellow star"
 
 # The emoji packages (npm) that the quality benchmark and its reduced test read, into a cache outside the repo.
 bench-data: venv

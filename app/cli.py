@@ -239,15 +239,9 @@ def _report_build(rt, name: str, version: int, status: str) -> None:
 @click.pass_obj
 def memory_list(rt, as_json) -> None:
     """Every memory with its versions."""
-    from sqlalchemy import select
+    from .memory import list_memories
 
-    from .db.models import Memory
-    from .memory import summary
-
-    with rt.db.session() as s:
-        out = []
-        for mem in s.scalars(select(Memory).order_by(Memory.name)):
-            out.append({"name": mem.name, "versions": [summary(s, v, mem.active_version_id) for v in mem.versions]})
+    out = list_memories(rt)
     if as_json:
         _echo_json(out)
         return
@@ -776,6 +770,11 @@ def worker(rt, queues, concurrency, loglevel, hostname) -> None:
     if hostname:
         argv += ["-n", hostname]
     app.worker_main(argv)
+
+
+from .serve.cli import serve  # noqa: E402  (the command only; the service loads when it starts)
+
+cli.add_command(serve)
 
 
 def main() -> None:

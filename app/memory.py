@@ -199,6 +199,13 @@ def delete(rt, name: str, version: int, force: bool = False) -> None:
         rt.store.drop(collection)
 
 
+def list_memories(rt) -> list[dict]:
+    """Every memory by name, with a summary of each of its versions."""
+    with rt.db.session() as s:
+        return [{"name": mem.name, "versions": [summary(s, v, mem.active_version_id) for v in mem.versions]}
+                for mem in s.scalars(select(Memory).order_by(Memory.name))]
+
+
 def summary(s, v: MemoryVersion, active_id: int | None) -> dict:
     reasons: dict[str, int] = {}
     for sh in v.shards:

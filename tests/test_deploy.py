@@ -9,12 +9,14 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from app.serve.settings import ENV_VARS as SERVE_VARS
+from app.serve.settings import ServeSettings
 from app.settings import ENV_VARS, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-RECO_SERVICES = ("migrate", "worker-ingest", "worker-train", "admin")
+RECO_SERVICES = ("migrate", "worker-ingest", "worker-train", "api", "admin")
 
 
 def _vars_read_by_code() -> set[str]:
@@ -31,7 +33,7 @@ def _resolve(value: str) -> str:
 
 
 def test_settings_module_lists_every_variable_the_code_reads():
-    assert _vars_read_by_code() <= set(ENV_VARS) | {"RECO_BENCH_CACHE", "RECO_BENCH_HOME"}
+    assert _vars_read_by_code() <= set(ENV_VARS) | set(SERVE_VARS) | {"RECO_BENCH_CACHE", "RECO_BENCH_HOME"}
 
 
 @pytest.mark.parametrize("service", RECO_SERVICES)
@@ -66,6 +68,18 @@ def test_services_and_dependencies():
         image = SERVICES[name]["image"]
         assert ":" in image and not image.endswith(":latest"), image
     assert SERVICES["qdrant"]["environment"]["QDRANT__SERVICE__API_KEY"].startswith("${RECO_QDRANT_API_KEY:?")
+
+
+def test_api_service_serves_with_every_setting_and_a_readiness_check():
+    api = SERVICES["api"]
+    assert api["command"][:2] == ["reco", "serve"] and "0.0.0.0" in api["command"]
+    assert set(SERVE_VARS) <= set(api["environment"])
+    settings = ServeSettings.from_env({k: _resolve(str(v)) for k, v in api["environment"].items()})
+    assert settings.token is None and settings.max_batch == 32 and not settings.cors_origins  # off by default
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert "container_name" not in api and "-" in _resolve(api["ports"][0]).split(":")[0]  # scalable: a port range
+    assert api["environment"]["RECO_API_TOKEN"] == "${RECO_API_TOKEN:-}"  # from the environment, never written
 
 
 def test_no_secret_in_the_compose_file():

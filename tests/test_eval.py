@@ -137,13 +137,9 @@ def test_run_is_stored_listed_compared_plotted_and_gallery_renders(rt, trained, 
 
 def _check_in_chromium(page: Path, tmp_path: Path) -> None:
     """Open the gallery in headless Chromium: every <img> decoded, and the screenshot is not blank."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        import os
+    from tests.browser import chromium as find_chromium
 
-        if os.environ.get("CI"):
-            raise AssertionError("chromium is not installed (.ci/run installs it)")
-        pytest.skip("chromium not installed")
+    chromium = find_chromium()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'chrome'}"]
