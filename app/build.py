@@ -21,14 +21,15 @@ from .corpus import plan_shards
 from .db.models import IngestShard, MemoryVersion, ShardStatus, VersionStatus, utcnow
 from .errors import RecoError
 from .leases import aware, holder_gone
-from .memory import create_version, fail_shard, finalize_if_complete
+from .memory import create_version, fail_shard, finalize_if_complete, storage_of
 from .names import check_name
+from .store.base import Storage
 
 log = logging.getLogger(__name__)
 
 
 def start_build(rt, name: str, source: str, *, backbone: str, fmt: str | None = None, activate: bool = False,
-                **reader_options) -> MemoryVersion:
+                storage: Storage | None = None, **reader_options) -> MemoryVersion:
     check_name(name)
     # the source first: a wrong path or format fails before torch and open_clip are imported (seconds)
     fmt, shards = plan_shards(source, fmt, **reader_options)
@@ -51,7 +52,7 @@ def start_build(rt, name: str, source: str, *, backbone: str, fmt: str | None = 
         source = str(Path(source).resolve())
     return create_version(
         rt, name, source=source, fmt=fmt, backbone=spec.canonical, backbone_hash=spec.fingerprint, dim=dim,
-        shard_specs=shards, activate=activate,
+        shard_specs=shards, activate=activate, storage=storage,
     )
 
 
@@ -81,12 +82,12 @@ def run_in_process(rt, version_id: int, show_progress: bool = True, retries: int
         v = s.get(MemoryVersion, version_id)
         total = sum(sh.spec.get("rows", 0) for sh in v.shards) or None
         label = f"{v.memory.name} v{v.version}"
-        collection, dim = v.collection, v.dim
+        collection, dim, storage = v.collection, v.dim, storage_of(v)
     bar = tqdm(total=total, unit="item", desc=f"ingest {label}", disable=not show_progress, dynamic_ncols=True)
     try:
         # one open of the new collection for every shard (the embedded engine loads and flushes a shard on
         # each open); nobody else reads a version that is still building, and it is released before sealing
-        with rt.store.hold(collection, create_dim=dim):
+        with rt.store.hold(collection, create_dim=dim, storage=storage):
             for sid in shard_ids(rt, version_id):
                 for attempt in range(retries + 1):
                     try:

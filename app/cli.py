@@ -178,15 +178,29 @@ def memory() -> None:
 @click.option("--key-column", default=None, help="Manifest column with item keys (default: the row number).")
 @click.option("--shard-size", default=10_000, show_default=True, help="Manifest rows per shard (one task each).")
 @click.option("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
+@click.option("--quantization", type=click.Choice(["auto", "none", "int8", "binary"]), default="auto",
+              show_default=True, help="Quantized vectors, searched with rescoring from the originals; auto: int8 "
+                                      "once the version is big enough for an HNSW graph.")
+@click.option("--on-disk", is_flag=True, help="Keep the original vectors memory-mapped on disk (RAM: only the "
+                                              "quantized vectors and the graph).")
 @click.pass_obj
 def memory_build(rt, name, source, fmt, backbone, activate, wait, image_column, caption_column, key_column,
-                 shard_size, timeout) -> None:
+                 shard_size, timeout, quantization, on_disk) -> None:
     """Create the next version of NAME from SOURCE: one ingest task per shard."""
-    from .build import enqueue, run_in_process, start_build, wait_for
+    from .build import start_build
+    from .store.base import Storage
 
     v = start_build(rt, name, source, backbone=backbone, fmt=fmt, activate=activate, image_column=image_column,
-                    caption_column=caption_column, key_column=key_column, shard_size=shard_size)
+                    caption_column=caption_column, key_column=key_column, shard_size=shard_size,
+                    storage=Storage(quantization, on_disk))
     click.echo(f"{name} v{v.version}: building from {source}", err=True)
+    _run_build(rt, name, v, wait, timeout)
+
+
+def _run_build(rt, name: str, v, wait: bool, timeout: float | None) -> str | None:
+    """Ingest a registered version: in this process (embedded), or on the workers, waiting unless --no-wait."""
+    from .build import enqueue, run_in_process, wait_for
+
     if rt.settings.in_process_tasks:
         run_in_process(rt, v.id)
         status = _status(rt, v.id)
@@ -196,9 +210,10 @@ def memory_build(rt, name, source, fmt, backbone, activate, wait, image_column, 
         _warn_without_workers(rt, "ingest")
         if not wait:
             click.echo(f"{name} v{v.version} building")
-            return
+            return None
         status = wait_for(rt, v.id, timeout=timeout, sweep_every=rt.settings.lease_s)
     _report_build(rt, name, v.version, status)
+    return status
 
 
 def _warn_without_workers(rt, queue: str) -> None:
@@ -273,6 +288,7 @@ def memory_show(rt, name, version, as_json) -> None:
                         "items_stored": sh.items_stored, "items_skipped": sh.items_skipped,
                         "skip_reasons": sh.skip_reasons, "attempts": sh.attempts, "error": sh.error}
                        for sh in v.shards]
+    d["storage"] = _applied_storage(rt, d)
     if as_json:
         _echo_json(d)
         return
@@ -280,12 +296,74 @@ def memory_show(rt, name, version, as_json) -> None:
               "items_stored", "items_skipped", "created_at", "ready_at", "activated_at", "error"):
         if d.get(k) is not None:
             click.echo(f"{k:14} {d[k]}")
+    applied = d["storage"] or {"quantization": "-", "on_disk": d["on_disk"]}
+    click.echo(f"{'storage':14} {applied['quantization']} vectors (asked: {d['quantization']}), originals "
+               f"{'on disk (memory-mapped)' if applied['on_disk'] else 'in RAM'}")
     for r, n in sorted(d["skip_reasons"].items()):
         click.echo(f"  skipped {r}: {n}")
     _table([[sh["index"], sh["name"], sh["state"], sh["worker"] or "", sh["items_stored"], sh["items_skipped"],
              sh["attempts"], sh["error"] or (f"lease expired {sh['stale_since'][:19]}" if sh["stale_since"] else "")]
             for sh in d["shards"]],
            ["SHARD", "NAME", "STATE", "WORKER", "STORED", "SKIPPED", "ATTEMPTS", "ERROR"])
+
+
+@memory.command("export")
+@click.argument("ref", metavar="NAME[@VERSION]")
+@click.argument("directory")
+@click.option("--part-rows", default=100_000, show_default=True, help="Items per part file.")
+@click.pass_obj
+def memory_export(rt, ref, directory, part_rows) -> None:
+    """Write a version (default: the active one) to DIRECTORY in clip-retrieval's layout with a manifest."""
+    from .transfer.memory import export_version
+
+    m = export_version(rt, ref, directory, part_rows=part_rows, progress=True)
+    size = sum(f["bytes"] for f in m["files"].values())
+    click.echo(f"{m['memory']} v{m['version']}: {m['count']} items in {len(m['parts'])} part(s), "
+               f"{size / 1024 ** 2:.1f} MB -> {directory}")
+
+
+@memory.command("import")
+@click.argument("directory")
+@click.option("--as", "name", default=None, help="Memory name (default: the exported one).")
+@click.option("--backbone", default=None, help="This machine's spec of the same weights (default: the exported "
+                                                "spec); its fingerprint must match the export's.")
+@click.option("--activate", is_flag=True, help="Make the version active once it is ready and verified.")
+@click.option("--quantization", type=click.Choice(["auto", "none", "int8", "binary"]), default=None,
+              help="Storage options of the new version (default: the exported ones).")
+@click.option("--on-disk/--in-ram", default=None)
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--timeout", type=float, default=None)
+@click.pass_obj
+def memory_import(rt, directory, name, backbone, activate, quantization, on_disk, wait, timeout) -> None:
+    """Build a version from an export (either profile): hashes and backbone checked before anything is stored,
+    verified at the end."""
+    from .memory import verify
+    from .store.base import Storage
+    from .transfer.memory import read_export, start_import
+
+    manifest = read_export(directory)
+    exported = manifest.get("storage", {})
+    storage = Storage(quantization or exported.get("quantization", "auto"),
+                      bool(exported.get("on_disk", False)) if on_disk is None else on_disk)
+    name = name or manifest["memory"]
+    v = start_import(rt, directory, manifest, name=name, backbone=backbone, activate=activate, storage=storage)
+    click.echo(f"{name} v{v.version}: importing from {directory}", err=True)
+    status = _run_build(rt, name, v, wait, timeout)
+    if status == "ready":
+        report = verify(rt, name, v.version)
+        if not report.ok:
+            raise RecoError(f"{name} v{v.version} was imported but does not verify: {report.problems}")
+        click.echo(f"{name} v{v.version} verified: {report.store_count} points")
+
+
+def _applied_storage(rt, d: dict) -> dict | None:
+    """What the store applied to a sealed version (quantization is decided at the seal for `auto`)."""
+    if d["status"] not in ("ready", "retired"):
+        return None
+    try:
+        return rt.store.storage(d["collection"])
+    except RecoError:
+        return None
 
 
 @memory.command("activate")

@@ -20,7 +20,7 @@ from .corpus import Item, SkipReason, read_shard
 from .db.models import IngestShard, Memory, ShardStatus, utcnow
 from .errors import RecoError, TransientError
 from .leases import Heartbeat, claim, holder_name, release
-from .memory import fail_shard, finalize_if_complete
+from .memory import fail_shard, finalize_if_complete, storage_of
 from .store.base import point_id
 
 BATCH_SIZE = 128
@@ -132,7 +132,8 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
         v = shard.version
         mem = s.get(Memory, v.memory_id)
         job = {"fmt": v.source_format, "spec": dict(shard.spec), "collection": v.collection, "dim": v.dim,
-               "backbone": v.backbone, "memory": mem.name, "version": v.version, "index": shard.index}
+               "backbone": v.backbone, "memory": mem.name, "version": v.version, "index": shard.index,
+               "storage": storage_of(v)}
         version_id = v.id
     if not claim(rt, shard_id, holder):  # done, failed, no longer building, or held by a live worker
         with rt.db.session() as s:
@@ -185,7 +186,7 @@ def _encode_and_store(rt, shard_id: int, holder: str, job: dict, progress, batch
                 processed = stored + sum(counts.values())
                 progress(processed - reported)
                 reported = processed
-        with rt.store.hold(job["collection"], create_dim=dim):
+        with rt.store.hold(job["collection"], create_dim=dim, storage=job.get("storage")):
             for chunk in chunks:
                 dup = _write_first_wins(rt.store, job["collection"], job["index"], *chunk)
                 if dup:

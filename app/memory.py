@@ -16,7 +16,7 @@ from .db.models import IngestShard, Memory, MemoryVersion, ShardStatus, VersionS
 from .errors import NotFound, RecoError
 from .leases import STALE, shard_state
 from .names import check_name
-from .store.base import collection_name
+from .store.base import Storage, collection_name
 
 
 def alias_name(memory: str) -> str:
@@ -24,7 +24,7 @@ def alias_name(memory: str) -> str:
 
 
 def create_version(rt, name: str, *, source: str, fmt: str, backbone: str, backbone_hash: str | None, dim: int,
-                   shard_specs: list[dict], activate: bool = False) -> MemoryVersion:
+                   shard_specs: list[dict], activate: bool = False, storage: Storage | None = None) -> MemoryVersion:
     """Register the next version of NAME with its shards. Concurrent builds get distinct numbers."""
     check_name(name)
     for attempt in range(20):
@@ -40,7 +40,8 @@ def create_version(rt, name: str, *, source: str, fmt: str, backbone: str, backb
                     memory_id=mem.id, version=number, status=VersionStatus.BUILDING, backbone=backbone,
                     backbone_hash=backbone_hash, dim=dim, source=source, source_format=fmt,
                     collection=collection_name(name, number), activate_when_ready=int(activate),
-                    items_stored=0, items_skipped=0,
+                    items_stored=0, items_skipped=0, quantization=(storage or Storage()).quantization,
+                    on_disk=(storage or Storage()).on_disk,
                 )
                 s.add(v)
                 s.flush()
@@ -51,6 +52,11 @@ def create_version(rt, name: str, *, source: str, fmt: str, backbone: str, backb
         except IntegrityError:
             continue  # another build took this number (or created the memory) first: take the next one
     raise RecoError(f"could not allocate a new version of {name}: too many concurrent builds")
+
+
+def storage_of(v: MemoryVersion) -> Storage:
+    """The storage options a version was built with."""
+    return Storage(v.quantization or "none", bool(v.on_disk))
 
 
 def get_memory(s, name: str) -> Memory:
@@ -221,6 +227,8 @@ def summary(s, v: MemoryVersion, active_id: int | None) -> dict:
         "source": v.source,
         "format": v.source_format,
         "collection": v.collection,
+        "quantization": v.quantization,
+        "on_disk": bool(v.on_disk),
         "items_stored": v.items_stored,
         "items_skipped": v.items_skipped,
         "skip_reasons": reasons,
@@ -271,6 +279,7 @@ def finalize_if_complete(rt, version_id: int) -> str | None:
         expected = sum(sh.items_stored for sh in shards)
         skipped = sum(sh.items_skipped for sh in shards)
         collection, activate_after = v.collection, bool(v.activate_when_ready)
+        storage = storage_of(v)
         name, number = v.memory.name, v.version
     error = None
     if expected and rt.store.count(collection) < expected:
@@ -278,7 +287,7 @@ def finalize_if_complete(rt, version_id: int) -> str | None:
     if expected == 0:
         error = "no item could be stored (see the skip reasons with `reco memory show`)"
     else:
-        n = rt.store.seal(collection)
+        n = rt.store.seal(collection, storage)
         if n != expected:
             error = f"the vector store holds {n} points but the shards stored {expected} (duplicate keys across shards?)"
     with rt.db.session() as s:

@@ -20,6 +20,8 @@ ENV_VARS = (
     "RECO_LEASE_S",
     "RECO_MAX_ATTEMPTS",
     "RECO_TASK_RETRIES",
+    "RECO_OVERSAMPLING",
+    "RECO_SEARCH_THREADS",
 )
 
 # query parameters that carry a secret (libpq's password=, sslpassword=; tokens and keys of other services)
@@ -95,6 +97,21 @@ def _positive_int(env, name: str, default: int) -> int:
     return int(raw)
 
 
+def _oversampling(env) -> float | None:
+    raw = env.get("RECO_OVERSAMPLING")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value >= 1.0:
+        from .errors import RecoError
+
+        raise RecoError(f"RECO_OVERSAMPLING={raw!r}: use a number of 1 or more, e.g. RECO_OVERSAMPLING=2")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -113,6 +130,8 @@ class Settings:
     # a task's retries on a transient error (backoff 2, 4, 8 ... 60 s: 8 retries ride out about 2 minutes); past
     # them the sweeper sends the shard again once the outage is over
     task_retries: int = 8
+    oversampling: float | None = None  # quantized versions: candidates rescored per result (None: 2 int8, 8 binary)
+    search_threads: int = 1  # long query batches are split across this many threads
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -132,6 +151,8 @@ class Settings:
             lease_s=_positive_int(env, "RECO_LEASE_S", 30),
             max_attempts=_positive_int(env, "RECO_MAX_ATTEMPTS", 5),
             task_retries=_positive_int(env, "RECO_TASK_RETRIES", 8),
+            oversampling=_oversampling(env),
+            search_threads=_positive_int(env, "RECO_SEARCH_THREADS", min(8, os.cpu_count() or 1)),
         )
 
     @property
@@ -164,6 +185,8 @@ class Settings:
             "lease_s": self.lease_s,
             "max_attempts": self.max_attempts,
             "task_retries": self.task_retries,
+            "oversampling": self.oversampling or "auto (int8 2, binary 8)",
+            "search_threads": self.search_threads,
         }
 
     def __repr__(self) -> str:  # never print a password

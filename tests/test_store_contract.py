@@ -2,20 +2,31 @@
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from app.store.base import point_id
+from app.store import base
+from app.store.base import Storage, point_id
 from app.store.edge import EdgeStore
 from app.store.server import ServerStore
 
 DIM = 16
 
 
-@pytest.fixture(params=["embedded", "server"])
+STORAGE = {"plain": Storage("none"), "auto": Storage("auto"), "int8": Storage("int8"), "binary": Storage("binary"),
+           "int8-on-disk": Storage("int8", on_disk=True)}
+
+
+@pytest.fixture(params=[(b, s) for b in ("embedded", "server") for s in STORAGE], ids=lambda p: "-".join(p))
 def store(request, tmp_path):
-    s = EdgeStore(tmp_path / "vectors") if request.param == "embedded" else ServerStore(":memory:")
+    """Each backend with each storage option: every collection a test creates gets that option."""
+    backend, option = request.param
+    s = EdgeStore(tmp_path / "vectors") if backend == "embedded" else ServerStore(":memory:")
+    create = s.create
+    s.create = lambda collection, dim, storage=None: create(collection, dim, storage or STORAGE[option])
+    s.storage_option = STORAGE[option]
     yield s
     s.close()
 
@@ -91,9 +102,16 @@ def test_search_matches_exact_ranking(store):
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     hits = store.search(name, q, using="text", k=5)
     exact = np.argsort(-(q @ txt.T), axis=1)[:, :5]
-    for row, ex in zip(hits, exact):
-        assert [h.id for h in row] == [ids[j] for j in ex]
+    by_id = {pid: j for j, pid in enumerate(ids)}
+    for i, row in enumerate(hits):
+        # quantized candidates are rescored with the original vectors: the scores are exact cosines
+        np.testing.assert_allclose([h.score for h in row], [float(q[i] @ txt[by_id[h.id]]) for h in row], atol=1e-4)
         assert row[0].vector is None
+    found = np.mean([len({h.id for h in row} & {ids[j] for j in ex}) / 5 for row, ex in zip(hits, exact)])
+    if store.storage_option.quantization == "binary":  # 1 bit per dimension of 16: coarse (512-d: see below)
+        assert found >= 0.6, found
+    else:
+        assert [[h.id for h in row] for row in hits] == [[ids[j] for j in ex] for ex in exact]
 
 
 def test_search_excludes_ids_per_query(store):
@@ -164,6 +182,115 @@ def test_hold_with_create_dim_creates_then_keeps_open(store):
     assert store.count("reco-h-v1") == 20
 
 
+@pytest.mark.parametrize("backend", ["embedded", "server"])
+@pytest.mark.parametrize("quantization", ["int8", "binary"])
+def test_quantized_search_keeps_recall_on_clip_like_vectors(tmp_path, backend, quantization):
+    """384-d clustered vectors (as CLIP's are), past the full-scan threshold so the graph is used: with the default
+    oversampling, recall@10 against exact search stays >= 0.95 and scores are the original cosines."""
+    rng = np.random.default_rng(1)
+    dim, n = 384, 7000
+    centres = rng.standard_normal((70, dim)).astype(np.float32)
+    x = centres[rng.integers(0, 70, n)] + 0.9 * rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = centres[rng.integers(0, 70, 50)] + 0.9 * rng.standard_normal((50, dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    s = EdgeStore(tmp_path / "v") if backend == "embedded" else ServerStore(":memory:")
+    ids = [point_id("m", 1, f"k{i}") for i in range(n)]
+    s.create("reco-q-v1", dim, Storage(quantization))
+    s.upsert("reco-q-v1", ids, x, x, [{"key": f"k{i}"} for i in range(n)])
+    s.seal("reco-q-v1")
+    assert s.storage("reco-q-v1")["quantization"] == quantization
+    hits = s.search("reco-q-v1", q, using="image", k=10)
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    recall = np.mean([len({h.id for h in row} & {ids[j] for j in ex}) / 10 for row, ex in zip(hits, exact)])
+    assert recall >= 0.95, recall
+    j = {pid: i for i, pid in enumerate(ids)}
+    np.testing.assert_allclose([h.score for h in hits[0]], [float(q[0] @ x[j[h.id]]) for h in hits[0]], atol=1e-4)
+    s.close()
+
+
+def test_storage_is_recorded_by_the_store_and_auto_quantizes_only_what_gets_a_graph(store, monkeypatch):
+    name, *_ = _filled(store, n=300)
+    store.seal(name, store.storage_option)
+    applied = store.storage(name)
+    option = store.storage_option
+    assert applied["on_disk"] == option.on_disk
+    assert applied["quantization"] == ("none" if option.quantization == "auto" else option.quantization)
+    monkeypatch.setattr(base, "FULL_SCAN_THRESHOLD_KB", 1)  # 300 x 16-d = 19 KB per vector: a graph now
+    big, *_ = _filled(store, n=300, name="reco-m-v2")
+    store.seal(big, store.storage_option)
+    assert store.storage(big)["quantization"] == ("int8" if option.quantization == "auto" else
+                                                  store.storage_option.at_create())
+
+
+class _Overlap:
+    """Wraps the engine's batch query with a 0.2 s sleep that lets go of the GIL (as a server's network call
+    does) and counts how many calls are inside it at once."""
+
+    def __init__(self):
+        self.inside = self.most = 0
+        self.lock = threading.Lock()
+
+    def wrap(self, fn):
+        def slow(*a, **k):
+            with self.lock:
+                self.inside += 1
+                self.most = max(self.most, self.inside)
+            try:
+                time.sleep(0.2)
+                return fn(*a, **k)
+            finally:
+                with self.lock:
+                    self.inside -= 1
+        return slow
+
+
+def _instrument(store, monkeypatch) -> _Overlap:
+    from contextlib import contextmanager
+
+    probe = _Overlap()
+    if isinstance(store, ServerStore):
+        monkeypatch.setattr(store.client, "query_batch_points", probe.wrap(store.client.query_batch_points))
+        return probe
+    opened = store._open
+
+    class Shard:
+        def __init__(self, shard):
+            self.shard = shard
+
+        def __getattr__(self, name):
+            return probe.wrap(self.shard.query_batch) if name == "query_batch" else getattr(self.shard, name)
+
+    @contextmanager
+    def open_(collection, *a, **k):
+        with opened(collection, *a, **k) as shard:
+            yield Shard(shard)
+
+    monkeypatch.setattr(store, "_open", open_)
+    return probe
+
+
+def test_concurrent_searches_on_one_open_version_run_at_the_same_time(store, monkeypatch):
+    """No lock of ours is held across a search: threads searching one open version are inside the engine at the
+    same time, and one long batch is split across the store's search threads. (qdrant-edge 0.9 itself holds the
+    GIL for a whole query, so on the embedded engine the calls take turns inside; a server's do not.)"""
+    name, ids, img, txt = _filled(store, n=50)
+    store.seal(name)
+    probe = _instrument(store, monkeypatch)
+    with store.hold(name):
+        threads = [threading.Thread(target=store.search, args=(name, img[:5], "image", 3)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert probe.most == 4
+    probe.most = 0
+    store.search_threads = 3
+    q = np.repeat(img, 12, axis=0)  # 600 queries: over SPLIT_AT
+    hits = store.search(name, q, using="image", k=1)
+    assert probe.most == 3 and [row[0].id for row in hits] == [ids[i % 50] for i in np.repeat(np.arange(50), 12)]
+
+
 # -- embedded engine only ------------------------------------------------------------------------------------
 def _graph_degrees(root):
     """The HNSW `m` of every sealed vector index under root (0: indexed segment without graph links)."""
@@ -181,7 +308,7 @@ def test_embedded_seal_builds_a_graph_only_where_search_consults_one(tmp_path, m
     hits = store.search(name, img, using="image", k=1)
     assert [row[0].id for row in hits] == ids
 
-    monkeypatch.setattr(edge, "FULL_SCAN_THRESHOLD_KB", 1)  # 300 x 16-d floats = 19 KB per vector: over it
+    monkeypatch.setattr(base, "FULL_SCAN_THRESHOLD_KB", 1)  # 300 x 16-d floats = 19 KB per vector: over it
     store = EdgeStore(tmp_path / "large")
     name, ids, img, txt = _filled(store, n=300)
     assert store.seal(name) == 300

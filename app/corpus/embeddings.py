@@ -3,6 +3,7 @@ vectors came from, and their dimension is checked against it before anything is 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -67,6 +68,17 @@ def _check_metadata(meta: Path, rows: int) -> None:
         raise RecoError(f"{meta} has {pf.metadata.num_rows} rows but its embeddings have {rows} vectors")
 
 
+def _source(raw) -> dict | None:
+    """Where the item's image can be read again (a RECO export's `source` column: JSON), when given."""
+    if not raw:
+        return None
+    try:
+        src = json.loads(raw)
+    except ValueError:
+        return None
+    return src if isinstance(src, dict) else None
+
+
 def read(spec: dict) -> Iterator[Item]:
     import pyarrow.parquet as pq
 
@@ -86,4 +98,4 @@ def read(spec: dict) -> Iterator[Item]:
             yield Item(key=key, caption=caption, skip=SkipReason.BAD_EMBEDDING)
             continue
         yield Item(key=key, caption=caption, image_emb=v / nv, text_emb=t / nt,
-                   extra={"url": row.get("url")} if row.get("url") else None)
+                   extra={"url": row.get("url")} if row.get("url") else None, src=_source(row.get("source")))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -70,6 +70,9 @@ class MemoryVersion(Base):
     source: Mapped[str] = mapped_column(Text, nullable=False)
     source_format: Mapped[str] = mapped_column(String(16), nullable=False)
     collection: Mapped[str] = mapped_column(String(128), nullable=False)
+    # storage options as asked for (`--quantization`, `--on-disk`); the store reports what it applied
+    quantization: Mapped[str] = mapped_column(String(8), nullable=False, default="none", server_default="none")
+    on_disk: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
     items_stored: Mapped[int] = mapped_column(Integer, default=0)
     items_skipped: Mapped[int] = mapped_column(Integer, default=0)
     activate_when_ready: Mapped[int] = mapped_column(Integer, default=0)

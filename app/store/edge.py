@@ -19,9 +19,9 @@ import numpy as np
 from filelock import FileLock
 
 from ..errors import RecoError
-from .base import MODALITIES, Hit, VectorStore, as_matrix, check_modality
+from . import base
+from .base import MODALITIES, OVERSAMPLING, Hit, Storage, VectorStore, as_matrix, check_modality, needs_graph
 
-FULL_SCAN_THRESHOLD_KB = 10_000
 HNSW_M = 16
 HNSW_EF_CONSTRUCT = 128
 DEFAULT_EF = 128
@@ -45,30 +45,42 @@ class EdgeStore(VectorStore):
     _handles: dict[str, _Handle] = {}  # process-wide: the engine allows one open shard per directory
     _registry_lock = threading.RLock()
 
-    def __init__(self, root: Path | str, hnsw_ef: int = DEFAULT_EF, lock_timeout: float = 600.0):
+    def __init__(self, root: Path | str, hnsw_ef: int = DEFAULT_EF, lock_timeout: float = 600.0,
+                 oversampling: float | None = None, search_threads: int = 1):
         self.root = Path(root)
         self.hnsw_ef = hnsw_ef
         self.lock_timeout = lock_timeout
+        self.oversampling = oversampling
+        self.search_threads = search_threads
+        self._applied: dict[str, dict] = {}  # collection -> storage read from its config (changes only at seal)
 
     # -- shard lifecycle -------------------------------------------------------------------------------
     def _dir(self, collection: str) -> Path:
         return self.root / collection
 
-    def _config(self, dim: int, indexing: bool = False, graph: bool = True):
+    def _config(self, dim: int, indexing: bool = False, graph: bool = True, quantization: str = "none",
+                on_disk: bool = False):
         e = _edge()
+        quantized = None
+        if quantization == "int8":  # the quantized vectors stay in RAM (Pinned) whatever the originals do
+            quantized = e.ScalarQuantizationConfig(type=e.ScalarType.Int8, quantile=0.99, memory=e.Memory.Pinned)
+        elif quantization == "binary":
+            quantized = e.BinaryQuantizationConfig(memory=e.Memory.Pinned)
         return e.EdgeConfig(
-            vectors={name: e.EdgeVectorParams(size=dim, distance=e.Distance.Cosine) for name in MODALITIES},
+            vectors={name: e.EdgeVectorParams(size=dim, distance=e.Distance.Cosine, quantization_config=quantized,
+                                              memory=e.Memory.Cold if on_disk else None)
+                     for name in MODALITIES},
             # Qdrant's default: a segment under 10 MB per vector is searched exactly (faster there, and exact
             # answers make small memories' results reproducible; an HNSW graph built by several threads is not).
             # Such a segment never consults its graph, so sealing it builds none (m=0).
             hnsw_config=e.HnswIndexConfig(m=HNSW_M if graph else 0, ef_construct=HNSW_EF_CONSTRUCT,
-                                          full_scan_threshold=FULL_SCAN_THRESHOLD_KB),
+                                          full_scan_threshold=base.FULL_SCAN_THRESHOLD_KB),
             # 0 disables indexing while a version is written; sealing switches it on and builds HNSW once
             optimizers=e.EdgeOptimizersConfig(indexing_threshold=1 if indexing else 0),
         )
 
     @contextmanager
-    def _open(self, collection: str, create_dim: int | None = None) -> Iterator:
+    def _open(self, collection: str, create_dim: int | None = None, storage: Storage | None = None) -> Iterator:
         path = self._dir(collection)
         key = str(path)
         with self._registry_lock:
@@ -82,7 +94,9 @@ class EdgeStore(VectorStore):
                     if path.exists() and any(path.iterdir()):
                         shard = e.EdgeShard.load(str(path))
                     elif create_dim is not None:
-                        shard = e.EdgeShard.create(str(path), self._config(create_dim))
+                        storage = storage or Storage()
+                        shard = e.EdgeShard.create(str(path), self._config(
+                            create_dim, quantization=storage.at_create(), on_disk=storage.on_disk))
                     else:
                         raise RecoError(f"vector collection {collection} does not exist under {self.root}")
                 except BaseException:
@@ -104,8 +118,8 @@ class EdgeStore(VectorStore):
                         h.lock.release()
 
     @contextmanager
-    def hold(self, collection: str, create_dim: int | None = None) -> Iterator[None]:
-        with self._open(collection, create_dim=create_dim):
+    def hold(self, collection: str, create_dim: int | None = None, storage: Storage | None = None) -> Iterator[None]:
+        with self._open(collection, create_dim=create_dim, storage=storage):
             yield
 
     # -- contract --------------------------------------------------------------------------------------
@@ -115,9 +129,31 @@ class EdgeStore(VectorStore):
         except OSError as exc:
             raise RecoError(f"cannot create the embedded vector directory {self.root}: {exc}; check RECO_HOME") from exc
 
-    def create(self, collection: str, dim: int) -> None:
-        with self._open(collection, create_dim=dim):
+    def create(self, collection: str, dim: int, storage: Storage | None = None) -> None:
+        with self._open(collection, create_dim=dim, storage=storage):
             pass
+
+    def storage(self, collection: str) -> dict:
+        if collection not in self._applied:
+            path = self._dir(collection) / "edge_config.json"
+            try:
+                image = json.loads(path.read_text())["vectors"]["image"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise RecoError(f"vector collection {collection} has no readable config under {self.root}") from exc
+            quantized = image.get("quantization_config") or {}
+            self._applied[collection] = {
+                "quantization": "int8" if "scalar" in quantized else "binary" if "binary" in quantized else "none",
+                "on_disk": image.get("memory") == "cold" or bool(image.get("on_disk"))}
+        return self._applied[collection]
+
+    def _params(self, collection: str, k: int):
+        e = _edge()
+        kind = self.storage(collection)["quantization"]
+        if kind == "none":
+            return e.SearchParams(hnsw_ef=max(self.hnsw_ef, k))
+        oversampling = self.oversampling or OVERSAMPLING[kind]
+        return e.SearchParams(hnsw_ef=max(self.hnsw_ef, int(k * oversampling)), quantization=e.QuantizationSearchParams(
+            rescore=True, oversampling=oversampling))
 
     def exists(self, collection: str) -> bool:
         path = self._dir(collection)
@@ -145,9 +181,20 @@ class EdgeStore(VectorStore):
                with_payload=True) -> list[list[Hit]]:
         check_modality(using)
         check_modality(with_vector, allow_none=True)
-        e = _edge()
         q = as_matrix(queries)
-        params = e.SearchParams(hnsw_ef=max(self.hnsw_ef, k))
+        if not len(q):
+            return []
+        with self._open(collection):  # one open for every slice
+            params = self._params(collection, k)
+
+            def search_one(rows, excluded):
+                return self._search(collection, rows, using, k, with_vector, excluded, score_threshold,
+                                    with_payload, params)
+
+            return self._split(search_one, q, exclude)
+
+    def _search(self, collection, q, using, k, with_vector, exclude, score_threshold, with_payload, params):
+        e = _edge()
         requests = []
         for i in range(len(q)):
             flt = None
@@ -164,8 +211,6 @@ class EdgeStore(VectorStore):
                     params=params,
                 )
             )
-        if not requests:
-            return []
         with self._open(collection) as shard:
             results = shard.query_batch(e.QueryBatchRequest(requests))
         return [[_hit(p, with_vector) for p in row] for row in results]
@@ -203,9 +248,10 @@ class EdgeStore(VectorStore):
                 if offset is None:
                     return
 
-    def seal(self, collection: str) -> int:
+    def seal(self, collection: str, storage: Storage | None = None) -> int:
         e = _edge()
         path = self._dir(collection)
+        self._applied.pop(collection, None)
         with self._registry_lock:
             if str(path) in self._handles:
                 raise RecoError(f"cannot seal {collection} while it is open in this process")
@@ -216,10 +262,13 @@ class EdgeStore(VectorStore):
                     points = shard.count(e.CountRequest(exact=True))
                 finally:
                     shard.close()
-                graph = points * dim * 4 / 1024 >= FULL_SCAN_THRESHOLD_KB
+                graph = needs_graph(points, dim)
+                storage = storage or self._as_created(collection)
                 # reloading with indexing switched on persists the new config; optimize() merges the segments
-                # into one indexed segment, with an HNSW graph where search will consult one
-                shard = e.EdgeShard.load(str(path), self._config(dim, indexing=True, graph=graph))
+                # into one indexed segment, with an HNSW graph where search will consult one, and quantizes
+                shard = e.EdgeShard.load(str(path), self._config(dim, indexing=True, graph=graph,
+                                                                 quantization=storage.at_seal(points, dim),
+                                                                 on_disk=storage.on_disk))
                 try:
                     shard.optimize()
                     shard.flush()
@@ -227,7 +276,13 @@ class EdgeStore(VectorStore):
                     shard.close()
         return points
 
+    def _as_created(self, collection: str) -> Storage:
+        applied = self.storage(collection)
+        self._applied.pop(collection, None)
+        return Storage(applied["quantization"], applied["on_disk"])
+
     def drop(self, collection: str) -> None:
+        self._applied.pop(collection, None)
         path = self._dir(collection)
         with self._registry_lock:
             if str(path) in self._handles:

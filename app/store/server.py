@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import RecoError, TransientError
 from ..settings import mask_url, scrub
-from .base import MODALITIES, Hit, VectorStore, as_matrix, check_modality
+from .base import MODALITIES, OVERSAMPLING, Hit, Storage, VectorStore, as_matrix, check_modality
 
 DEFAULT_EF = 128
 
@@ -20,11 +20,15 @@ class ServerStore(VectorStore):
     kind = "server"
 
     def __init__(self, url: str, api_key: str | None = None, timeout: int = 30, hnsw_ef: int = DEFAULT_EF,
-                 shard_number: int | None = None, replication_factor: int | None = None):
+                 shard_number: int | None = None, replication_factor: int | None = None,
+                 oversampling: float | None = None, search_threads: int = 1):
         from qdrant_client import QdrantClient
 
         self.url = url
         self.hnsw_ef = hnsw_ef
+        self.oversampling = oversampling
+        self.search_threads = search_threads
+        self._applied: dict[str, dict] = {}
         self.shard_number = shard_number
         self.replication_factor = replication_factor
         if url == ":memory:" or url.startswith("path:"):
@@ -51,16 +55,20 @@ class ServerStore(VectorStore):
         except TransientError as exc:
             raise RecoError(f"{exc}; check RECO_QDRANT_URL (and RECO_QDRANT_API_KEY) and that Qdrant is running") from exc
 
-    def create(self, collection: str, dim: int) -> None:
+    def create(self, collection: str, dim: int, storage: Storage | None = None) -> None:
         from qdrant_client import models
 
         if self.exists(collection):
             return
+        storage = storage or Storage()
+        quantized = _quantization(storage.at_create())
         try:
             self._call(
                 self.client.create_collection,
                 collection_name=collection,
-                vectors_config={n: models.VectorParams(size=dim, distance=models.Distance.COSINE) for n in MODALITIES},
+                vectors_config={n: models.VectorParams(size=dim, distance=models.Distance.COSINE,
+                                                       quantization_config=quantized, on_disk=storage.on_disk or None)
+                                for n in MODALITIES},
                 hnsw_config=models.HnswConfigDiff(m=16, ef_construct=128),
                 # no indexing while the version is written; seal() switches it on
                 optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0),
@@ -101,7 +109,21 @@ class ServerStore(VectorStore):
         check_modality(using)
         check_modality(with_vector, allow_none=True)
         q = as_matrix(queries)
+        if not len(q):
+            return []
+        kind = self.storage(collection)["quantization"]
         params = models.SearchParams(hnsw_ef=max(self.hnsw_ef, k))
+        if kind != "none":
+            oversampling = self.oversampling or OVERSAMPLING[kind]
+            params = models.SearchParams(hnsw_ef=max(self.hnsw_ef, int(k * oversampling)),
+                                         quantization=models.QuantizationSearchParams(rescore=True,
+                                                                                      oversampling=oversampling))
+        return self._split(lambda rows, excluded: self._search(collection, rows, using, k, with_vector, excluded,
+                                                               score_threshold, with_payload, params), q, exclude)
+
+    def _search(self, collection, q, using, k, with_vector, exclude, score_threshold, with_payload, params):
+        from qdrant_client import models
+
         requests = []
         for i in range(len(q)):
             flt = None
@@ -114,8 +136,6 @@ class ServerStore(VectorStore):
                     score_threshold=score_threshold,
                 )
             )
-        if not requests:
-            return []
         results = self._call(self.client.query_batch_points, collection, requests=requests)
         return [[_hit(p, with_vector) for p in r.points] for r in results]
 
@@ -156,15 +176,39 @@ class ServerStore(VectorStore):
             if offset is None:
                 return
 
-    def seal(self, collection: str) -> int:
+    def seal(self, collection: str, storage: Storage | None = None) -> int:
         from qdrant_client import models
 
+        points = self.count(collection)
+        applied = self.storage(collection)
+        kind = (storage.at_seal(points, self._dim(collection)) if storage else applied["quantization"])
         self._call(
             self.client.update_collection,
             collection_name=collection,
             optimizers_config=models.OptimizersConfigDiff(indexing_threshold=10000),
+            # `auto` resolved now that the size is known (a collection created without quantization gets it here)
+            quantization_config=_quantization(kind) if kind != applied["quantization"] else None,
         )
-        return self.count(collection)
+        self._applied.pop(collection, None)
+        if kind != applied["quantization"]:
+            self._applied[collection] = {**applied, "quantization": kind}
+        return points
+
+    def _dim(self, collection: str) -> int:
+        return self._call(self.client.get_collection, collection).config.params.vectors["image"].size
+
+    def storage(self, collection: str) -> dict:
+        if collection not in self._applied:
+            params = self._call(self.client.get_collection, collection).config.params
+            image = params.vectors["image"]
+            quantized = image.quantization_config or getattr(params, "quantization_config", None)
+            kind = "none"
+            if getattr(quantized, "scalar", None) is not None:
+                kind = "int8"
+            elif getattr(quantized, "binary", None) is not None:
+                kind = "binary"
+            self._applied[collection] = {"quantization": kind, "on_disk": bool(image.on_disk)}
+        return self._applied[collection]
 
     def drop(self, collection: str) -> None:
         self._call(self.client.delete_collection, collection)
@@ -205,3 +249,15 @@ def _hit(p, with_vector: str | None, score: float | None = None) -> Hit:
     if with_vector and isinstance(p.vector, dict) and p.vector.get(with_vector) is not None:
         vec = np.asarray(p.vector[with_vector], dtype=np.float32)
     return Hit(id=str(p.id), score=float(p.score if score is None else score), payload=dict(p.payload or {}), vector=vec)
+
+
+def _quantization(kind: str):
+    """qdrant-client's config for a quantization kind; the quantized vectors always in RAM."""
+    from qdrant_client import models
+
+    if kind == "int8":
+        return models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
+            type=models.ScalarType.INT8, quantile=0.99, always_ram=True))
+    if kind == "binary":
+        return models.BinaryQuantization(binary=models.BinaryQuantizationConfig(always_ram=True))
+    return None
