@@ -1,7 +1,8 @@
 """Training throughput: pairs/s when the neighbours come from the store (first epoch), from the disk cache
 (reruns) and from RAM, over the same steps, in one run.
 
-    python benchmarks/train.py [--pairs 20000] [--dims 512,64] [--repeats 3] [--out benchmarks/results/train.json]
+    python benchmarks/train.py [--pairs 20000] [--dims 512,64] [--repeats 3] [--memory-size N [--home DIR]]
+                               [--out benchmarks/results/train.json]
 
 Memory: `--pairs` image-text pairs of precomputed embeddings in clip-retrieval's layout (float16 .npy + parquet
 metadata), built through the product (`start_build` + `run_in_process`, format `embeddings`: no backbone runs) into
@@ -11,7 +12,8 @@ vectors around ~n/100 cluster centres, the generator of benchmarks/search.py; te
 draw, renormalised) or iid random with `--data random` (app.synthetic.write_embeddings; the HNSW worst case).
 
 Training: the pairs are the memory (`create_job(rt, model, "bench", "bench", cfg)`), so every pair excludes its own
-item; TrainConfig defaults (k=10, batch 256, uni-modal search, cross-modal fusion, dedup 0.98, 10% validation
+item; with `--memory-size N` the neighbours come instead from a separate memory `mem` of N items (built here, or
+the one `benchmarks/inference.py --home H --memory-size N` left in H, given `--home H`); TrainConfig defaults (k=10, batch 256, uni-modal search, cross-modal fusion, dedup 0.98, 10% validation
 held out by concept), except epochs=1. Each measured run is one `run_training` call (a new model each time):
 
   first   the neighbour cache is deleted first: batched kNN queries to the embedded store, both sides, every
@@ -153,13 +155,14 @@ def timed(fn, times: dict, label: str):
     return wrapper
 
 
-def run_variant(rt: Runtime, variant: str, model: str, cfg: TrainConfig, cache_dir: Path, nb_ram: dict) -> dict:
+def run_variant(rt: Runtime, variant: str, model: str, cfg: TrainConfig, cache_dir: Path, nb_ram: dict,
+                memory: str = MEMORY) -> dict:
     """One run_training call of one epoch; wall time and where it went."""
     if variant == "first":
         shutil.rmtree(cache_dir, ignore_errors=True)  # nothing cached: the neighbours come from the store
     elif not (cache_dir / "done").is_file():
         raise SystemExit(f"the neighbour cache {cache_dir} should exist before a {variant} run")
-    create_job(rt, model, MEMORY, MEMORY, cfg)
+    create_job(rt, model, MEMORY, memory, cfg)
     tm: dict[str, float] = {}
     get = NeighbourCache.get
     if variant == "in_ram":
@@ -195,16 +198,20 @@ def bench_dim(dim: int, args, work: Path) -> dict:
     t0 = time.perf_counter()
     n = write_embeddings(src, args.pairs, dim, args.data, args.seed)
     gen_s = time.perf_counter() - t0
-    rt = fresh_runtime(work / f"home-{label}")
+    home = Path(args.home) if args.home else work / f"home-{label}"
+    rt = fresh_runtime(home)
     try:
         rt.db  # the embedded profile migrates its metadata DB on first use: not timed
         log(f"[{label}] building a memory of {n} pairs ({args.data} {dim}-d embeddings, backbone {spec})")
         built = build_memory(rt, src, spec)
         shutil.rmtree(src, ignore_errors=True)
         log(f"[{label}] built in {built['build_s']:.1f}s")
+        memory, memory_items, memory_build_s = MEMORY, built["items"], built["build_s"]
+        if args.memory_size:  # neighbours from a separate, larger memory (reused when --home holds it)
+            memory, memory_items, memory_build_s = neighbour_memory(rt, args, dim, spec, work)
 
         cfg = TrainConfig(epochs=1, seed=args.seed)
-        create_job(rt, "setup", MEMORY, MEMORY, cfg)
+        create_job(rt, "setup", MEMORY, memory, cfg)
         with rt.db.session() as s:
             job = s.query(FusionModel).filter_by(name="setup").one().config["job"]
         t0 = time.perf_counter()
@@ -224,14 +231,14 @@ def bench_dim(dim: int, args, work: Path) -> dict:
 
         for t in args.thread_list:
             torch.set_num_threads(t)
-            run_variant(rt, "in_ram", f"warmup-ram-{t}", cfg, cache.dir, nb_ram)  # torch kernels, allocator
+            run_variant(rt, "in_ram", f"warmup-ram-{t}", cfg, cache.dir, nb_ram, memory)  # kernels, allocator
         runs: dict[int, dict[str, list[dict]]] = {t: {v: [] for v in VARIANTS} for t in args.thread_list}
         for r in range(args.repeats):
             for t in args.thread_list:
                 torch.set_num_threads(t)
                 order = VARIANTS[r % 3:] + VARIANTS[:r % 3]  # rotating order: each variant in each position
                 for variant in order:
-                    res = run_variant(rt, variant, f"{variant}-{t}t-{r}", cfg, cache.dir, nb_ram)
+                    res = run_variant(rt, variant, f"{variant}-{t}t-{r}", cfg, cache.dir, nb_ram, memory)
                     res["torch_threads"] = t
                     runs[t][variant].append(res)
                     log(f"[{label}] repeat {r + 1}/{args.repeats} {t} thread(s) {variant:7s} "
@@ -242,12 +249,14 @@ def bench_dim(dim: int, args, work: Path) -> dict:
     finally:
         torch.set_num_threads(args.thread_list[0])
         rt.close()
-    shutil.rmtree(work / f"home-{label}", ignore_errors=True)
+    if not args.home:
+        shutil.rmtree(home, ignore_errors=True)
     common = {
         "embedding_dim": dim,
         "backbone": built["backbone"] if dim != 64 else "app.synthetic.TINY_CONFIG (a config .json)",
         "data": args.data,
         "pairs": items,
+        "memory": {"name": memory, "items": memory_items, "build_s": memory_build_s},
         "train_config": {k: v for k, v in vars(cfg).items() if k != "device"},
         "setup": {"embeddings_write_s": gen_s, "memory_build_s": built["build_s"],
                   "pairs_store_scan_s": scan_s, "pairs_disk_cache_load_s": pairs_cache_s,
@@ -255,6 +264,26 @@ def bench_dim(dim: int, args, work: Path) -> dict:
     }
     return {f"{label}_{t}thread{'s' if t > 1 else ''}": {**common, "torch_threads": t, **summarise(runs[t], items)}
             for t in args.thread_list}
+
+
+def neighbour_memory(rt: Runtime, args, dim: int, spec: str, work: Path) -> tuple[str, int, float | None]:
+    """The memory "mem" of --memory-size items the neighbours come from: reused when the home already holds a
+    ready version of that size (benchmarks/inference.py --home builds the same), else built here."""
+    from app.memory import list_memories
+
+    for m in list_memories(rt):
+        ready = [v for v in m["versions"] if m["name"] == "mem" and v["status"] == "ready"
+                 and v["items_stored"] == args.memory_size]
+        if ready:
+            log(f"reusing memory mem v{ready[-1]['version']} ({args.memory_size} items) in {rt.settings.home}")
+            return "mem", args.memory_size, None
+    src = work / "emb-neighbours"
+    n = write_embeddings(src, args.memory_size, dim, args.data, args.seed + 1)
+    log(f"building the neighbour memory: {n} pairs")
+    built = build_memory(rt, src, spec, "mem")
+    shutil.rmtree(src, ignore_errors=True)
+    log(f"neighbour memory built in {built['build_s']:.1f}s")
+    return "mem", built["items"], built["build_s"]
 
 
 def summarise(runs: dict[str, list[dict]], items: int) -> dict:
@@ -312,6 +341,10 @@ def main(argv=None) -> int:
                    help="torch intra-op thread counts to run, interleaved (default: 1, then torch's default); "
                         "the first is the headline")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-size", type=int, default=0,
+                   help="neighbours from a separate memory of this many items (default: the pairs are the memory)")
+    p.add_argument("--home", default=None, help="RECO_HOME to use and keep (reuses a memory \"mem\" of "
+                                                "--memory-size items, e.g. the one benchmarks/inference.py built)")
     p.add_argument("--out", default="benchmarks/results/train.json")
     p.add_argument("--workdir", default=None, help="parent of the temporary directory")
     args = p.parse_args(argv)

@@ -276,3 +276,18 @@ def test_finalize_refuses_a_version_with_shards_not_done(cli_run, rt, wds_corpus
     run_shard(rt, first)
     r = cli_run("memory", "finalize", "half", "1", ok=False)
     assert r.exit_code != 0 and "2 shard(s) not done" in r.output
+
+
+def test_storage_options_are_recorded_and_shown(cli_run, wds_corpus, tiny_config):
+    cli_run("memory", "build", "q", wds_corpus, "--backbone", tiny_config, "--quantization", "int8", "--on-disk")
+    cli_run("memory", "build", "q", wds_corpus, "--backbone", tiny_config)  # auto: small, so exact and unquantized
+    shown = cli_run("memory", "show", "q", "--version", "1").output
+    assert "int8 vectors (asked: int8), originals on disk (memory-mapped)" in shown
+    assert "none vectors (asked: auto), originals in RAM" in cli_run("memory", "show", "q", "--version", "2").output
+    d = json.loads(cli_run("memory", "show", "q", "--version", "1", "--json").output)
+    assert (d["quantization"], d["on_disk"], d["storage"]) == ("int8", True, {"quantization": "int8", "on_disk": True})
+    r = cli_run("memory", "build", "q", wds_corpus, "--backbone", tiny_config, "--quantization", "pq", ok=False)
+    assert r.exit_code == 1 and "'pq' is not one of 'auto', 'none', 'int8', 'binary'" in r.output
+    cli_run("memory", "activate", "q", "1")
+    hits = cli_run("memory", "query", "q", "--text", "a red circle", "-k", "3").output  # v1 quantized, searched
+    assert hits.count("\n") >= 3
