@@ -211,6 +211,7 @@ class ServerStore(VectorStore):
         return self._applied[collection]
 
     def drop(self, collection: str) -> None:
+        self._applied.pop(collection, None)
         self._call(self.client.delete_collection, collection)
 
     def point_alias(self, alias: str, collection: str) -> None:
