@@ -725,7 +725,8 @@ def _print_run(run: dict, as_json: bool) -> None:
 
 @eval_group.command("classification")
 @click.option("--dataset", required=True, help="KIND:PATH, e.g. cub:/data/CUB_200_2011 or imagefolder:/data/x.")
-@click.option("--classnames", default=None, help="imagefolder: a file with one class name per folder.")
+@click.option("--classnames", default=None, help="imagefolder: class names: `folder<TAB>name` lines, a JSON "
+              "object {folder: name}, or one name per line in sorted folder order.")
 @click.option("--templates", default=None, help="A file of prompt templates, one per line, with {c}.")
 @click.option("--retrieval", type=click.Choice(["both", "image", "text", "none"]), default="both", show_default=True)
 @_with_eval_options

@@ -80,6 +80,33 @@ def test_imagefolder_classnames_count_mismatch(folder, tmp_path):
     assert "2 class names" in msg and "3 class folders" in msg
 
 
+def test_imagefolder_classnames_as_a_mapping_in_any_order(folder, tmp_path):
+    tsv = _lines(tmp_path / "names.tsv", ["red_square\tsquare of red", "blue_circle\tcircle of blue",
+                                          "green_cross\tcross of green"])
+    assert datasets.image_folder(str(folder), str(tsv)).classnames == ["circle of blue", "cross of green",
+                                                                        "square of red"]
+    js = tmp_path / "names.json"
+    js.write_text(json.dumps({"green_cross": "a green cross", "red_square": "a red square", "blue_circle": "a blue circle"}))
+    assert datasets.image_folder(str(folder), str(js)).classnames == ["a blue circle", "a green cross", "a red square"]
+    js.write_text(json.dumps({"green_cross": "x", "red_square": "y", "purple": "z"}))
+    with pytest.raises(RecoError, match="no name for blue_circle; no folder purple"):
+        datasets.image_folder(str(folder), str(js))
+    bad = _lines(tmp_path / "bad.tsv", ["red_square\tsquare", "blue_circle"])
+    with pytest.raises(RecoError, match="every line needs `folder<TAB>class name`"):
+        datasets.image_folder(str(folder), str(bad))
+
+
+def test_imagefolder_plain_list_of_the_folder_names_in_another_order_is_refused(folder, tmp_path):
+    """Read in sorted folder order, it would name every image after another class, silently."""
+    names = _lines(tmp_path / "names.txt", ["red square", "blue circle", "green cross"])
+    with pytest.raises(RecoError) as e:
+        datasets.image_folder(str(folder), str(names))
+    msg = str(e.value)
+    assert "in another order" in msg and "'red square' is line 1" in msg and "folder<TAB>class name" in msg
+    ordered = _lines(tmp_path / "ordered.txt", ["Blue-Circle", "green cross", "RED SQUARE"])  # same order: fine
+    assert datasets.image_folder(str(folder), str(ordered)).classnames == ["Blue-Circle", "green cross", "RED SQUARE"]
+
+
 def test_imagefolder_missing_classnames_file(folder, tmp_path):
     with pytest.raises(RecoError, match="not found"):
         datasets.image_folder(str(folder), str(tmp_path / "nope.txt"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -84,6 +85,62 @@ def _read_templates(path: str) -> list[str]:
     return templates
 
 
+def _folder_key(name: str) -> str:
+    """A folder or class name compared loosely: no leading number, case, '_' or '-' ('07_Red-circle' ~ 'red circle')."""
+    return " ".join(re.sub(r"^\d+[_\-. ]+", "", name).replace("_", " ").replace("-", " ").lower().split())
+
+
+def _classnames(path: Path, folders: list[str], root: str) -> list[str]:
+    """Class names in sorted folder order, from a mapping (JSON object, or `folder<TAB>name` lines) or a plain list.
+
+    A plain list is read in sorted folder order; one whose names are the folders' own names in another order would
+    label every image wrongly without a word, so it is refused."""
+    fix = (f"write one `folder<TAB>class name` line per folder, or a JSON object {{folder: class name}}, or list "
+           f"the names in sorted folder order")
+    if not path.is_file():
+        raise RecoError(f"{path} not found")
+    text = path.read_text(encoding="utf-8")
+    mapping = None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise RecoError(f"{path} is not valid JSON ({exc}): {fix}") from exc
+        if isinstance(data, dict):
+            mapping = {str(k): str(v) for k, v in data.items()}
+        elif isinstance(data, list):
+            lines = [str(x).strip() for x in data if str(x).strip()]
+        else:
+            raise RecoError(f"{path} must hold a JSON object or list: {fix}")
+    else:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if any("\t" in ln for ln in lines):
+            pairs = [ln.split("\t", 1) for ln in lines]
+            if any(len(p) != 2 or not p[1].strip() for p in pairs):
+                raise RecoError(f"{path}: every line needs `folder<TAB>class name` once one line has a tab")
+            mapping = {k.strip(): v.strip() for k, v in pairs}
+    if mapping is not None:
+        missing = [f for f in folders if f not in mapping]
+        unknown = sorted(set(mapping) - set(folders))
+        if missing or unknown:
+            raise RecoError(f"{path} does not map the class folders of {root}: "
+                            + "; ".join(x for x in (f"no name for {', '.join(missing[:5])}" if missing else "",
+                                                    f"no folder {', '.join(unknown[:5])}" if unknown else "") if x))
+        return [mapping[f] for f in folders]
+    if len(lines) != len(folders):
+        raise RecoError(f"{path} has {len(lines)} class names but {root} has {len(folders)} class folders: {fix}")
+    keys = [_folder_key(f) for f in folders]
+    moved = [(name, keys.index(_folder_key(name))) for i, name in enumerate(lines)
+             if _folder_key(name) in keys and keys.index(_folder_key(name)) != i]
+    if moved:
+        name, at = moved[0]
+        raise RecoError(f"{path} lists the class folders' names in another order ({name!r} is line "
+                        f"{lines.index(name) + 1} but folder {folders[at]!r} is number {at + 1} in sorted order): a "
+                        f"plain list is read in sorted folder order, so every image would get another class's "
+                        f"name. {fix[0].upper()}{fix[1:]}")
+    return lines
+
+
 def image_folder(root: str, classnames_file: str | None = None, templates_file: str | None = None,
                  kind: str = "imagefolder", names_from_folders: Callable[[str], str] | None = None) -> ClassificationSet:
     base = _need_dir(root, kind)
@@ -97,10 +154,7 @@ def image_folder(root: str, classnames_file: str | None = None, templates_file: 
             raise RecoError(f"class folder {d} has no images")
         samples += [(str(f), label) for f in files]
     if classnames_file:
-        names = _read_lines(Path(classnames_file))
-        if len(names) != len(folders):
-            raise RecoError(f"{classnames_file} has {len(names)} class names but {root} has {len(folders)} class "
-                            "folders: one name per folder, in sorted folder order")
+        names = _classnames(Path(classnames_file), [d.name for d in folders], root)
     else:
         clean = names_from_folders or (lambda s: s.replace("_", " "))
         names = [clean(d.name) for d in folders]

@@ -1,0 +1,114 @@
+"""The drop-in model: CLIP_benchmark's own evaluation code, run on it, computes what `reco eval` computes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from app import synthetic
+from app.build import build_in_process
+from app.clip_model import create_model_and_transforms, get_tokenizer
+from app.errors import RecoError
+from app.evaluate import evaluate_classification, evaluate_retrieval
+from app.train import TrainConfig, create_job, run_training
+
+JITTER = 0.3
+CONCEPTS = [synthetic.concept(i) for i in range(32)]
+
+
+@pytest.fixture
+def trained(rt, tmp_path, tiny_config):
+    synthetic.write_wds(tmp_path / "mem", 4, 64, seed=1, jitter=JITTER)
+    build_in_process(rt, "mem", str(tmp_path / "mem"), backbone=tiny_config, activate=True)
+    create_job(rt, "m", "mem", "mem", TrainConfig(k=10, epochs=8, batch_size=64, lr=3e-3, dedup_threshold=None,
+                                                  val_by="item", checkpoint_every=1000))
+    run_training(rt, "m", progress=False)
+    return rt
+
+
+def _clip_benchmark_classification(model, tokenizer, root, classnames, templates):
+    """CLIP_benchmark's zero_shot_classifier + run_classification; its `accuracy` helper fails under NumPy 2, so
+    top-k is its formula in torch and the balanced accuracy sklearn's, as its `evaluate` reports them."""
+    from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
+    from sklearn.metrics import balanced_accuracy_score
+    from torchvision.datasets import ImageFolder
+
+    _, _, preprocess = model
+    ds = ImageFolder(str(root), transform=preprocess)
+    loader = torch.utils.data.DataLoader(ds, batch_size=10, shuffle=False)
+    clf = zero_shot_classifier(model[0], tokenizer, classnames, templates, "cpu", amp=False)
+    logits, target = run_classification(model[0], clf, loader, "cpu", amp=False)
+    top = logits.topk(5, 1, True, True)[1]
+    return {"acc1": float((top[:, :1] == target[:, None]).any(1).float().mean()),
+            "acc5": float((top == target[:, None]).any(1).float().mean()),
+            "mean_per_class_recall": float(balanced_accuracy_score(target.numpy(), logits.argmax(1).numpy()))}
+
+
+def test_classification_parity_with_clip_benchmark(trained, tmp_path):
+    root = synthetic.write_imagefolder(tmp_path / "eval", per_class=2, seed=500_000, jitter=JITTER)
+    run = evaluate_classification(trained, "m", f"imagefolder:{root / 'images'}", ks=[10],
+                                  classnames=str(root / "classnames.txt"), guard=False)
+    model = create_model_and_transforms("reco:m", runtime=trained)
+    tokenizer = get_tokenizer("reco:m", runtime=trained)
+    reco = _clip_benchmark_classification(model, tokenizer, root / "images", run["classnames"], run["templates"])
+    model[0].image_retrieval = model[0].text_retrieval = False  # the frozen backbone
+    base = _clip_benchmark_classification(model, tokenizer, root / "images", run["classnames"], run["templates"])
+    assert base == run["baseline"]
+    assert reco == run["reco"]["10"]
+    assert reco["acc1"] > base["acc1"]  # the comparison is not between two copies of one number
+
+
+def test_retrieval_parity_with_clip_benchmark(trained, tmp_path):
+    from clip_benchmark.metrics.zeroshot_retrieval import evaluate as cb_retrieval
+    from PIL import Image
+
+    images, entries = tmp_path / "kp" / "images", []
+    images.mkdir(parents=True)
+    for i in range(24):
+        c, s = CONCEPTS[i]
+        synthetic.render(c, s, seed=700_000 + i, jitter=JITTER).save(images / f"{i}.png")
+        entries.append({"filepath": "images", "filename": f"{i}.png", "split": "test",
+                        "sentences": [{"raw": f"a {c} {s}"}, {"raw": f"the {c} {s} shape"}]})
+    (tmp_path / "kp" / "dataset_toy.json").write_text(json.dumps({"images": entries}))
+    run = evaluate_retrieval(trained, "m", f"karpathy:{tmp_path / 'kp' / 'dataset_toy.json'}", ks=[10],
+                             retrieval="both", guard=False)
+    model, _, preprocess = create_model_and_transforms("reco:m", runtime=trained)
+    tokenizer = get_tokenizer("reco:m", runtime=trained)
+    pairs = [(preprocess(Image.open(images / e["filename"]).convert("RGB")), [s["raw"] for s in e["sentences"]])
+             for e in entries]
+    loader = torch.utils.data.DataLoader(pairs, batch_size=8, collate_fn=lambda b: (torch.stack([x for x, _ in b]),
+                                                                                    [t for _, t in b]))
+
+    def ours_as_theirs(m):
+        return {f"image_retrieval_recall@{k}": m[f"text_to_image_R@{k}"] for k in (1, 5, 10)} | {
+            f"text_retrieval_recall@{k}": m[f"image_to_text_R@{k}"] for k in (1, 5, 10)}
+
+    theirs = cb_retrieval(model, loader, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
+    assert theirs == pytest.approx(ours_as_theirs(run["reco"]["10"]), abs=1e-7)
+    model.image_retrieval = model.text_retrieval = False
+    theirs = cb_retrieval(model, loader, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
+    assert theirs == pytest.approx(ours_as_theirs(run["baseline"]), abs=1e-7)
+
+
+def test_the_drop_in_model_behaves_as_an_open_clip_model(trained):
+    from app.encoder import RecoEncoder
+
+    model, train_tf, preprocess = create_model_and_transforms("reco:m", runtime=trained)
+    tokenizer = get_tokenizer("reco:m", runtime=trained)
+    assert isinstance(model, torch.nn.Module) and not model.training
+    model.train()
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    enc = RecoEncoder.load("m", runtime=trained)
+    images = [synthetic.render(c, s, seed=9 + i, jitter=JITTER) for i, (c, s) in enumerate(CONCEPTS[:3])]
+    for n in (1, 3):  # batches of any size
+        x = torch.stack([preprocess(im) for im in images[:n]])
+        np.testing.assert_allclose(model.encode_image(x).numpy(), enc.encode_image(images[:n]), atol=1e-5)
+    texts = ["a red circle", "a blue square"]
+    np.testing.assert_allclose(model.encode_text(tokenizer(texts)).numpy(), enc.encode_text(texts), atol=1e-5)
+    img, txt, scale = model(torch.stack([preprocess(images[0])]), tokenizer(texts))
+    assert img.shape == (1, 64) and txt.shape == (2, 64) and float(scale) == pytest.approx(float(model.logit_scale.exp()))
+    assert torch.allclose(img.norm(dim=-1), torch.ones(1), atol=1e-5)
+    assert train_tf is not preprocess
+    with pytest.raises(RecoError, match="use 'reco:MODEL'"):
+        create_model_and_transforms("m", runtime=trained)
