@@ -661,6 +661,33 @@ def model_show(rt, name, as_json) -> None:
         click.echo("final " + json.dumps(final))
 
 
+@model.command("export")
+@click.argument("name")
+@click.argument("directory")
+@click.pass_obj
+def model_export(rt, name, directory) -> None:
+    """Write a trained model to DIRECTORY: fusion weights (safetensors), config, model card, SHA256SUMS."""
+    from .transfer.model import export_model
+
+    c = export_model(rt, name, directory)
+    click.echo(f"model {c['name']} ({c['backbone']}, k={c['k']}, trained with {c['memory']['name']}"
+               f"@{c['memory']['version']}) -> {directory}")
+
+
+@model.command("import")
+@click.argument("directory")
+@click.option("--as", "name", default=None, help="Model name (default: the exported one).")
+@click.option("--memory", default=None, help="Memory it retrieves from (default: the one it was trained with); "
+                                             "it must hold vectors of the model's backbone.")
+@click.pass_obj
+def model_import(rt, directory, name, memory) -> None:
+    """Register a model bundle: every file's sum and the memory's backbone checked first."""
+    from .transfer.model import import_model
+
+    c = import_model(rt, directory, name=name, memory=memory)
+    click.echo(f"model {c['name']} imported, retrieving from memory {c['memory']['name']}")
+
+
 @model.command("delete")
 @click.argument("name")
 @click.pass_obj

@@ -112,3 +112,58 @@ def test_the_drop_in_model_behaves_as_an_open_clip_model(trained):
     assert train_tf is not preprocess
     with pytest.raises(RecoError, match="use 'reco:MODEL'"):
         create_model_and_transforms("m", runtime=trained)
+
+
+# -- model bundles -------------------------------------------------------------------------------------------------
+def test_export_import_evaluate_gives_identical_metrics(trained, tmp_path, cli_run, tiny_config):
+    root = synthetic.write_imagefolder(tmp_path / "eval", per_class=2, seed=500_000, jitter=JITTER)
+    ds = f"imagefolder:{root / 'images'}"
+    before = evaluate_classification(trained, "m", ds, ks=[10], classnames=str(root / "classnames.txt"))
+    cli_run("model", "export", "m", tmp_path / "bundle")
+    files = sorted(p.name for p in (tmp_path / "bundle").iterdir())
+    assert files == ["README.md", "SHA256SUMS", "checkpoint.json", "config.json", "model.safetensors"]
+    card = (tmp_path / "bundle" / "README.md").read_text()
+    assert "untrained start" in card and f"| {before['run']} | zeroshot_classification" in card
+    cfg = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    assert (cfg["k"], cfg["memory"], cfg["dim"]) == (10, {"name": "mem", "version": 1}, 64)
+    r = cli_run("model", "import", tmp_path / "bundle", "--as", "m2")
+    assert "model m2 imported, retrieving from memory mem" in r.output
+    after = evaluate_classification(trained, "m2", ds, ks=[10], classnames=str(root / "classnames.txt"))
+    assert after["reco"] == before["reco"] and after["baseline"] == before["baseline"]
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("weights", "model.safetensors does not match its sum"),
+    ("missing", "checkpoint.json is missing"),
+    ("sums", "not a model bundle"),
+])
+def test_a_tampered_bundle_is_refused(trained, tmp_path, cli_run, damage, says):
+    cli_run("model", "export", "m", tmp_path / "b")
+    b = tmp_path / "b"
+    if damage == "weights":
+        data = bytearray((b / "model.safetensors").read_bytes())
+        data[-3] ^= 0x01
+        (b / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "missing":
+        (b / "checkpoint.json").unlink()
+    else:
+        (b / "SHA256SUMS").unlink()
+    r = cli_run("model", "import", b, "--as", "m3", ok=False)
+    assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
+    assert "m3" not in cli_run("model", "list").output
+
+
+def test_a_bundle_pointed_at_a_memory_of_another_backbone_is_refused(trained, tmp_path, cli_run, tiny_config):
+    cli_run("model", "export", "m", tmp_path / "b")
+    other = tmp_path / "other.json"
+    cfg = json.loads(open(tiny_config).read())
+    cfg["text_cfg"]["layers"] += 1
+    other.write_text(json.dumps(cfg))
+    synthetic.write_wds(tmp_path / "o", 1, 8, seed=3, jitter=JITTER)
+    build_in_process(trained, "theirs", str(tmp_path / "o"), backbone=str(other))
+    r = cli_run("model", "import", tmp_path / "b", "--as", "m4", "--memory", "theirs", ok=False)
+    assert r.exit_code == 1 and "point --memory at a memory of the model's backbone" in r.output
+    r = cli_run("model", "import", tmp_path / "b", "--as", "m4", "--memory", "nowhere", ok=False)
+    assert r.exit_code == 1 and "no memory named 'nowhere' here" in r.output
+    r = cli_run("model", "import", tmp_path / "b", ok=False)  # the name is taken
+    assert r.exit_code == 1 and "a model named 'm' exists" in r.output
