@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RecoError
+from . import new_directory
 
 FORMAT, FORMAT_VERSION = "reco-memory-export", 1
 PART_ROWS = 100_000
@@ -106,9 +107,7 @@ def export_version(rt, ref: str, out: str | Path, part_rows: int = PART_ROWS, pr
     name, number = parse_memory_ref(ref)
     if part_rows < 1:
         raise RecoError("--part-rows must be a whole number above 0")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RecoError(f"{out} exists and is not an empty directory: export into a new one")
+    out = new_directory(out)
     with rt.db.session() as s:
         v = get_version(s, name, number, active=number is None)
         if v.status not in VersionStatus.ACTIVATABLE:

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import RecoError
+from . import new_directory
 
 FORMAT, FORMAT_VERSION = "reco-model-bundle", 1
 FILES = ("model.safetensors", "checkpoint.json", "config.json", "README.md")
@@ -32,9 +33,7 @@ def _sha256(path: Path) -> str:
 def export_model(rt, name: str, out: str | Path) -> dict:
     from ..db.models import Evaluation, FusionModel, ModelStatus
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RecoError(f"{out} exists and is not an empty directory: export into a new one")
+    out = new_directory(out)
     with rt.db.session() as s:
         row = s.query(FusionModel).filter_by(name=name).one_or_none()
         if row is None:
