@@ -5,7 +5,9 @@ of it changes what the model retrieves from on its next call, with no retraining
 
 The collection last read stays open in the store between calls (opening an embedded shard costs far more than a
 query) and is let go after KEEP_OPEN_S seconds without a call, when another version becomes the one to read, and
-on `close()` (or the end of a `with` block), so that other processes on the machine get their turn at it.
+on `close()` (or the end of a `with` block), so that other processes on the machine get their turn at it. A
+memory that is slow to open (a large embedded shard) is kept ten times as long as opening it took, so calls that
+are themselves slow (a batch of 64 images on a CPU) do not reopen it every time.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from .errors import NotFound, RecoError
 from .retrieval import retrieve
 from .runtime import Runtime
 
-KEEP_OPEN_S = 10.0  # seconds an encoder keeps its memory open after its last call
+KEEP_OPEN_S = 10.0  # seconds an encoder keeps its memory open after its last call (at least)
+KEEP_OPEN_COST_FACTOR = 10  # ... and at least this many times what opening it cost (a 1M-item shard: ~6 s)
 CHECKPOINTS = ("best", "start")  # the trained pick, or the same layers at step 0
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ class _KeepOpen:
     """
 
     def __init__(self, rt: Runtime, idle: float):
-        self.rt, self.idle = rt, idle
+        self.rt, self.idle, self.base_idle = rt, idle, idle
         self._lock = threading.Lock()
         self._collection: str | None = None
         self._stack: contextlib.ExitStack | None = None
@@ -62,7 +65,10 @@ class _KeepOpen:
                 return
             self._release()
             stack = contextlib.ExitStack()
+            t0 = time.monotonic()
             stack.enter_context(self.rt.store.hold(collection))
+            self.idle = max(self.base_idle, KEEP_OPEN_COST_FACTOR * (time.monotonic() - t0))
+            self._last = time.monotonic()
             self._collection, self._stack = collection, stack
             if self._watcher is None:
                 self._watcher = threading.Thread(target=self._watch, name="reco-keep-open", daemon=True)
