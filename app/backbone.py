@@ -35,13 +35,18 @@ def _looks_like_path(s: str) -> bool:
     return "/" in s or os.sep in s or s.startswith(".") or s.endswith(WEIGHT_SUFFIXES) or Path(s).exists()
 
 
-@lru_cache(maxsize=64)
-def _sha256(path: str, _mtime: float, _size: int) -> str:
+def hash_file(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MB blocks (weights, export parts: files larger than one wants in RAM)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: str, _mtime: float, _size: int) -> str:
+    return hash_file(path)
 
 
 def file_sha256(path: str | Path) -> str:

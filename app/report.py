@@ -73,7 +73,8 @@ def plot_runs(runs: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
-def _data_uri(image, size: int = 96) -> str:
+def data_uri(image, size: int = 96) -> str:
+    """A PNG thumbnail of `image` as a data: URI (pages that carry their own pictures)."""
     im = image.copy()
     im.thumbnail((size, size))
     buf = io.BytesIO()
@@ -99,13 +100,13 @@ def gallery(run: dict, out: Path, limit: int = 100) -> Path:
     for i, d in enumerate(details[:limit]):
         try:
             with Image.open(d["image"]) as im:
-                q = _data_uri(im.convert("RGB"))
+                q = data_uri(im.convert("RGB"))
         except OSError:
             continue
         cells = []
         for j, nb in enumerate(d["neighbours"]):
             src = sources[(i, j)]
-            img = f'<img src="{_data_uri(src, 64)}" alt="">' if src is not None else '<div class="noimg">n/a</div>'
+            img = f'<img src="{data_uri(src, 64)}" alt="">' if src is not None else '<div class="noimg">n/a</div>'
             cells.append(f'<figure>{img}<figcaption>{html.escape(str(nb.get("caption")))}'
                          f'<br><small>{nb["score"]:.3f}</small></figcaption></figure>')
 

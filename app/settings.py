@@ -97,18 +97,19 @@ def _positive_int(env, name: str, default: int) -> int:
     return int(raw)
 
 
-def _oversampling(env) -> float | None:
-    raw = env.get("RECO_OVERSAMPLING")
+def _at_least(env, name: str, minimum: float, default: float | None, example: float, unit: str = "") -> float | None:
+    """A number setting of `minimum` or more (NaN and words refused); unset: `default`."""
+    raw = env.get(name)
     if not raw:
-        return None
+        return default
     try:
         value = float(raw)
     except ValueError:
-        value = 0.0
-    if not value >= 1.0:
+        value = float("nan")
+    if not value >= minimum:
         from .errors import RecoError
 
-        raise RecoError(f"RECO_OVERSAMPLING={raw!r}: use a number of 1 or more, e.g. RECO_OVERSAMPLING=2")
+        raise RecoError(f"{name}={raw!r}: use a number{unit} of {minimum:g} or more, e.g. {name}={example:g}")
     return value
 
 
@@ -151,7 +152,7 @@ class Settings:
             lease_s=_positive_int(env, "RECO_LEASE_S", 30),
             max_attempts=_positive_int(env, "RECO_MAX_ATTEMPTS", 5),
             task_retries=_positive_int(env, "RECO_TASK_RETRIES", 8),
-            oversampling=_oversampling(env),
+            oversampling=_at_least(env, "RECO_OVERSAMPLING", 1.0, None, example=2),
             search_threads=_positive_int(env, "RECO_SEARCH_THREADS", min(8, os.cpu_count() or 1)),
         )
 

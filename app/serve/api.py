@@ -359,6 +359,7 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
     @app.post("/v1/search", openapi_extra=_openapi(SearchRequest))
     async def search(request: Request):
         from ..corpus import read_source_images
+        from ..report import data_uri
         from ..train import parse_memory_ref
 
         req, raw = await _parse(request, SearchRequest)
@@ -383,7 +384,7 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
         if req.thumbnails:
             images = await run_in_threadpool(read_source_images, {i: h.payload.get("src") for i, h in
                                                                   enumerate(hits)})
-            thumbs = {i: _data_uri(im) for i, im in images.items() if im is not None}
+            thumbs = {i: data_uri(im, 128) for i, im in images.items() if im is not None}
         out = [{"key": h.payload.get("key"), "caption": h.payload.get("caption"), "score": round(h.score, 6),
                 "shard": h.payload.get("shard"), "source": h.payload.get("src"),
                 **({"thumbnail": thumbs[i]} if i in thumbs else {})} for i, h in enumerate(hits)]
@@ -419,14 +420,6 @@ def _decode(blob: bytes, i: int):
         raise ApiError(400, f"image {i} is not an image: send JPEG, PNG, WebP, GIF or BMP bytes") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ApiError(400, f"image {i} cannot be decoded ({exc}): is the file complete?") from exc
-
-
-def _data_uri(image, size: int = 128) -> str:
-    im = image.copy()
-    im.thumbnail((size, size))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _top(logits: np.ndarray, classes: list[str], k: int, scale: float) -> list[dict]:

@@ -5,21 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..errors import RecoError
-from ..settings import _positive_int
-
-
-def _non_negative_float(env, name: str, default: float) -> float:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if value < 0:
-        raise RecoError(f"{name}={raw!r}: use a number of milliseconds of 0 or more, e.g. {name}={default:g}")
-    return value
+from ..settings import _at_least, _positive_int
 
 
 ENV_VARS = (
@@ -55,7 +41,7 @@ class ServeSettings:
         return cls(
             models=tuple(m for m in (env.get("RECO_SERVE_MODELS") or "").split(",") if m),
             max_batch=_positive_int(env, "RECO_SERVE_MAX_BATCH", 32),
-            max_wait_ms=_non_negative_float(env, "RECO_SERVE_MAX_WAIT_MS", 5.0),
+            max_wait_ms=_at_least(env, "RECO_SERVE_MAX_WAIT_MS", 0.0, 5.0, example=5.0, unit=" of milliseconds"),
             max_items=_positive_int(env, "RECO_SERVE_MAX_ITEMS", 64),
             max_classes=_positive_int(env, "RECO_SERVE_MAX_CLASSES", 1000),
             max_templates=_positive_int(env, "RECO_SERVE_MAX_TEMPLATES", 100),

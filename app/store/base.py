@@ -167,8 +167,19 @@ class VectorStore(ABC):
     def close(self) -> None:
         pass
 
-    # -- search across threads -----------------------------------------------------------------------------------
+    # -- how a search runs -----------------------------------------------------------------------------------------
+    hnsw_ef: int  # set by each backend
+    oversampling: float | None = None
     search_threads: int = 1
+
+    def _search_plan(self, collection: str, k: int) -> tuple[int, float | None]:
+        """(hnsw_ef, oversampling) for k results: a quantized collection rescores k x oversampling candidates
+        with the original vectors, so its graph search must find that many (oversampling None: not quantized)."""
+        kind = self.storage(collection)["quantization"]
+        if kind == "none":
+            return max(self.hnsw_ef, k), None
+        oversampling = self.oversampling or OVERSAMPLING[kind]
+        return max(self.hnsw_ef, int(k * oversampling)), oversampling
 
     def _split(self, search_one, q: np.ndarray, exclude):
         """Run `search_one(rows, exclude_rows)` on slices of a long query batch in parallel threads: no lock of

@@ -20,7 +20,7 @@ from filelock import FileLock
 
 from ..errors import RecoError
 from . import base
-from .base import MODALITIES, OVERSAMPLING, Hit, Storage, VectorStore, as_matrix, check_modality, needs_graph
+from .base import MODALITIES, Hit, Storage, VectorStore, as_matrix, check_modality, needs_graph
 
 HNSW_M = 16
 HNSW_EF_CONSTRUCT = 128
@@ -148,12 +148,11 @@ class EdgeStore(VectorStore):
 
     def _params(self, collection: str, k: int):
         e = _edge()
-        kind = self.storage(collection)["quantization"]
-        if kind == "none":
-            return e.SearchParams(hnsw_ef=max(self.hnsw_ef, k))
-        oversampling = self.oversampling or OVERSAMPLING[kind]
-        return e.SearchParams(hnsw_ef=max(self.hnsw_ef, int(k * oversampling)), quantization=e.QuantizationSearchParams(
-            rescore=True, oversampling=oversampling))
+        ef, oversampling = self._search_plan(collection, k)
+        if oversampling is None:
+            return e.SearchParams(hnsw_ef=ef)
+        return e.SearchParams(hnsw_ef=ef, quantization=e.QuantizationSearchParams(rescore=True,
+                                                                                 oversampling=oversampling))
 
     def exists(self, collection: str) -> bool:
         path = self._dir(collection)
@@ -251,7 +250,6 @@ class EdgeStore(VectorStore):
     def seal(self, collection: str, storage: Storage | None = None) -> int:
         e = _edge()
         path = self._dir(collection)
-        self._applied.pop(collection, None)
         with self._registry_lock:
             if str(path) in self._handles:
                 raise RecoError(f"cannot seal {collection} while it is open in this process")
@@ -263,7 +261,7 @@ class EdgeStore(VectorStore):
                 finally:
                     shard.close()
                 graph = needs_graph(points, dim)
-                storage = storage or self._as_created(collection)
+                storage = storage or Storage(**self.storage(collection))  # as created
                 # reloading with indexing switched on persists the new config; optimize() merges the segments
                 # into one indexed segment, with an HNSW graph where search will consult one, and quantizes
                 shard = e.EdgeShard.load(str(path), self._config(dim, indexing=True, graph=graph,
@@ -274,12 +272,8 @@ class EdgeStore(VectorStore):
                     shard.flush()
                 finally:
                     shard.close()
+                    self._applied.pop(collection, None)  # the reload changed what the collection applies
         return points
-
-    def _as_created(self, collection: str) -> Storage:
-        applied = self.storage(collection)
-        self._applied.pop(collection, None)
-        return Storage(applied["quantization"], applied["on_disk"])
 
     def drop(self, collection: str) -> None:
         self._applied.pop(collection, None)

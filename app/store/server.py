@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import RecoError, TransientError
 from ..settings import mask_url, scrub
-from .base import MODALITIES, OVERSAMPLING, Hit, Storage, VectorStore, as_matrix, check_modality
+from .base import MODALITIES, Hit, Storage, VectorStore, as_matrix, check_modality
 
 DEFAULT_EF = 128
 
@@ -111,13 +111,11 @@ class ServerStore(VectorStore):
         q = as_matrix(queries)
         if not len(q):
             return []
-        kind = self.storage(collection)["quantization"]
-        params = models.SearchParams(hnsw_ef=max(self.hnsw_ef, k))
-        if kind != "none":
-            oversampling = self.oversampling or OVERSAMPLING[kind]
-            params = models.SearchParams(hnsw_ef=max(self.hnsw_ef, int(k * oversampling)),
-                                         quantization=models.QuantizationSearchParams(rescore=True,
-                                                                                      oversampling=oversampling))
+        ef, oversampling = self._search_plan(collection, k)
+        params = models.SearchParams(hnsw_ef=ef)
+        if oversampling is not None:
+            params = models.SearchParams(hnsw_ef=ef, quantization=models.QuantizationSearchParams(
+                rescore=True, oversampling=oversampling))
         return self._split(lambda rows, excluded: self._search(collection, rows, using, k, with_vector, excluded,
                                                                score_threshold, with_payload, params), q, exclude)
 

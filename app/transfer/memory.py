@@ -14,25 +14,17 @@ it: the way from the embedded default to a Qdrant cluster without encoding an im
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from ..backbone import hash_file
 from ..errors import RecoError
 from . import new_directory
 
 FORMAT, FORMAT_VERSION = "reco-memory-export", 1
 PART_ROWS = 100_000
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _PartWriter:
@@ -92,7 +84,7 @@ class _PartWriter:
         pq.write_table(table, self.out / paths["metadata"])
         for rel in paths.values():
             f = self.out / rel
-            self.files[rel] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            self.files[rel] = {"bytes": f.stat().st_size, "sha256": hash_file(f)}
         self.parts.append({**paths, "rows": n})
 
 
@@ -174,7 +166,7 @@ def read_export(path: str | Path) -> dict:
         if size != want["bytes"]:
             raise RecoError(f"{rel} is {size} bytes, the manifest says {want['bytes']}: the file is truncated or "
                             "was changed; export again")
-        if _sha256(f) != want["sha256"]:
+        if hash_file(f) != want["sha256"]:
             raise RecoError(f"{rel} does not match its sha256 in the manifest: the file was changed or damaged; "
                             "export again")
     return m

@@ -14,20 +14,16 @@ before it registers anything.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
+from ..backbone import hash_file
 from ..errors import RecoError
 from . import new_directory
 
 FORMAT, FORMAT_VERSION = "reco-model-bundle", 1
 FILES = ("model.safetensors", "checkpoint.json", "config.json", "README.md")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def export_model(rt, name: str, out: str | Path) -> dict:
@@ -62,7 +58,7 @@ def export_model(rt, name: str, out: str | Path) -> dict:
     shutil.copyfile(ckdir / "best.json", out / "checkpoint.json")
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     (out / "README.md").write_text(_card(config, runs))
-    sums = "".join(f"{_sha256(out / f)}  {f}\n" for f in FILES)
+    sums = "".join(f"{hash_file(out / f)}  {f}\n" for f in FILES)
     (out / "SHA256SUMS").write_text(sums)
     return config
 
@@ -114,7 +110,7 @@ def read_bundle(path: str | Path) -> dict:
         f = root / name
         if not f.is_file():
             raise RecoError(f"{name} is missing from {root}: the bundle is incomplete")
-        if _sha256(f) != listed[name]:
+        if hash_file(f) != listed[name]:
             raise RecoError(f"{name} does not match its sum in SHA256SUMS: the bundle was changed or damaged; "
                             "export it again")
     try:
