@@ -40,6 +40,13 @@ class ClassificationSet:
     samples: list[tuple[str, int]]  # (image path, label)
     loader: Callable[[str], object] | None = None  # path -> PIL image (default: PIL.open)
     skipped: dict = field(default_factory=dict)
+    # a stable id per class (OVEN: the Wikidata id), matched against a stored class set's ids; default the names
+    class_ids: list[str] | None = None
+    # a group per sample whose accuracies are reported apart, with their harmonic mean (OVEN: seen / unseen)
+    groups: list[str] | None = None
+
+    def ids(self) -> list[str]:
+        return list(self.class_ids) if self.class_ids is not None else list(self.classnames)
 
     def content_hash(self) -> str:
         """A cheap fingerprint (no image is read): sha256 over class names, templates and every (class folder/file
