@@ -8,20 +8,9 @@ import sys
 
 import click
 
+from .commands.output import echo_json as _echo_json
+from .commands.output import table as _table
 from .errors import RecoError
-
-
-def _echo_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
-
-
-def _table(rows: list[list], headers: list[str]) -> None:
-    # one line per row: a caption's line breaks and tabs would break the columns (--json keeps them)
-    rows = [[("" if c is None else " ".join(str(c).split())) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 @contextlib.contextmanager
@@ -751,21 +740,30 @@ def _print_run(run: dict, as_json: bool) -> None:
 
 
 @eval_group.command("classification")
-@click.option("--dataset", required=True, help="KIND:PATH, e.g. cub:/data/CUB_200_2011 or imagefolder:/data/x.")
+@click.option("--dataset", required=True, help="KIND:PATH, e.g. cub:/data/CUB_200_2011, imagefolder:/data/x or "
+              "oven:/data/oven.")
 @click.option("--classnames", default=None, help="imagefolder: class names: `folder<TAB>name` lines, a JSON "
               "object {folder: name}, or one name per line in sorted folder order.")
 @click.option("--templates", default=None, help="A file of prompt templates, one per line, with {c}.")
 @click.option("--retrieval", type=click.Choice(["both", "image", "text", "none"]), default="both", show_default=True)
+@click.option("--classes", default=None, help="Rank against a stored class set (NAME or NAME@VERSION, `reco "
+              "classes build`) instead of the dataset's class names: its ids must cover the dataset's classes.")
+@click.option("--ranking", type=click.Choice(["auto", "dense", "search"]), default="auto", show_default=True,
+              help="With --classes: the class matrix in RAM (dense) or a top-k search of the store; auto picks "
+                   "by the set's size.")
 @_with_eval_options
 @click.pass_obj
-def eval_classification(rt, dataset, classnames, templates, retrieval, model, memory, ks, guard, checkpoint, seed,
-                        batch_size, as_json) -> None:
-    """Zero-shot classification: acc1, acc5, mean per-class recall."""
+def eval_classification(rt, dataset, classnames, templates, retrieval, classes, ranking, model, memory, ks, guard,
+                        checkpoint, seed, batch_size, as_json) -> None:
+    """Zero-shot classification: acc1, acc5, mean per-class recall (OVEN: seen, unseen, harmonic mean)."""
     from .evaluate import evaluate_classification
 
+    if ranking != "auto" and not classes:
+        raise RecoError("--ranking applies to a stored class set: give --classes NAME")
     run = evaluate_classification(rt, model, dataset, memory=memory, ks=_ks(ks) if ks else None,
                                   retrieval=retrieval, guard=guard, seed=seed, batch_size=batch_size,
-                                  classnames=classnames, templates=templates, checkpoint=checkpoint)
+                                  classnames=classnames, templates=templates, checkpoint=checkpoint,
+                                  classes=classes, ranking=ranking)
     _print_run(run, as_json)
 
 
@@ -878,8 +876,10 @@ def worker(rt, queues, concurrency, loglevel, hostname) -> None:
     app.worker_main(argv)
 
 
+from .commands.classes import classes  # noqa: E402
 from .serve.cli import serve  # noqa: E402  (the command only; the service loads when it starts)
 
+cli.add_command(classes)
 cli.add_command(serve)
 
 

@@ -18,10 +18,11 @@ from . import __version__
 from .db.models import Evaluation, utcnow
 from .errors import NotFound, RecoError
 from .guard import LeakageGuard
-from .metrics import classification_metrics, retrieval_metrics, zero_shot_weights
+from .metrics import classification_metrics, group_accuracy, ranked_metrics, retrieval_metrics, zero_shot_weights
 from .retrieval import Neighbours, retrieve
 
 RETRIEVAL_CHOICES = ("both", "image", "text", "none")
+DETAILS_LIMIT = 200  # queries kept per run for the gallery
 
 
 def _load_images(paths, counts: Counter):
@@ -106,51 +107,135 @@ def _check_ks(ks: list[int], model_k: int) -> list[int]:
 def evaluate_classification(rt, model: str, dataset: str, memory: str | None = None, ks=None,
                             retrieval: str = "both", guard: bool = True, seed: int = 0, batch_size: int = 64,
                             classnames: str | None = None, templates: str | None = None,
-                            progress: bool = False, checkpoint: str = "best") -> dict:
+                            progress: bool = False, checkpoint: str = "best", classes: str | None = None,
+                            ranking: str = "auto") -> dict:
+    """classes: rank against a stored class set (app/classes.py) instead of the dataset's own class names, by
+    a dense matrix or a top-k search (`ranking`; auto picks by the set's size)."""
+    from .classes import ClassIndex
     from .datasets import load_classification
     from .encoder import RecoEncoder
 
     if retrieval not in RETRIEVAL_CHOICES:
         raise RecoError(f"--retrieval must be one of {', '.join(RETRIEVAL_CHOICES)}")
+    if classes and templates:
+        raise RecoError(f"--templates applies to the dataset's own classes: class set {classes} was encoded with "
+                        f"its own (`reco classes show {classes}`)")
     np.random.seed(seed)
     ds = load_classification(dataset, classnames, templates)
     enc = RecoEncoder.load(model, memory=memory, runtime=rt, checkpoint=checkpoint)
+    index = ClassIndex.open(rt, classes) if classes else None
+    text_refined = retrieval in ("both", "text")
+    if index is not None:
+        ranking = index.ranking(ranking)
+        ks = _check_class_set(index, enc, ds, ks, text_refined)
     ks = _check_ks(ks or [enc.k], enc.k)
     collection, version = enc.resolve()
-    timing = {"encode": 0.0, "search": 0.0, "fuse": 0.0}
+    timing = {"encode": 0.0, "search": 0.0, "fuse": 0.0, "rank": 0.0}
 
     t0 = time.perf_counter()
     paths = [p for p, _ in ds.samples]
     v, kept, skipped = encode_images(enc.backbone, paths, batch_size)
     labels = np.array([ds.samples[i][1] for i in kept])
-    prompts = [t.format(c=c) for c in ds.classnames for t in ds.templates]
-    t = enc.backbone.encode_texts(prompts)
+    groups = np.array(ds.groups, dtype=object)[kept] if ds.groups else None
     timing["encode"] += time.perf_counter() - t0
 
     lg = LeakageGuard(rt.store, collection, enabled=guard)
     excluded = lg.find(v, _opener(paths, kept))
+    img_side = _Side(enc, collection, "image", v, ks[-1], excluded, timing) if retrieval in ("both", "image") else None
+    if index is None:
+        ranked = _rank_dense(enc, collection, ds, v, labels, groups, ks, img_side, excluded, text_refined, timing)
+    else:
+        ranked = _rank_class_set(index, ranking, ds, v, labels, groups, ks, img_side, text_refined, timing)
+    results, names_base, names_reco, extra = ranked
+    n = len(labels)
+    truth = [ds.classnames[i] for i in labels]
+    details = _details(rt, collection, ds, kept, truth, names_base, names_reco, img_side.nb if img_side else None)
+    guard_report = lg.report()
+    if index is not None and text_refined:
+        guard_report["class_text_side"] = "refined when the class set was built: the guard does not apply to it"
+    return _store(rt, task="zeroshot_classification", enc=enc, version=version, dataset=dataset,
+                  dataset_hash=ds.content_hash(), ks=ks, retrieval=retrieval, guard=guard, seed=seed,
+                  metrics=results, timing={k2: v2 / max(n, 1) for k2, v2 in timing.items()},
+                  extra={"classnames": ds.classnames, "n_images": n, "skipped": dict(skipped),
+                         "leakage_guard": guard_report, "details": details, "headline_k": ks[-1], **extra})
+
+
+def _rank_dense(enc, collection, ds, v, labels, groups, ks, img_side, excluded, text_refined, timing):
+    """The dataset's own classes: every prompt encoded now, one score per image and class (a matrix in RAM)."""
+    t0 = time.perf_counter()
+    prompts = [t.format(c=c) for c in ds.classnames for t in ds.templates]
+    t = enc.backbone.encode_texts(prompts)
+    timing["encode"] += time.perf_counter() - t0
     n_c, n_t = len(ds.classnames), len(ds.templates)
     base_logits = v @ zero_shot_weights(t, n_c, n_t).T
-    results = {"baseline": classification_metrics(base_logits, labels), "reco": {}}
-    img_side = _Side(enc, collection, "image", v, ks[-1], excluded, timing) if retrieval in ("both", "image") else None
-    txt_side = _Side(enc, collection, "text", t, ks[-1], excluded, timing) if retrieval in ("both", "text") else None
-    preds = {}
+    results = {"baseline": _with_groups(classification_metrics(base_logits, labels), base_logits.argmax(1), labels,
+                                        groups), "reco": {}}
+    txt_side = _Side(enc, collection, "text", t, ks[-1], excluded, timing) if text_refined else None
+    pred = None
     for k in ks:
         vk = img_side.refined(k) if img_side else v
         tk = txt_side.refined(k) if txt_side else t
         logits = vk @ zero_shot_weights(tk, n_c, n_t).T
-        results["reco"][str(k)] = classification_metrics(logits, labels)
-        preds[k] = logits.argmax(1)
-    n = len(labels)
-    details = _details(rt, collection, ds, kept, labels, base_logits.argmax(1), preds[ks[-1]],
-                       img_side.nb if img_side else None)
-    run = _store(rt, task="zeroshot_classification", enc=enc, version=version, dataset=dataset,
-                 dataset_hash=ds.content_hash(), ks=ks, retrieval=retrieval, guard=guard, seed=seed,
-                 metrics=results, timing={k2: v2 / max(n, 1) for k2, v2 in timing.items()},
-                 extra={"classnames": ds.classnames, "templates": ds.templates, "n_images": n,
-                        "skipped": dict(skipped), "leakage_guard": lg.report(), "details": details,
-                        "headline_k": ks[-1]})
-    return run
+        pred = logits.argmax(1)
+        results["reco"][str(k)] = _with_groups(classification_metrics(logits, labels), pred, labels, groups)
+    names = ds.classnames
+    return (results, [names[i] for i in base_logits.argmax(1)], [names[i] for i in pred],
+            {"templates": ds.templates})
+
+
+def _rank_class_set(index, ranking, ds, v, labels, groups, ks, img_side, text_refined, timing):
+    """A stored class set: each image's top 5 classes, by the dense matrix of its class embeddings or by a
+    top-k search of its collection. Class ids are what is compared, so a set may hold far more classes than
+    the dataset uses (OVEN: every Wikipedia entity)."""
+    truth = np.array(ds.ids(), dtype=object)[labels]
+    t0 = time.perf_counter()
+    base, _ = index.top_k(v, "frozen", 5, ranking)
+    timing["rank"] += time.perf_counter() - t0
+    results = {"baseline": _with_groups(ranked_metrics(base, truth), base[:, 0], truth, groups), "reco": {}}
+    reco = base
+    for k in ks:
+        vk = img_side.refined(k) if img_side else v
+        t0 = time.perf_counter()
+        reco, _ = index.top_k(vk, "refined" if text_refined else "frozen", 5, ranking)
+        timing["rank"] += time.perf_counter() - t0
+        results["reco"][str(k)] = _with_groups(ranked_metrics(reco, truth), reco[:, 0], truth, groups)
+    shown = min(len(truth), DETAILS_LIMIT)
+    names = index.names(list({c for c in np.concatenate([base[:shown, 0], reco[:shown, 0]])}))
+    extra = {"templates": index.details.get("templates"),
+             "classes": {"name": index.name, "version": index.version, "count": index.count, "ranking": ranking,
+                         "refined": index.refined}}
+    return results, [names.get(c, c) for c in base[:shown, 0]], [names.get(c, c) for c in reco[:shown, 0]], extra
+
+
+def _check_class_set(index, enc, ds, ks, text_refined) -> list[int] | None:
+    """Refuse a class set that cannot stand in for the dataset's classes with this model; returns the ks."""
+    if index.backbone_hash != enc.info["backbone_hash"]:
+        raise RecoError(f"class set {index.name} v{index.version} was encoded with {index.backbone}, model "
+                        f"{enc.info['name']} uses {enc.info['backbone']}: they must share the backbone")
+    missing = index.missing(ds.ids())
+    if missing:
+        raise RecoError(f"class set {index.name} v{index.version} lacks {len(missing)} of the dataset's "
+                        f"{len(ds.ids())} classes (e.g. {', '.join(map(repr, missing[:3]))}): build it from a "
+                        f"names file that holds them, with the same ids (an image folder: --classnames maps its "
+                        f"folders to the set's names)")
+    if not text_refined:
+        return ks
+    refined = index.refined
+    if not refined:
+        raise RecoError(f"class set {index.name} v{index.version} holds frozen class embeddings only: build it "
+                        f"with --model {enc.info['name']} to refine its text side, or evaluate with --retrieval image")
+    if (refined["model"], refined["checkpoint"]) != (enc.info["name"], enc.checkpoint):
+        raise RecoError(f"class set {index.name} v{index.version} was refined by model {refined['model']} "
+                        f"({refined['checkpoint']} checkpoint), not {enc.info['name']} ({enc.checkpoint}): build "
+                        f"one with --model {enc.info['name']}, or evaluate with --retrieval image")
+    if ks and sorted(set(ks)) != [refined["k"]]:
+        raise RecoError(f"class set {index.name} v{index.version} was refined with k={refined['k']}: RECO's "
+                        f"text side cannot be evaluated at another k (-k {refined['k']}, or --retrieval image)")
+    return [refined["k"]]
+
+
+def _with_groups(metrics: dict, pred, labels, groups) -> dict:
+    return {**metrics, **group_accuracy(pred, labels, groups)} if groups is not None else metrics
 
 
 def evaluate_retrieval(rt, model: str, dataset: str, memory: str | None = None, ks=None, retrieval: str = "text",
@@ -195,15 +280,15 @@ def evaluate_retrieval(rt, model: str, dataset: str, memory: str | None = None, 
                          "leakage_guard": lg.report(), "headline_k": ks[-1]})
 
 
-def _details(rt, collection, ds, kept, labels, base_pred, reco_pred, nb: Neighbours | None, limit: int = 200):
-    """Per-query records for the gallery: the image, truth, both predictions, the retrieved items."""
+def _details(rt, collection, ds, kept, truth, base_pred, reco_pred, nb: Neighbours | None,
+             limit: int = DETAILS_LIMIT):
+    """Per-query records for the gallery: the image, truth, both predictions (names), the retrieved items."""
     out = []
     ids = [i for row in (nb.ids[:limit] if nb else []) for i in row]
     payload = {h.id: h.payload for h in rt.store.retrieve(collection, list(dict.fromkeys(ids)))} if ids else {}
     for j in range(min(limit, len(kept))):
         out.append({
-            "image": ds.samples[kept[j]][0], "label": ds.classnames[labels[j]],
-            "baseline": ds.classnames[base_pred[j]], "reco": ds.classnames[reco_pred[j]],
+            "image": ds.samples[kept[j]][0], "label": truth[j], "baseline": base_pred[j], "reco": reco_pred[j],
             "neighbours": [{"score": float(nb.scores[j, r]), "caption": payload.get(pid, {}).get("caption"),
                             "src": payload.get(pid, {}).get("src")}
                            for r, pid in enumerate(nb.ids[j])] if nb else [],

@@ -2,6 +2,9 @@
 
 The metadata DB is the source of truth for which version is active in both profiles; on a Qdrant server the
 alias `reco-NAME` is switched too, in one atomic request, for clients that read Qdrant directly.
+
+A class set (app/classes.py) is versioned the same way: a memory row of kind `classes`. Memories and class sets
+share one namespace, and every lookup names the kind it wants, so one is never read as the other.
 """
 
 from __future__ import annotations
@@ -19,12 +22,17 @@ from .names import check_name
 from .store.base import Storage, collection_name
 
 
+MEMORY, CLASSES = "memory", "classes"
+_NOUN = {MEMORY: ("memory", "reco memory"), CLASSES: ("class set", "reco classes")}  # kind -> (word, command)
+
+
 def alias_name(memory: str) -> str:
     return f"reco-{memory}"
 
 
 def create_version(rt, name: str, *, source: str, fmt: str, backbone: str, backbone_hash: str | None, dim: int,
-                   shard_specs: list[dict], activate: bool = False, storage: Storage | None = None) -> MemoryVersion:
+                   shard_specs: list[dict], activate: bool = False, storage: Storage | None = None,
+                   kind: str = MEMORY, details: dict | None = None) -> MemoryVersion:
     """Register the next version of NAME with its shards. Concurrent builds get distinct numbers."""
     check_name(name)
     for attempt in range(20):
@@ -32,16 +40,17 @@ def create_version(rt, name: str, *, source: str, fmt: str, backbone: str, backb
             with rt.db.session() as s:
                 mem = s.scalar(select(Memory).where(Memory.name == name))
                 if mem is None:
-                    mem = Memory(name=name)
+                    mem = Memory(name=name, kind=kind)
                     s.add(mem)
                     s.flush()
+                _check_kind(mem, kind)
                 number = (s.scalar(select(func.max(MemoryVersion.version)).where(MemoryVersion.memory_id == mem.id)) or 0) + 1
                 v = MemoryVersion(
                     memory_id=mem.id, version=number, status=VersionStatus.BUILDING, backbone=backbone,
                     backbone_hash=backbone_hash, dim=dim, source=source, source_format=fmt,
                     collection=collection_name(name, number), activate_when_ready=int(activate),
                     items_stored=0, items_skipped=0, quantization=(storage or Storage()).quantization,
-                    on_disk=(storage or Storage()).on_disk,
+                    on_disk=(storage or Storage()).on_disk, details=details,
                 )
                 s.add(v)
                 s.flush()
@@ -59,33 +68,44 @@ def storage_of(v: MemoryVersion) -> Storage:
     return Storage(v.quantization or "none", bool(v.on_disk))
 
 
-def get_memory(s, name: str) -> Memory:
+def _check_kind(mem: Memory, kind: str) -> None:
+    if (mem.kind or MEMORY) != kind:
+        word, command = _NOUN[mem.kind or MEMORY]
+        raise RecoError(f"{mem.name} is a {word}, not a {_NOUN[kind][0]} (see `{command} show {mem.name}`); "
+                        f"memories and class sets share one namespace, so pick another name")
+
+
+def get_memory(s, name: str, kind: str = MEMORY) -> Memory:
     mem = s.scalar(select(Memory).where(Memory.name == check_name(name)))
     if mem is None:
-        raise NotFound(f"no memory named {name!r} (see `reco memory list`)")
+        word, command = _NOUN[kind]
+        raise NotFound(f"no {word} named {name!r} (see `{command} list`)")
+    _check_kind(mem, kind)
     return mem
 
 
-def get_version(s, name: str, version: int | None = None, *, active: bool = False) -> MemoryVersion:
+def get_version(s, name: str, version: int | None = None, *, active: bool = False,
+                kind: str = MEMORY) -> MemoryVersion:
     """A version by number; without a number, the active one (active=True) or the newest."""
-    mem = get_memory(s, name)
+    mem = get_memory(s, name, kind)
+    word, command = _NOUN[kind]
     if version is None:
         if active or mem.active_version_id is not None:
             if mem.active_version_id is None:
-                raise RecoError(f"memory {name} has no active version: run `reco memory activate {name} VERSION`")
+                raise RecoError(f"{word} {name} has no active version: run `{command} activate {name} VERSION`")
             return s.get(MemoryVersion, mem.active_version_id)
         v = s.scalar(select(MemoryVersion).where(MemoryVersion.memory_id == mem.id).order_by(MemoryVersion.version.desc()))
     else:
         v = s.scalar(select(MemoryVersion).where(MemoryVersion.memory_id == mem.id, MemoryVersion.version == version))
     if v is None:
-        raise NotFound(f"memory {name} has no version {version} (see `reco memory show {name}`)")
+        raise NotFound(f"{word} {name} has no version {version} (see `{command} show {name}`)")
     return v
 
 
-def activate(rt, name: str, version: int) -> MemoryVersion:
+def activate(rt, name: str, version: int, kind: str = MEMORY) -> MemoryVersion:
     with rt.db.session() as s:
-        mem = get_memory(s, name)
-        v = get_version(s, name, version)
+        mem = get_memory(s, name, kind)
+        v = get_version(s, name, version, kind=kind)
         if v.status not in VersionStatus.ACTIVATABLE:
             raise RecoError(f"{name} v{version} is {v.status}, not ready: only a ready version can be activated")
         previous = mem.active_version_id
@@ -98,10 +118,10 @@ def activate(rt, name: str, version: int) -> MemoryVersion:
         return v
 
 
-def resolve_collection(rt, name: str, version: int | None = None) -> tuple[str, MemoryVersion]:
+def resolve_collection(rt, name: str, version: int | None = None, kind: str = MEMORY) -> tuple[str, MemoryVersion]:
     """The collection a query should read now: one DB read, so a query sees wholly one version."""
     with rt.db.session() as s:
-        v = get_version(s, name, version, active=version is None)
+        v = get_version(s, name, version, active=version is None, kind=kind)
         if v.status not in VersionStatus.ACTIVATABLE:
             raise RecoError(f"{name} v{v.version} is {v.status}: only ready versions can be queried")
         return v.collection, v
@@ -134,11 +154,11 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(rt, name: str, version: int | None = None) -> VerifyReport:
+def verify(rt, name: str, version: int | None = None, kind: str = MEMORY) -> VerifyReport:
     with rt.db.session() as s:
-        v = get_version(s, name, version)
+        v = get_version(s, name, version, kind=kind)
         shards = list(v.shards)
-        mem = get_memory(s, name)
+        mem = get_memory(s, name, kind)
         is_active = mem.active_version_id == v.id
     problems = []
     shard_sum = sum(sh.items_stored or 0 for sh in shards)
@@ -190,10 +210,10 @@ def finalize(rt, name: str, version: int) -> str:
     return status
 
 
-def delete(rt, name: str, version: int, force: bool = False) -> None:
+def delete(rt, name: str, version: int, force: bool = False, kind: str = MEMORY) -> None:
     with rt.db.session() as s:
-        mem = get_memory(s, name)
-        v = get_version(s, name, version)
+        mem = get_memory(s, name, kind)
+        v = get_version(s, name, version, kind=kind)
         if mem.active_version_id == v.id:
             if not force:
                 raise RecoError(f"{name} v{version} is the active version: activate another first, or pass --force")
@@ -205,11 +225,11 @@ def delete(rt, name: str, version: int, force: bool = False) -> None:
         rt.store.drop(collection)
 
 
-def list_memories(rt) -> list[dict]:
-    """Every memory by name, with a summary of each of its versions."""
+def list_memories(rt, kind: str = MEMORY) -> list[dict]:
+    """Every memory (or class set) by name, with a summary of each of its versions."""
     with rt.db.session() as s:
         return [{"name": mem.name, "versions": [summary(s, v, mem.active_version_id) for v in mem.versions]}
-                for mem in s.scalars(select(Memory).order_by(Memory.name))]
+                for mem in s.scalars(select(Memory).where(Memory.kind == kind).order_by(Memory.name))]
 
 
 def summary(s, v: MemoryVersion, active_id: int | None) -> dict:
@@ -235,6 +255,7 @@ def summary(s, v: MemoryVersion, active_id: int | None) -> dict:
         "shards_done": sum(sh.status == ShardStatus.DONE for sh in v.shards),
         "shards_total": len(v.shards),
         "error": v.error,
+        **({"details": v.details} if v.details else {}),
         "created_at": v.created_at.isoformat() if v.created_at else None,
         "ready_at": v.ready_at.isoformat() if v.ready_at else None,
         "activated_at": v.activated_at.isoformat() if v.activated_at else None,
@@ -280,7 +301,7 @@ def finalize_if_complete(rt, version_id: int) -> str | None:
         skipped = sum(sh.items_skipped for sh in shards)
         collection, activate_after = v.collection, bool(v.activate_when_ready)
         storage = storage_of(v)
-        name, number = v.memory.name, v.version
+        name, number, kind = v.memory.name, v.version, v.memory.kind or MEMORY
     error = None
     if expected and rt.store.count(collection) < expected:
         expected, skipped = _move_overwritten_to_duplicates(rt, version_id, collection)
@@ -298,7 +319,7 @@ def finalize_if_complete(rt, version_id: int) -> str | None:
         else:
             v.status, v.ready_at = VersionStatus.READY, utcnow()
     if not error and activate_after:
-        activate(rt, name, number)
+        activate(rt, name, number, kind)
     return VersionStatus.FAILED if error else VersionStatus.READY
 
 

@@ -79,3 +79,21 @@ def private_redis_server(tmp_path_factory):
     r = private_redis(tmp_path_factory.mktemp("redis"))
     yield r
     r.stop()
+
+
+JITTER = 0.3  # how much the synthetic drawings of one concept vary in the trained fixture
+
+
+@pytest.fixture
+def trained(rt, tmp_path, tiny_config):
+    """Model `m` trained on memory `mem` (coloured shapes), and an image folder of the 32 concepts to classify."""
+    from app.build import build_in_process
+    from app.train import TrainConfig, create_job, run_training
+
+    synthetic.write_wds(tmp_path / "mem", 4, 64, seed=1, jitter=JITTER)
+    build_in_process(rt, "mem", tmp_path / "mem", backbone=tiny_config, activate=True)
+    create_job(rt, "m", "mem", "mem", TrainConfig(k=10, epochs=30, batch_size=64, lr=3e-3, dedup_threshold=None,
+                                                  val_by="item", checkpoint_every=1000))
+    run_training(rt, "m", progress=False)
+    root = synthetic.write_imagefolder(tmp_path / "eval", per_class=2, seed=500_000, jitter=JITTER)
+    return {"data": root / "images", "classnames": str(root / "classnames.txt")}

@@ -15,25 +15,13 @@ from app.build import build_in_process
 from app.errors import NotFound, RecoError
 from app.evaluate import evaluate_classification, evaluate_retrieval, load_run
 from app.metrics import zero_shot_weights
-from app.train import TrainConfig, create_job, run_training
+from tests.conftest import JITTER
 
-JITTER = 0.3
 CONCEPTS = [synthetic.concept(i) for i in range(32)]
 
 
 def build(rt, name, src, backbone, activate=True):
     return build_in_process(rt, name, src, backbone=backbone, activate=activate)
-
-
-@pytest.fixture
-def trained(rt, tmp_path, tiny_config):
-    synthetic.write_wds(tmp_path / "mem", 4, 64, seed=1, jitter=JITTER)
-    build(rt, "mem", tmp_path / "mem", tiny_config)
-    create_job(rt, "m", "mem", "mem", TrainConfig(k=10, epochs=30, batch_size=64, lr=3e-3, dedup_threshold=None,
-                                                  val_by="item", checkpoint_every=1000))
-    run_training(rt, "m", progress=False)
-    root = synthetic.write_imagefolder(tmp_path / "eval", per_class=2, seed=500_000, jitter=JITTER)
-    return {"data": root / "images", "classnames": str(root / "classnames.txt")}
 
 
 def test_classifier_and_baseline_equal_open_clip(rt, trained, tiny_backbone):

@@ -25,7 +25,8 @@ def store(request, tmp_path):
     backend, option = request.param
     s = EdgeStore(tmp_path / "vectors") if backend == "embedded" else ServerStore(":memory:")
     create = s.create
-    s.create = lambda collection, dim, storage=None: create(collection, dim, storage or STORAGE[option])
+    s.create = lambda collection, dim, storage=None, vectors=base.MODALITIES: create(
+        collection, dim, storage or STORAGE[option], vectors)
     s.storage_option = STORAGE[option]
     yield s
     s.close()
@@ -77,6 +78,28 @@ def test_scan_returns_every_point_with_both_vectors(store):
         np.testing.assert_allclose(seen[pid][0], img[i], atol=1e-5)
         np.testing.assert_allclose(seen[pid][1], txt[i], atol=1e-5)
         assert seen[pid][2]["key"] == f"k{i}"
+
+
+def test_a_class_set_collection_has_its_own_vector_names(store):
+    """A class set's points carry `frozen` and `refined` vectors and no image/text: put, scan, search, seal."""
+    ids, frozen, refined, _ = _data(40, seed=3)
+    payloads = [{"key": f"Q{i}", "name": f"class {i}"} for i in range(40)]
+    store.create("reco-c-v1", DIM, vectors=base.CLASS_VECTORS)
+    store.put("reco-c-v1", ids, {"frozen": frozen, "refined": refined}, payloads)
+    assert store.seal("reco-c-v1", store.storage_option) == 40
+    got = {}
+    for b_ids, vectors, b_pay in store.scan_vectors("reco-c-v1", ["refined"], batch=16):
+        assert list(vectors) == ["refined"] and vectors["refined"].shape == (len(b_ids), DIM)
+        got.update({pid: (vectors["refined"][j], b_pay[j]) for j, pid in enumerate(b_ids)})
+    assert sorted(got) == sorted(ids)
+    np.testing.assert_allclose(got[ids[7]][0], refined[7], atol=1e-5)
+    assert got[ids[7]][1] == payloads[7]
+    for using, x in (("frozen", frozen), ("refined", refined)):
+        hits = store.search("reco-c-v1", x[:5], using=using, k=3)
+        assert [h[0].id for h in hits] == ids[:5] and hits[0][0].payload["key"] == "Q0"
+    assert store.storage("reco-c-v1")["quantization"] in ("none", "int8", "binary")
+    with pytest.raises(Exception):
+        store.search("reco-c-v1", frozen[:1], using="image", k=3)  # not one of this collection's vectors
 
 
 def test_search_is_exact_on_self_and_returns_other_modality(store):

@@ -46,6 +46,8 @@ class Memory(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    # "memory" (image-text pairs) or "classes" (a class set: one point per class); one namespace for both
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, default="memory", server_default="memory")
     active_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("memory_versions.id", use_alter=True, name="fk_memories_active_version", ondelete="SET NULL")
     )
@@ -75,6 +77,8 @@ class MemoryVersion(Base):
     on_disk: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
     items_stored: Mapped[int] = mapped_column(Integer, default=0)
     items_skipped: Mapped[int] = mapped_column(Integer, default=0)
+    # a class set's provenance: templates, the model and memory version that refined it, the names file's hash
+    details: Mapped[dict | None] = mapped_column(JSON)
     activate_when_ready: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,8 +1,9 @@
 """The store contract. Both backends pass tests/test_store_contract.py unchanged.
 
 A collection holds one memory version: a point per image-text pair, named vectors `image` and `text` (cosine,
-L2-normalised float32), payload `key`, `caption`, `shard`. Collections are written while building and
-sealed (indexed, then read-only) when the version becomes ready.
+L2-normalised float32), payload `key`, `caption`, `shard`. A class set version is a collection too: a point per
+class, named vectors `frozen` (and `refined` when a model refined it), payload `key` (the class id) and `name`.
+Collections are written while building and sealed (indexed, then read-only) when the version becomes ready.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-MODALITIES = ("image", "text")
+MODALITIES = ("image", "text")  # a memory's vectors
+CLASS_VECTORS = ("frozen", "refined")  # a class set's: the class prompts' embeddings, as encoded / RECO-refined
+VECTOR_NAMES = MODALITIES + CLASS_VECTORS
 QUANTIZATIONS = ("auto", "none", "int8", "binary")
 # candidates per result rescored with the original vectors: int8 at 2 keeps the originals' recall@10 on CLIP-like
 # 512-d data (0.9999 at 100k); 1-bit binary at 8 reaches 0.93 there (benchmarks/results/memory_scale.json)
@@ -73,11 +76,11 @@ class Hit:
     vector: np.ndarray | None = None
 
 
-def check_modality(name: str | None, allow_none: bool = False) -> None:
+def check_vector_name(name: str | None, allow_none: bool = False) -> None:
     if name is None and allow_none:
         return
-    if name not in MODALITIES:
-        raise ValueError(f"vector name must be one of {MODALITIES}, got {name!r}")
+    if name not in VECTOR_NAMES:
+        raise ValueError(f"vector name must be one of {VECTOR_NAMES}, got {name!r}")
 
 
 class VectorStore(ABC):
@@ -90,21 +93,22 @@ class VectorStore(ABC):
         """Raise RecoError with a what-to-fix message when the store cannot be reached."""
 
     @abstractmethod
-    def create(self, collection: str, dim: int, storage: Storage | None = None) -> None:
-        """Create the collection if it does not exist (idempotent; a rerun task calls it again)."""
+    def create(self, collection: str, dim: int, storage: Storage | None = None,
+               vectors: Sequence[str] = MODALITIES) -> None:
+        """Create the collection with these named vectors if it does not exist (idempotent; a rerun task calls it
+        again)."""
 
     @abstractmethod
     def exists(self, collection: str) -> bool: ...
 
     @abstractmethod
-    def upsert(
-        self,
-        collection: str,
-        ids: Sequence[str],
-        image: np.ndarray,
-        text: np.ndarray,
-        payloads: Sequence[dict],
-    ) -> None: ...
+    def put(self, collection: str, ids: Sequence[str], vectors: dict[str, np.ndarray], payloads: Sequence[dict]) -> None:
+        """Insert or overwrite points: `vectors` maps each of the collection's vector names to a matrix."""
+
+    def upsert(self, collection: str, ids: Sequence[str], image: np.ndarray, text: np.ndarray,
+               payloads: Sequence[dict]) -> None:
+        """A memory's image-text pairs."""
+        self.put(collection, ids, {"image": image, "text": text}, payloads)
 
     @abstractmethod
     def count(self, collection: str) -> int: ...
@@ -135,8 +139,15 @@ class VectorStore(ABC):
     def iter_ids(self, collection: str, batch: int = 1024) -> Iterator[list[str]]: ...
 
     @abstractmethod
+    def scan_vectors(self, collection: str, names: Sequence[str], batch: int = 1024
+                     ) -> Iterator[tuple[list[str], dict[str, np.ndarray], list[dict]]]:
+        """Every point as batches of (ids, {name: vectors}, payloads)."""
+
     def scan(self, collection: str, batch: int = 1024) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[dict]]]:
-        """Every point as batches of (ids, image vectors, text vectors, payloads): training reads its pairs so."""
+        """A memory's every point as batches of (ids, image vectors, text vectors, payloads): training reads its
+        pairs so."""
+        for ids, vectors, payloads in self.scan_vectors(collection, MODALITIES, batch):
+            yield ids, vectors["image"], vectors["text"], payloads
 
     @abstractmethod
     def seal(self, collection: str, storage: Storage | None = None) -> int:
@@ -157,11 +168,12 @@ class VectorStore(ABC):
         """Remove `alias` if it exists."""
 
     @contextmanager
-    def hold(self, collection: str, create_dim: int | None = None, storage: Storage | None = None) -> Iterator[None]:
+    def hold(self, collection: str, create_dim: int | None = None, storage: Storage | None = None,
+             vectors: Sequence[str] = MODALITIES) -> Iterator[None]:
         """Keep a collection open across many calls (query loops, training, a shard's upserts); a no-op for
         servers. With create_dim, create the collection first when it does not exist (one open, not two)."""
         if create_dim is not None:
-            self.create(collection, create_dim, storage)
+            self.create(collection, create_dim, storage, vectors)
         yield
 
     def close(self) -> None:

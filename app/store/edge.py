@@ -20,7 +20,7 @@ from filelock import FileLock
 
 from ..errors import RecoError
 from . import base
-from .base import MODALITIES, Hit, Storage, VectorStore, as_matrix, check_modality, needs_graph
+from .base import MODALITIES, Hit, Storage, VectorStore, as_matrix, check_vector_name, needs_graph
 
 HNSW_M = 16
 HNSW_EF_CONSTRUCT = 128
@@ -59,7 +59,7 @@ class EdgeStore(VectorStore):
         return self.root / collection
 
     def _config(self, dim: int, indexing: bool = False, graph: bool = True, quantization: str = "none",
-                on_disk: bool = False):
+                on_disk: bool = False, vectors: Sequence[str] = MODALITIES):
         e = _edge()
         quantized = None
         if quantization == "int8":  # the quantized vectors stay in RAM (Pinned) whatever the originals do
@@ -69,7 +69,7 @@ class EdgeStore(VectorStore):
         return e.EdgeConfig(
             vectors={name: e.EdgeVectorParams(size=dim, distance=e.Distance.Cosine, quantization_config=quantized,
                                               memory=e.Memory.Cold if on_disk else None)
-                     for name in MODALITIES},
+                     for name in vectors},
             # Qdrant's default: a segment under 10 MB per vector is searched exactly (faster there, and exact
             # answers make small memories' results reproducible; an HNSW graph built by several threads is not).
             # Such a segment never consults its graph, so sealing it builds none (m=0).
@@ -80,7 +80,8 @@ class EdgeStore(VectorStore):
         )
 
     @contextmanager
-    def _open(self, collection: str, create_dim: int | None = None, storage: Storage | None = None) -> Iterator:
+    def _open(self, collection: str, create_dim: int | None = None, storage: Storage | None = None,
+              vectors: Sequence[str] = MODALITIES) -> Iterator:
         path = self._dir(collection)
         key = str(path)
         with self._registry_lock:
@@ -96,7 +97,7 @@ class EdgeStore(VectorStore):
                     elif create_dim is not None:
                         storage = storage or Storage()
                         shard = e.EdgeShard.create(str(path), self._config(
-                            create_dim, quantization=storage.at_create(), on_disk=storage.on_disk))
+                            create_dim, quantization=storage.at_create(), on_disk=storage.on_disk, vectors=vectors))
                     else:
                         raise RecoError(f"vector collection {collection} does not exist under {self.root}")
                 except BaseException:
@@ -118,8 +119,9 @@ class EdgeStore(VectorStore):
                         h.lock.release()
 
     @contextmanager
-    def hold(self, collection: str, create_dim: int | None = None, storage: Storage | None = None) -> Iterator[None]:
-        with self._open(collection, create_dim=create_dim, storage=storage):
+    def hold(self, collection: str, create_dim: int | None = None, storage: Storage | None = None,
+             vectors: Sequence[str] = MODALITIES) -> Iterator[None]:
+        with self._open(collection, create_dim=create_dim, storage=storage, vectors=vectors):
             yield
 
     # -- contract --------------------------------------------------------------------------------------
@@ -129,21 +131,28 @@ class EdgeStore(VectorStore):
         except OSError as exc:
             raise RecoError(f"cannot create the embedded vector directory {self.root}: {exc}; check RECO_HOME") from exc
 
-    def create(self, collection: str, dim: int, storage: Storage | None = None) -> None:
-        with self._open(collection, create_dim=dim, storage=storage):
+    def create(self, collection: str, dim: int, storage: Storage | None = None,
+               vectors: Sequence[str] = MODALITIES) -> None:
+        with self._open(collection, create_dim=dim, storage=storage, vectors=vectors):
             pass
+
+    def _vector_configs(self, collection: str) -> dict:
+        """The collection's named vectors' configs, as the engine wrote them (every one is configured alike)."""
+        path = self._dir(collection) / "edge_config.json"
+        try:
+            vectors = json.loads(path.read_text())["vectors"]
+            next(iter(vectors.values()))["size"]
+        except (OSError, ValueError, KeyError, StopIteration) as exc:
+            raise RecoError(f"vector collection {collection} has no readable config under {self.root}") from exc
+        return vectors
 
     def storage(self, collection: str) -> dict:
         if collection not in self._applied:
-            path = self._dir(collection) / "edge_config.json"
-            try:
-                image = json.loads(path.read_text())["vectors"]["image"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise RecoError(f"vector collection {collection} has no readable config under {self.root}") from exc
-            quantized = image.get("quantization_config") or {}
+            first = next(iter(self._vector_configs(collection).values()))
+            quantized = first.get("quantization_config") or {}
             self._applied[collection] = {
                 "quantization": "int8" if "scalar" in quantized else "binary" if "binary" in quantized else "none",
-                "on_disk": image.get("memory") == "cold" or bool(image.get("on_disk"))}
+                "on_disk": first.get("memory") == "cold" or bool(first.get("on_disk"))}
         return self._applied[collection]
 
     def _params(self, collection: str, k: int):
@@ -158,16 +167,13 @@ class EdgeStore(VectorStore):
         path = self._dir(collection)
         return path.exists() and any(path.iterdir())
 
-    def upsert(self, collection, ids, image, text, payloads) -> None:
+    def put(self, collection, ids, vectors, payloads) -> None:
         e = _edge()
-        image, text = as_matrix(image), as_matrix(text)
-        if not (len(ids) == len(image) == len(text) == len(payloads)):
+        lists = {name: as_matrix(x).tolist() for name, x in vectors.items()}
+        if any(len(x) != len(ids) for x in lists.values()) or len(payloads) != len(ids):
             raise ValueError("ids, vectors and payloads must have the same length")
-        image, text = image.tolist(), text.tolist()
-        points = [
-            e.Point(id=pid, vector={"image": image[i], "text": text[i]}, payload=payloads[i])
-            for i, pid in enumerate(ids)
-        ]
+        points = [e.Point(id=pid, vector={name: x[i] for name, x in lists.items()}, payload=payloads[i])
+                  for i, pid in enumerate(ids)]
         with self._open(collection) as shard:
             shard.update(e.UpdateOperation.upsert_points(points))  # applied on return; WAL-durable, flushed on close
 
@@ -178,8 +184,8 @@ class EdgeStore(VectorStore):
 
     def search(self, collection, queries, using, k, with_vector=None, exclude=None, score_threshold=None,
                with_payload=True) -> list[list[Hit]]:
-        check_modality(using)
-        check_modality(with_vector, allow_none=True)
+        check_vector_name(using)
+        check_vector_name(with_vector, allow_none=True)
         q = as_matrix(queries)
         if not len(q):
             return []
@@ -215,7 +221,7 @@ class EdgeStore(VectorStore):
         return [[_hit(p, with_vector) for p in row] for row in results]
 
     def retrieve(self, collection, ids, with_vector=None) -> list[Hit]:
-        check_modality(with_vector, allow_none=True)
+        check_vector_name(with_vector, allow_none=True)
         with self._open(collection) as shard:
             recs = shard.retrieve(list(ids), with_payload=True, with_vector=[with_vector] if with_vector else False)
         by_id = {str(r.id): r for r in recs}
@@ -234,16 +240,16 @@ class EdgeStore(VectorStore):
                 if offset is None:
                     return
 
-    def scan(self, collection, batch=1024):
+    def scan_vectors(self, collection, names, batch=1024):
         e = _edge()
         offset = None
         with self._open(collection) as shard:
             while True:
                 recs, offset = shard.scroll(
-                    e.ScrollRequest(offset=offset, limit=batch, with_payload=True, with_vector=list(MODALITIES))
+                    e.ScrollRequest(offset=offset, limit=batch, with_payload=True, with_vector=list(names))
                 )
                 if recs:
-                    yield _unpack(recs)
+                    yield _unpack(recs, names)
                 if offset is None:
                     return
 
@@ -254,7 +260,8 @@ class EdgeStore(VectorStore):
             if str(path) in self._handles:
                 raise RecoError(f"cannot seal {collection} while it is open in this process")
             with FileLock(str(path) + ".lock", timeout=self.lock_timeout, thread_local=False):
-                dim = json.loads((path / "edge_config.json").read_text())["vectors"]["image"]["size"]
+                configs = self._vector_configs(collection)
+                dim = next(iter(configs.values()))["size"]
                 shard = e.EdgeShard.load(str(path))
                 try:
                     points = shard.count(e.CountRequest(exact=True))
@@ -266,7 +273,7 @@ class EdgeStore(VectorStore):
                 # into one indexed segment, with an HNSW graph where search will consult one, and quantizes
                 shard = e.EdgeShard.load(str(path), self._config(dim, indexing=True, graph=graph,
                                                                  quantization=storage.at_seal(points, dim),
-                                                                 on_disk=storage.on_disk))
+                                                                 on_disk=storage.on_disk, vectors=list(configs)))
                 try:
                     shard.optimize()
                     shard.flush()
@@ -286,11 +293,10 @@ class EdgeStore(VectorStore):
         Path(str(path) + ".lock").unlink(missing_ok=True)
 
 
-def _unpack(recs) -> tuple[list[str], np.ndarray, np.ndarray, list[dict]]:
+def _unpack(recs, names) -> tuple[list[str], dict[str, np.ndarray], list[dict]]:
     ids = [str(r.id) for r in recs]
-    image = np.asarray([r.vector["image"] for r in recs], dtype=np.float32)
-    text = np.asarray([r.vector["text"] for r in recs], dtype=np.float32)
-    return ids, image, text, [dict(r.payload or {}) for r in recs]
+    vectors = {name: np.asarray([r.vector[name] for r in recs], dtype=np.float32) for name in names}
+    return ids, vectors, [dict(r.payload or {}) for r in recs]
 
 
 def _hit(p, with_vector: str | None, score: float | None = None) -> Hit:

@@ -5,13 +5,13 @@ Tests run it against qdrant-client's local mode (`ServerStore(":memory:")`), whi
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from ..errors import RecoError, TransientError
 from ..settings import mask_url, scrub
-from .base import MODALITIES, Hit, Storage, VectorStore, as_matrix, check_modality
+from .base import MODALITIES, Hit, Storage, VectorStore, as_matrix, check_vector_name
 
 DEFAULT_EF = 128
 
@@ -55,7 +55,8 @@ class ServerStore(VectorStore):
         except TransientError as exc:
             raise RecoError(f"{exc}; check RECO_QDRANT_URL (and RECO_QDRANT_API_KEY) and that Qdrant is running") from exc
 
-    def create(self, collection: str, dim: int, storage: Storage | None = None) -> None:
+    def create(self, collection: str, dim: int, storage: Storage | None = None,
+               vectors: Sequence[str] = MODALITIES) -> None:
         from qdrant_client import models
 
         if self.exists(collection):
@@ -68,7 +69,7 @@ class ServerStore(VectorStore):
                 collection_name=collection,
                 vectors_config={n: models.VectorParams(size=dim, distance=models.Distance.COSINE,
                                                        quantization_config=quantized, on_disk=storage.on_disk or None)
-                                for n in MODALITIES},
+                                for n in vectors},
                 hnsw_config=models.HnswConfigDiff(m=16, ef_construct=128),
                 # no indexing while the version is written; seal() switches it on
                 optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0),
@@ -82,22 +83,14 @@ class ServerStore(VectorStore):
     def exists(self, collection: str) -> bool:
         return bool(self._call(self.client.collection_exists, collection))
 
-    def upsert(self, collection, ids, image, text, payloads) -> None:
+    def put(self, collection, ids, vectors, payloads) -> None:
         from qdrant_client import models
 
-        image, text = as_matrix(image), as_matrix(text)
-        if not (len(ids) == len(image) == len(text) == len(payloads)):
+        lists = {name: as_matrix(x).tolist() for name, x in vectors.items()}
+        if any(len(x) != len(ids) for x in lists.values()) or len(payloads) != len(ids):
             raise ValueError("ids, vectors and payloads must have the same length")
-        self._call(
-            self.client.upsert,
-            collection_name=collection,
-            points=models.Batch(
-                ids=list(ids),
-                vectors={"image": image.tolist(), "text": text.tolist()},
-                payloads=list(payloads),
-            ),
-            wait=True,
-        )
+        self._call(self.client.upsert, collection_name=collection,
+                   points=models.Batch(ids=list(ids), vectors=lists, payloads=list(payloads)), wait=True)
 
     def count(self, collection: str) -> int:
         return self._call(self.client.count, collection, exact=True).count
@@ -106,8 +99,8 @@ class ServerStore(VectorStore):
                with_payload=True) -> list[list[Hit]]:
         from qdrant_client import models
 
-        check_modality(using)
-        check_modality(with_vector, allow_none=True)
+        check_vector_name(using)
+        check_vector_name(with_vector, allow_none=True)
         q = as_matrix(queries)
         if not len(q):
             return []
@@ -138,7 +131,7 @@ class ServerStore(VectorStore):
         return [[_hit(p, with_vector) for p in r.points] for r in results]
 
     def retrieve(self, collection, ids, with_vector=None) -> list[Hit]:
-        check_modality(with_vector, allow_none=True)
+        check_vector_name(with_vector, allow_none=True)
         recs = self._call(
             self.client.retrieve, collection, ids=list(ids), with_payload=True,
             with_vectors=[with_vector] if with_vector else False,
@@ -157,20 +150,17 @@ class ServerStore(VectorStore):
             if offset is None:
                 return
 
-    def scan(self, collection, batch=1024):
+    def scan_vectors(self, collection, names, batch=1024):
         offset = None
         while True:
             recs, offset = self._call(
                 self.client.scroll, collection, limit=batch, offset=offset, with_payload=True,
-                with_vectors=list(MODALITIES),
+                with_vectors=list(names),
             )
             if recs:
-                yield (
-                    [str(r.id) for r in recs],
-                    np.asarray([r.vector["image"] for r in recs], dtype=np.float32),
-                    np.asarray([r.vector["text"] for r in recs], dtype=np.float32),
-                    [dict(r.payload or {}) for r in recs],
-                )
+                yield ([str(r.id) for r in recs],
+                       {n: np.asarray([r.vector[n] for r in recs], dtype=np.float32) for n in names},
+                       [dict(r.payload or {}) for r in recs])
             if offset is None:
                 return
 
@@ -193,12 +183,17 @@ class ServerStore(VectorStore):
         return points
 
     def _dim(self, collection: str) -> int:
-        return self._call(self.client.get_collection, collection).config.params.vectors["image"].size
+        return self._first_vector(self._call(self.client.get_collection, collection).config.params).size
+
+    @staticmethod
+    def _first_vector(params):
+        """Every named vector of a collection is configured alike: the first stands for all."""
+        return next(iter(params.vectors.values()))
 
     def storage(self, collection: str) -> dict:
         if collection not in self._applied:
             params = self._call(self.client.get_collection, collection).config.params
-            image = params.vectors["image"]
+            image = self._first_vector(params)
             quantized = image.quantization_config or getattr(params, "quantization_config", None)
             kind = "none"
             if getattr(quantized, "scalar", None) is not None:
