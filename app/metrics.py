@@ -45,3 +45,25 @@ def zero_shot_weights(text_embeddings: np.ndarray, n_classes: int, n_templates: 
     as open_clip's build_zero_shot_classifier computes them."""
     w = text_embeddings.reshape(n_classes, n_templates, -1).mean(axis=1)
     return w / np.linalg.norm(w, axis=1, keepdims=True)
+
+
+def harmonic_mean(*values: float) -> float:
+    """OVEN's harmonic mean (oven_eval.py): a zero counts as 1e-12, so one group at zero pulls the mean to ~0."""
+    safe = [v if v != 0 else 1e-12 for v in values]
+    return len(safe) / sum(1.0 / v for v in safe)
+
+
+def group_accuracy(pred_ids, true_ids, groups) -> dict:
+    """Top-1 accuracy per group ({group: fraction}) and, when both "seen" and "unseen" are present, their
+    harmonic mean as "harmonic_mean": OVEN's evaluate_oven + harmonic_mean, as fractions rather than rounded
+    percent. Ids are compared for equality (class id strings or label ints)."""
+    if not len(pred_ids) == len(true_ids) == len(groups):
+        raise ValueError(f"pred_ids, true_ids and groups differ in length ({len(pred_ids)}, {len(true_ids)}, "
+                         f"{len(groups)})")
+    hits: dict = {}
+    for p, t, g in zip(pred_ids, true_ids, groups):
+        hits.setdefault(g, []).append(bool(p == t))
+    out = {g: sum(h) / len(h) for g, h in hits.items()}
+    if "seen" in out and "unseen" in out:
+        out["harmonic_mean"] = harmonic_mean(out["seen"], out["unseen"])
+    return out

@@ -162,6 +162,39 @@ def write_imagefolder(root: str | Path, per_class: int, seed: int = 900_000, jit
     return root
 
 
+def write_oven(root: str | Path, entities: int = 32, per_entity: int = 2, unseen_fraction: float = 0.5,
+               distractors: int = 0, seed: int = 950_000, jitter: float = 1.0) -> Path:
+    """OVEN's published layout with coloured-shape entities: root/oven_entity_val.jsonl, the entity list
+    root/Wiki6M_ver_1_0_title_only.jsonl (the split's entities and `distractors` more) and
+    root/oven_images/<NN>/oven_<8 digits>.jpg. The first entities are val_seen, the last `unseen_fraction` of them
+    val_unseen; lines are shuffled and image ids scattered, so the order and the NN folders mean nothing."""
+    if entities < 1 or per_entity < 1 or distractors < 0 or not 0 <= unseen_fraction <= 1:
+        raise ValueError("write_oven needs entities >= 1, per_entity >= 1, distractors >= 0, 0 <= unseen_fraction <= 1")
+    root = Path(root)
+    n_concepts = len(COLORS) * len(SHAPES)
+    n_seen = entities - round(entities * unseen_fraction)
+    ents = [(f"Q{1_000_000 + i}", " ".join(concept(i)) + (f" {i // n_concepts + 1}" if i >= n_concepts else ""))
+            for i in range(entities)]
+    rng = np.random.default_rng(seed)
+    order = [(int(k) // per_entity, int(k) % per_entity) for k in rng.permutation(entities * per_entity)]
+    numbers = rng.choice(10**8, size=len(order), replace=False)
+    lines = []
+    for row, ((i, j), number) in enumerate(zip(order, numbers)):
+        image_id = f"oven_{number:08d}"
+        d = root / "oven_images" / image_id.rsplit("_", 1)[-1][:2]
+        d.mkdir(parents=True, exist_ok=True)
+        render(*concept(i), seed=seed + per_entity * i + j, jitter=jitter).save(d / f"{image_id}.jpg", "JPEG")
+        qid, title = ents[i]
+        lines.append({"data_id": f"oven_entity_val_{row:08d}", "image_id": image_id, "question": "what is this?",
+                      "entity_id": qid, "entity_text": title, "data_split": "val_seen" if i < n_seen else "val_unseen"})
+    (root / "oven_entity_val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    kb = ents + [(f"Q{2_000_000 + k}", f"distractor entity {k}") for k in range(distractors)]
+    kb = [kb[k] for k in rng.permutation(len(kb))]
+    (root / "Wiki6M_ver_1_0_title_only.jsonl").write_text(
+        "".join(json.dumps({"wikidata_id": q, "wikipedia_title": t}) + "\n" for q, t in kb))
+    return root
+
+
 TINY_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "patch_size": 16, "head_width": 64},
@@ -179,7 +212,8 @@ def write_tiny_config(path: str | Path) -> Path:
 
 def main(argv=None) -> None:
     """`python -m app.synthetic wds DIR [--shards N] [--per-shard N] [--seed S] [--prefix P]`,
-    `... image PATH [--color C] [--shape S]` and `... config PATH`: data and a tiny model, without downloads."""
+    `... image PATH [--color C] [--shape S]`, `... oven DIR [--entities N] [--per-entity N] [--distractors N]`
+    and `... config PATH`: data and a tiny model, without downloads."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m app.synthetic", description=main.__doc__)
@@ -197,6 +231,14 @@ def main(argv=None) -> None:
     f.add_argument("--seed", type=int, default=900_000)
     f.add_argument("--jitter", type=float, default=1.0)
     f.add_argument("--vendor", type=int, default=0)
+    o = sub.add_parser("oven", help="write an OVEN-layout entity set (split, entity list, oven_images/)")
+    o.add_argument("dir")
+    o.add_argument("--entities", type=int, default=32)
+    o.add_argument("--per-entity", type=int, default=2)
+    o.add_argument("--unseen-fraction", type=float, default=0.5)
+    o.add_argument("--distractors", type=int, default=0, help="entity-list entries the split never uses")
+    o.add_argument("--seed", type=int, default=950_000)
+    o.add_argument("--jitter", type=float, default=1.0)
     c = sub.add_parser("config", help="write the tiny open_clip config")
     c.add_argument("path")
     i = sub.add_parser("image", help="draw one picture (a query image)")
@@ -209,6 +251,12 @@ def main(argv=None) -> None:
     if a.what == "imagefolder":
         root = write_imagefolder(a.dir, a.per_class, seed=a.seed, jitter=a.jitter, vendor=a.vendor)
         print(f"wrote {root / 'images'} and {root / 'classnames.txt'}")
+    elif a.what == "oven":
+        if a.entities < 1 or a.per_entity < 1 or a.distractors < 0 or not 0 <= a.unseen_fraction <= 1:
+            ap.error("oven needs --entities >= 1, --per-entity >= 1, --distractors >= 0, 0 <= --unseen-fraction <= 1")
+        root = write_oven(a.dir, a.entities, a.per_entity, a.unseen_fraction, a.distractors, a.seed, a.jitter)
+        print(f"wrote {root / 'oven_entity_val.jsonl'}, {root / 'Wiki6M_ver_1_0_title_only.jsonl'} and "
+              f"{root / 'oven_images'} ({a.entities} entities x {a.per_entity} images)")
     elif a.what == "image":
         Path(a.path).parent.mkdir(parents=True, exist_ok=True)
         render(a.color, a.shape, seed=a.seed, jitter=a.jitter).save(a.path)
