@@ -736,7 +736,13 @@ def _print_run(run: dict, as_json: bool) -> None:
     g = run["leakage_guard"]
     click.echo(f"run {run['run']}: {run['n_images']} images"
                + (f", skipped {run['skipped']}" if run.get("skipped") else "")
-               + f"; leakage guard {'on' if g['enabled'] else 'off'}: {g['excluded_items']} memory items excluded")
+               + f"; leakage guard {'on' if g['enabled'] else 'off'}: {g['excluded_items']} memory items excluded"
+               + (" (not from the class set's text side, refined when it was built)"
+                  if g.get("class_text_side") and g["excluded_items"] else ""))
+    if run.get("classes"):
+        c = run["classes"]
+        click.echo(f"classes: {c['name']} v{c['version']}, {c['count']} classes, ranked by "
+                   f"{'a top-k search of the store' if c['ranking'] == 'search' else 'the dense matrix'}")
 
 
 @eval_group.command("classification")

@@ -167,7 +167,9 @@ def _rank_dense(enc, collection, ds, v, labels, groups, ks, img_side, excluded, 
     t = enc.backbone.encode_texts(prompts)
     timing["encode"] += time.perf_counter() - t0
     n_c, n_t = len(ds.classnames), len(ds.templates)
+    t0 = time.perf_counter()
     base_logits = v @ zero_shot_weights(t, n_c, n_t).T
+    timing["rank"] += time.perf_counter() - t0
     results = {"baseline": _with_groups(classification_metrics(base_logits, labels), base_logits.argmax(1), labels,
                                         groups), "reco": {}}
     txt_side = _Side(enc, collection, "text", t, ks[-1], excluded, timing) if text_refined else None
@@ -175,7 +177,9 @@ def _rank_dense(enc, collection, ds, v, labels, groups, ks, img_side, excluded, 
     for k in ks:
         vk = img_side.refined(k) if img_side else v
         tk = txt_side.refined(k) if txt_side else t
+        t0 = time.perf_counter()
         logits = vk @ zero_shot_weights(tk, n_c, n_t).T
+        timing["rank"] += time.perf_counter() - t0
         pred = logits.argmax(1)
         results["reco"][str(k)] = _with_groups(classification_metrics(logits, labels), pred, labels, groups)
     names = ds.classnames

@@ -26,6 +26,15 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
+def ranked_metrics(top: np.ndarray, truth: np.ndarray) -> dict:
+    """classification_metrics from each image's ranked class ids (top [n, k], best first) instead of logits: a
+    class set's search returns those. Equal to classification_metrics on the same ranking."""
+    hit1 = top[:, 0] == truth
+    recalls = [float(hit1[truth == c].mean()) for c in dict.fromkeys(truth)]
+    return {"acc1": float(hit1.mean()), "acc5": float((top[:, :5] == truth[:, None]).any(axis=1).mean()),
+            "mean_per_class_recall": float(np.mean(recalls))}
+
+
 def retrieval_metrics(sim: np.ndarray, text_to_image: np.ndarray, ks=(1, 5, 10)) -> dict:
     """sim [n_images, n_texts]. The CLIP-paper definition: image->text succeeds at k when any caption of the
     image is among its k best texts; text->image when the caption's image is among its k best images."""

@@ -10,13 +10,14 @@ from pathlib import Path
 HEADLINE = {"zeroshot_classification": ("acc1", "acc5", "mean_per_class_recall"),
             "zeroshot_retrieval": ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1",
                                    "text_to_image_R@5")}
+GROUPS = ("seen", "unseen", "harmonic_mean")  # OVEN's top-1 accuracies, shown when a run has them
 
 
 def compare_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     """One row per (run, baseline|RECO@k); one column per metric of the runs' task(s)."""
     metrics = []
     for r in runs:
-        for m in HEADLINE[r["task"]]:
+        for m in HEADLINE[r["task"]] + tuple(g for g in GROUPS if g in r["baseline"]):
             if m not in metrics:
                 metrics.append(m)
     headers = ["RUN", "DATASET", "MODEL", "MEMORY", "VARIANT"] + [m.upper() for m in metrics]

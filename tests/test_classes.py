@@ -154,3 +154,32 @@ def test_names_files(tmp_path):
         (tmp_path / "x.jsonl").write_text(text)
         with pytest.raises(RecoError, match=fragment):
             read_names(tmp_path / "x.jsonl")
+
+
+def test_oven_stand_in_through_a_class_set_reports_seen_unseen_and_harmonic_mean(rt, trained, tmp_path, cli_run):
+    from app import synthetic
+
+    root = synthetic.write_oven(tmp_path / "oven", entities=32, per_entity=2)
+    spec = f"oven:{root}"
+    dense = evaluate_classification(rt, "m", spec, guard=False)  # the split's own 32 entities, dense
+    for part in (dense["baseline"], dense["reco"]["10"]):
+        s, u = part["seen"], part["unseen"]
+        assert part["harmonic_mean"] == pytest.approx(2 * s * u / (s + u) if s and u else 0, abs=1e-9)
+    assert dense["baseline"]["seen"] != dense["baseline"]["unseen"] or dense["reco"]["10"]["seen"] != \
+        dense["reco"]["10"]["unseen"]
+    entity_list = root / "Wiki6M_ver_1_0_title_only.jsonl"
+    build_class_set(rt, "wiki", str(entity_list), model="m", templates=dense["templates"], activate=True)
+    run = evaluate_classification(rt, "m", spec, classes="wiki", ranking="search", guard=False)
+    assert run["baseline"] == pytest.approx(dense["baseline"]) and run["reco"]["10"] == pytest.approx(dense["reco"]["10"])
+
+    # the open form: every entity of the knowledge base is a candidate (here 32 + 400 distractors), by the CLI
+    wide = synthetic.write_oven(tmp_path / "oven-wide", entities=32, per_entity=2, distractors=400)
+    (tmp_path / "oven.txt").write_text("a photo of {c}.\n")
+    cli_run("classes", "build", "wiki6m", "--names", wide / "Wiki6M_ver_1_0_title_only.jsonl", "--model", "m",
+            "--templates", tmp_path / "oven.txt", "--activate")
+    out = cli_run("eval", "classification", "--model", "m", "--dataset", f"oven:{wide}", "--classes", "wiki6m",
+                  "--ranking", "search").output
+    assert "SEEN" in out and "UNSEEN" in out and "HARMONIC_MEAN" in out and "432 classes" in out
+    got = json.loads(cli_run("eval", "classification", "--model", "m", "--dataset", f"oven:{wide}", "--classes",
+                             "wiki6m", "--json").output)
+    assert {"seen", "unseen", "harmonic_mean"} <= set(got["reco"]["10"]) and got["classes"]["count"] == 432

@@ -111,7 +111,7 @@ def test_run_is_stored_listed_compared_plotted_and_gallery_renders(rt, trained, 
     assert len(runs) == 1 and runs[0]["k"] == [1, 3, 10] and runs[0]["memory"] == "mem@1"
     result = json.loads(Path(runs[0]["result"]).read_text())
     assert result["task"] == "zeroshot_classification" and result["metrics"] == result["reco"]["10"]
-    assert set(result["timing_per_item_s"]) == {"encode", "search", "fuse"} and len(result["dataset_hash"]) == 64
+    assert set(result["timing_per_item_s"]) == {"encode", "search", "fuse", "rank"} and len(result["dataset_hash"]) == 64
     cmp = cli_run("eval", "compare", str(runs[0]["run"])).stdout
     assert cmp.count("RECO k=") == 3
     pngs = cli_run("eval", "plot", str(runs[0]["run"]), "--out", tmp_path / "plots").stdout.split()

@@ -37,7 +37,7 @@ def classes() -> None:
 def classes_build(rt, name, names_file, backbone, model, memory, templates, activate, quantization, on_disk) -> None:
     """Encode every class of a names file and store the class embeddings as the next version of NAME."""
     from ..classes import build_class_set
-    from ..datasets import _read_templates as read_templates
+    from ..datasets import read_templates
     from ..store.base import Storage
 
     v = build_class_set(rt, name, names_file, backbone=backbone, model=model, memory=memory,

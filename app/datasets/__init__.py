@@ -92,7 +92,7 @@ def _read_lines(path: Path) -> list[str]:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
-def _read_templates(path: str) -> list[str]:
+def read_templates(path: str) -> list[str]:
     templates = _read_lines(Path(path))
     if not templates or any("{c}" not in t for t in templates):
         raise RecoError(f"{path}: every prompt template needs a {{c}} placeholder for the class name (one per line)")
@@ -172,7 +172,7 @@ def image_folder(root: str, classnames_file: str | None = None, templates_file: 
     else:
         clean = names_from_folders or (lambda s: s.replace("_", " "))
         names = [clean(d.name) for d in folders]
-    templates = _read_templates(templates_file) if templates_file else templates_for(kind)
+    templates = read_templates(templates_file) if templates_file else templates_for(kind)
     return ClassificationSet(f"{kind}:{base.name}", names, templates, samples)
 
 
@@ -435,7 +435,7 @@ def load_classification(spec: str, classnames: str | None = None, templates: str
             raise RecoError(f"--classnames applies to imagefolder datasets; {kind} brings its own class names")
         ds = CLASSIFICATION[kind](path)
         if templates:
-            ds.templates = _read_templates(templates)
+            ds.templates = read_templates(templates)
     if not ds.samples:
         raise RecoError(f"dataset {spec} has no images")
     return ds
