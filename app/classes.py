@@ -111,41 +111,66 @@ def build_class_set(rt, name: str, names_file: str, *, backbone: str | None = No
         refined = None
     details = {"classes": len(ids), "names_sha256": hash_file(names_file), "templates": templates,
                "refined": refined}
-    v = create_version(rt, name, source=str(Path(names_file).resolve()), fmt="names", backbone=spec_text,
-                       backbone_hash=spec_hash, dim=dim, shard_specs=[{"name": Path(names_file).name,
-                                                                       "rows": len(ids)}],
-                       activate=activate, storage=storage, kind=CLASSES, details=details)
-    vectors = CLASS_VECTORS if enc else CLASS_VECTORS[:1]
+    return store_class_set(rt, name, _encoded(ids, names, templates, encoder, enc, refine_from), count=len(ids),
+                           source=names_file, backbone=spec_text, backbone_hash=spec_hash, dim=dim,
+                           vectors=CLASS_VECTORS if enc else CLASS_VECTORS[:1], details=details, activate=activate,
+                           storage=storage, progress=progress)
+
+
+def _encoded(ids, names, templates, encoder, enc, refine_from):
+    """Batches of (ids, names, {vector: class embeddings}): the templates' embeddings averaged per class."""
+    n_t = len(templates)
+    for a in range(0, len(ids), CLASSES_PER_BATCH):
+        chunk_ids, chunk_names = ids[a:a + CLASSES_PER_BATCH], names[a:a + CLASSES_PER_BATCH]
+        t = encoder.encode_texts([tpl.format(c=c) for c in chunk_names for tpl in templates])
+        out = {"frozen": zero_shot_weights(t, len(chunk_ids), n_t)}
+        if enc is not None:
+            out["refined"] = zero_shot_weights(enc.refine(t, "text", collection=refine_from), len(chunk_ids), n_t)
+        yield chunk_ids, chunk_names, out
+
+
+def store_class_set(rt, name: str, batches, *, count: int, source: str, backbone: str, backbone_hash: str | None,
+                    dim: int, vectors=CLASS_VECTORS[:1], details: dict | None = None, activate: bool = False,
+                    storage: Storage | None = None, progress: bool = False):
+    """Store class embeddings that are already computed as the next version of NAME: `batches` yields
+    (ids, names, {vector: [n, dim] unit vectors}). `build_class_set` encodes and calls this; so can whoever
+    encoded the classes elsewhere (a GPU machine, a benchmark). Returns the version row, ready or failed."""
+    check_name(name)
+    rt.store.ping()
+    v = create_version(rt, name, source=str(Path(source).resolve()) if Path(source).exists() else source,
+                       fmt="names", backbone=backbone, backbone_hash=backbone_hash, dim=dim,
+                       shard_specs=[{"name": Path(source).name, "rows": count}], activate=activate, storage=storage,
+                       kind=CLASSES, details={"classes": count, **(details or {})})
     with rt.db.session() as s:
         shard_id = s.query(IngestShard.id).filter_by(version_id=v.id).scalar()
     try:
-        _write(rt, name, v, ids, names, templates, encoder, enc, refine_from, vectors, progress)
+        stored = _write(rt, name, v, batches, count, tuple(vectors), progress)
     except BaseException as exc:
         fail_shard(rt, shard_id, str(exc) if isinstance(exc, RecoError) else f"{type(exc).__name__}: {exc}")
         raise
     with rt.db.session() as s:
         shard = s.get(IngestShard, shard_id)
-        shard.status, shard.items_stored, shard.finished_at = ShardStatus.DONE, len(ids), utcnow()
+        shard.status, shard.items_stored, shard.finished_at = ShardStatus.DONE, stored, utcnow()
     finalize_if_complete(rt, v.id)
     return v
 
 
-def _write(rt, name, v, ids, names, templates, encoder, enc, refine_from, vectors, progress) -> None:
+def _write(rt, name, v, batches, count, vectors, progress) -> int:
     from tqdm import tqdm
 
-    n_t = len(templates)
+    stored = 0
     with rt.store.hold(v.collection, create_dim=v.dim, storage=storage_of(v), vectors=vectors), \
-            tqdm(total=len(ids), unit="class", desc=f"classes {name} v{v.version}", disable=not progress,
+            tqdm(total=count, unit="class", desc=f"classes {name} v{v.version}", disable=not progress,
                  dynamic_ncols=True) as bar:
-        for a in range(0, len(ids), CLASSES_PER_BATCH):
-            chunk_ids, chunk_names = ids[a:a + CLASSES_PER_BATCH], names[a:a + CLASSES_PER_BATCH]
-            t = encoder.encode_texts([tpl.format(c=c) for c in chunk_names for tpl in templates])
-            out = {"frozen": zero_shot_weights(t, len(chunk_ids), n_t)}
-            if enc is not None:
-                out["refined"] = zero_shot_weights(enc.refine(t, "text", collection=refine_from), len(chunk_ids), n_t)
+        for chunk_ids, chunk_names, out in batches:
+            if tuple(out) != vectors or any(x.shape != (len(chunk_ids), v.dim) for x in out.values()):
+                raise RecoError(f"class embeddings must be {', '.join(vectors)} of shape (n, {v.dim}), got "
+                                f"{ {k: x.shape for k, x in out.items()} }")
             rt.store.put(v.collection, [point_id(name, v.version, c) for c in chunk_ids], out,
                          [{"key": c, "name": nm} for c, nm in zip(chunk_ids, chunk_names)])
+            stored += len(chunk_ids)
             bar.update(len(chunk_ids))
+    return stored
 
 
 @dataclass
@@ -228,11 +253,12 @@ class ClassIndex:
 
 
 def dense_top_k(queries: np.ndarray, matrix: np.ndarray, k: int, keys: np.ndarray | None = None,
-                rows_per_step: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of queries @ matrix.T, in slices of queries so the score matrix never exceeds
-    rows_per_step x classes."""
+                rows_per_step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of queries @ matrix.T, in slices of queries so the scores in flight stay near 256 MB (64M
+    floats) whatever the number of classes."""
     import torch
 
+    rows_per_step = rows_per_step or max(1, min(256, (64 << 20) // max(1, len(matrix))))
     m = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
     out_i, out_s = [], []
     for a in range(0, len(queries), rows_per_step):

@@ -48,9 +48,10 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KB on Linux
 
 
-def stage(name: str, **kw) -> dict:
-    """Run one stage in a fresh process; its last stdout line is its JSON result."""
-    cmd = [sys.executable, __file__, "--stage", name, "--args", json.dumps(kw)]
+def stage(name: str, script: str = __file__, **kw) -> dict:
+    """Run one stage of `script` (this one by default) in a fresh process; its last stdout line is its JSON
+    result."""
+    cmd = [sys.executable, script, "--stage", name, "--args", json.dumps(kw)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"stage {name} failed:\n{done.stderr[-3000:]}")

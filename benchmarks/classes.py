@@ -1,0 +1,185 @@
+"""Class sets at scale: zero-shot classification throughput and RAM of a stored class set ranked by a top-k
+search of the store, against the dense matrix (in RAM as an in-run classifier holds it, and loaded from the
+store as `--ranking dense` reads it), for 1k to 1M synthetic 512-d classes, one run.
+
+    python benchmarks/classes.py [--sizes 1000,3000,10000,30000,100000,1000000] [--images 2000]
+                                 [--out benchmarks/results/classes.json]
+
+Classes: the clustered CLIP-like generator of benchmarks/search.py (unit vectors), stored through the product
+(`app.classes.store_class_set`, the path `reco classes build` takes after encoding; backbone spec ViT-B-32, no
+text is encoded) with the default storage (`auto`: int8 with rescoring once the set gets a graph), and at the
+largest size also with the originals on disk. Images: held-out draws from the same generator. Ranking runs
+exactly as `reco eval classification --classes` runs it (`ClassIndex.top_k`, top 5, every image in one call).
+Truth is the exact top 5 of the dense matrix; the search's top-1 agreement and recall@5 are reported beside
+its speed.
+
+Each measurement runs in a process of its own, so its peak RSS (ru_maxrss) is its own: `data`, `build`,
+`dense_ram` (the matrix from a .npy file: what an in-run dense classifier holds), `dense_store` (the matrix read
+from the store, then ranked) and `search`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["RECO_OFFLINE"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.memory_scale import peak_rss_gb, stage  # noqa: E402
+
+DIM, SPEC, TOP, NAME = 512, "ViT-B-32", 5, "classes"
+BATCH = 10_000  # classes per store write
+
+
+def stage_data(n: int, images: int, src: str, seed: int) -> dict:
+    from benchmarks.search import clustered
+
+    gen = dict(clusters=min(1000, max(1, n // 100)), centre_rank=128, cluster_rank=48, mean_weight=0.5,
+               spread=0.6, iso_noise=0.15)
+    x = clustered(n + images, DIM, seed=seed, **gen)
+    Path(src).mkdir(parents=True, exist_ok=True)
+    np.save(Path(src) / "classes.npy", x[:n].astype(np.float32))
+    np.save(Path(src) / "images.npy", x[n:].astype(np.float32))
+    return {"peak_rss_gb": peak_rss_gb()}
+
+
+def stage_build(home: str, src: str, on_disk: bool) -> dict:
+    from app.backbone import BackboneSpec
+    from app.classes import store_class_set
+    from app.store.base import Storage
+    from benchmarks.train import fresh_runtime
+
+    rt = fresh_runtime(Path(home))
+    x = np.load(Path(src) / "classes.npy", mmap_mode="r")
+    spec = BackboneSpec.parse(SPEC)
+
+    def batches():
+        for a in range(0, len(x), BATCH):
+            ids = [f"Q{i}" for i in range(a, min(a + BATCH, len(x)))]
+            yield ids, [f"entity {i}" for i in range(a, a + len(ids))], {"frozen": np.array(x[a:a + len(ids)])}
+
+    t0 = time.perf_counter()
+    v = store_class_set(rt, NAME, batches(), count=len(x), source="synthetic", backbone=spec.canonical,
+                        backbone_hash=spec.fingerprint, dim=DIM, activate=True, storage=Storage("auto", on_disk))
+    build_s = time.perf_counter() - t0
+    applied = rt.store.storage(v.collection)
+    disk = sum(f.stat().st_size for f in (rt.settings.vectors_dir / v.collection).rglob("*") if f.is_file())
+    rt.close()
+    return {"build_s": build_s, "applied": applied, "disk_gb": disk / 1024 ** 3, "peak_rss_gb": peak_rss_gb()}
+
+
+def stage_dense_ram(src: str) -> dict:
+    import torch  # noqa: F401  (imported before the clock starts, as in a running evaluation)
+
+    from app.classes import dense_top_k
+
+    x = np.load(Path(src) / "classes.npy")
+    q = np.load(Path(src) / "images.npy")
+    t0 = time.perf_counter()
+    top, _ = dense_top_k(q, x, TOP)
+    rank_s = time.perf_counter() - t0
+    np.save(Path(src) / "truth.npy", top)
+    return {"images_per_s": len(q) / rank_s, "rank_s": rank_s, "peak_rss_gb": peak_rss_gb()}
+
+
+def _ranked(home: str, src: str, ranking: str) -> tuple[dict, np.ndarray]:
+    import torch  # noqa: F401  (imported before the clock starts, as in a running evaluation)
+
+    from app.classes import ClassIndex
+    from benchmarks.train import fresh_runtime
+
+    rt = fresh_runtime(Path(home))
+    q = np.load(Path(src) / "images.npy")
+    index = ClassIndex.open(rt, NAME)
+    with rt.store.hold(index.collection):
+        t0 = time.perf_counter()
+        top, _ = index.top_k(q, "frozen", TOP, ranking)  # dense: the first call reads the matrix
+        first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        index.top_k(q, "frozen", TOP, ranking)
+        again_s = time.perf_counter() - t0
+    rt.close()
+    ids = np.vectorize(lambda c: int(c[1:]))(top)
+    return {"first_call_s": first_s, "images_per_s": len(q) / first_s, "images_per_s_warm": len(q) / again_s,
+            "peak_rss_gb": peak_rss_gb()}, ids
+
+
+def stage_dense_store(home: str, src: str) -> dict:
+    out, _ = _ranked(home, src, "dense")
+    return out
+
+
+def stage_search(home: str, src: str) -> dict:
+    out, top = _ranked(home, src, "search")
+    truth = np.load(Path(src) / "truth.npy")
+    out["top1_agreement"] = float((top[:, 0] == truth[:, 0]).mean())
+    out["recall_at_5"] = float(np.mean([len(set(a) & set(b)) / TOP for a, b in zip(top.tolist(), truth.tolist())]))
+    return out
+
+
+STAGES = {"data": stage_data, "build": stage_build, "dense_ram": stage_dense_ram, "dense_store": stage_dense_store,
+          "search": stage_search}
+
+
+def run_size(n: int, images: int, work: Path, on_disk_too: bool, seed: int) -> dict:
+    src, out = work / f"data-{n}", {"classes": n, "images": images}
+    out["data"] = stage("data", __file__, n=n, images=images, src=str(src), seed=seed)
+    out["dense_ram"] = stage("dense_ram", __file__, src=str(src))
+    for option in (["in-ram", "on-disk"] if on_disk_too else ["in-ram"]):
+        home = work / f"home-{n}-{option}"
+        row = out.setdefault("store", {})[option] = {}
+        row["build"] = stage("build", __file__, home=str(home), src=str(src), on_disk=option == "on-disk")
+        if option == "in-ram":
+            row["dense_store"] = stage("dense_store", __file__, home=str(home), src=str(src))
+        row["search"] = stage("search", __file__, home=str(home), src=str(src))
+        shutil.rmtree(home, ignore_errors=True)
+        print(json.dumps({"classes": n, option: row}), flush=True)
+    shutil.rmtree(src, ignore_errors=True)
+    return out
+
+
+def crossover(rows: list[dict]) -> int | None:
+    """The smallest measured class count at which the search outruns the dense matrix read from the store."""
+    for r in sorted(rows, key=lambda r: r["classes"]):
+        s = r["store"]["in-ram"]
+        if s["search"]["images_per_s"] > s["dense_store"]["images_per_s"]:
+            return r["classes"]
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000,3000,10000,30000,100000,1000000")
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--out", default="benchmarks/results/classes.json")
+    ap.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)
+    ap.add_argument("--args", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.stage:
+        print(json.dumps(STAGES[a.stage](**json.loads(a.args))))
+        return
+    sizes = [int(s) for s in a.sizes.split(",")]
+    work = Path(a.work or tempfile.mkdtemp(prefix="reco-classes-"))
+    rows = [run_size(n, a.images, work, on_disk_too=n == max(sizes), seed=a.seed) for n in sizes]
+    result = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "dim": DIM, "top": TOP,
+              "cpus": os.cpu_count(), "sizes": rows, "search_beats_dense_from": crossover(rows)}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {a.out}; search outruns the dense matrix from {result['search_beats_dense_from']} classes")
+
+
+if __name__ == "__main__":
+    main()
