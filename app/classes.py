@@ -13,6 +13,7 @@ A class set is a memory row of kind `classes` (app/memory.py): numbered versions
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,8 @@ def _write(rt, name, v, batches, count, vectors, progress) -> int:
 
 @dataclass
 class ClassIndex:
-    """One ready version of a class set, opened for ranking images against its classes."""
+    """One ready version of a class set, opened for ranking images against its classes. It keeps the collection
+    open until `close()` (an embedded 1M-class set takes seconds to open; an evaluation ranks several times)."""
 
     rt: object
     name: str
@@ -199,8 +201,26 @@ class ClassIndex:
                 raise RecoError(f"class set {name} v{v.version} is {v.status}: only a ready version ranks")
             index = cls(rt, name, v.version, v.collection, v.items_stored or 0, v.backbone, v.backbone_hash,
                         dict(v.details or {}))
-        check_complete(rt, name, index.collection, v)
+        index._held = contextlib.ExitStack()
+        index._held.enter_context(rt.store.hold(index.collection))
+        try:
+            check_complete(rt, name, index.collection, v)
+        except BaseException:
+            index.close()
+            raise
         return index
+
+    def close(self) -> None:
+        held = self.__dict__.pop("_held", None)
+        if held is not None:
+            held.close()
+        self.__dict__.pop("_dense", None)
+
+    def __enter__(self) -> "ClassIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def refined(self) -> dict | None:

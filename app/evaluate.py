@@ -7,6 +7,7 @@ timings, and the per-query details the gallery shows).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
@@ -123,7 +124,11 @@ def evaluate_classification(rt, model: str, dataset: str, memory: str | None = N
     np.random.seed(seed)
     ds = load_classification(dataset, classnames, templates)
     enc = RecoEncoder.load(model, memory=memory, runtime=rt, checkpoint=checkpoint)
-    index = ClassIndex.open(rt, classes) if classes else None
+    with ClassIndex.open(rt, classes) if classes else contextlib.nullcontext() as index:
+        return _classify(rt, enc, ds, index, dataset, ks, retrieval, guard, seed, batch_size, ranking)
+
+
+def _classify(rt, enc, ds, index, dataset, ks, retrieval, guard, seed, batch_size, ranking) -> dict:
     text_refined = retrieval in ("both", "text")
     if index is not None:
         ranking = index.ranking(ranking)

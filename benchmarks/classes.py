@@ -16,6 +16,14 @@ its speed.
 Each measurement runs in a process of its own, so its peak RSS (ru_maxrss) is its own: `data`, `build`,
 `dense_ram` (the matrix from a .npy file: what an in-run dense classifier holds), `dense_store` (the matrix read
 from the store, then ranked) and `search`.
+
+End to end (`--e2e N`, default 1M; `--e2e-only` adds it to an existing result): the whole
+`reco eval classification --dataset oven:... --classes big` path on this machine, with the tiny open_clip model
+of the tests (64-d): a model trained on synthetic shapes, the OVEN stand-in (64 images, 32 entities, seen and
+unseen) and a class set holding its 32 entities (encoded) among N synthetic distractors (near-misses:
+an entity's embedding plus noise); wall time, images/s and peak RSS of the evaluation, by search and by the dense
+matrix, and how often the two rankings' top-1 agree (the tiny model's weights are random: its accuracy means
+nothing).
 """
 
 from __future__ import annotations
@@ -128,7 +136,63 @@ def stage_search(home: str, src: str) -> dict:
     return out
 
 
-STAGES = {"data": stage_data, "build": stage_build, "dense_ram": stage_dense_ram, "dense_store": stage_dense_store,
+def stage_e2e_setup(home: str, work: str, n: int) -> dict:
+    from app import synthetic
+    from app.backbone import BackboneSpec, get_backbone
+    from app.build import build_in_process
+    from app.classes import store_class_set
+    from app.datasets import templates_for
+    from app.metrics import zero_shot_weights
+    from app.train import TrainConfig, create_job, run_training
+    from benchmarks.train import fresh_runtime
+
+    rt, work = fresh_runtime(Path(home)), Path(work)
+    config = str(synthetic.write_tiny_config(work / "tiny.json"))
+    synthetic.write_wds(work / "mem", 4, 64, seed=1, jitter=0.3)
+    build_in_process(rt, "mem", work / "mem", backbone=config, activate=True)
+    create_job(rt, "m", "mem", "mem", TrainConfig(k=10, epochs=30, batch_size=64, lr=3e-3, dedup_threshold=None,
+                                                  val_by="item", checkpoint_every=1000))
+    run_training(rt, "m", progress=False)
+    oven = synthetic.write_oven(work / "oven", entities=32, per_entity=2)
+    entities = [json.loads(line) for line in (oven / "Wiki6M_ver_1_0_title_only.jsonl").read_text().splitlines()]
+    spec, bb = BackboneSpec.parse(config), get_backbone(config)
+    templates = templates_for("oven")
+    real = zero_shot_weights(bb.encode_texts([t.format(c=e["wikipedia_title"]) for e in entities for t in templates]),
+                             len(entities), len(templates))
+
+    def batches():
+        yield [e["wikidata_id"] for e in entities], [e["wikipedia_title"] for e in entities], {"frozen": real}
+        rng = np.random.default_rng(0)
+        for a in range(0, n, BATCH):
+            m = min(BATCH, n - a)  # near-misses: a real entity's embedding plus noise of the same norm (cos ~0.7)
+            x = real[rng.integers(len(real), size=m)] + rng.standard_normal((m, spec.dim)) / np.sqrt(spec.dim)
+            x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+            yield [f"D{i}" for i in range(a, a + m)], [f"distractor {i}" for i in range(a, a + m)], {"frozen": x}
+
+    t0 = time.perf_counter()
+    store_class_set(rt, "big", batches(), count=n + len(entities), source="synthetic", backbone=spec.canonical,
+                    backbone_hash=spec.fingerprint, dim=spec.dim, details={"templates": templates}, activate=True)
+    build_s = time.perf_counter() - t0
+    rt.close()
+    return {"classes": n + len(entities), "dim": spec.dim, "build_s": build_s, "peak_rss_gb": peak_rss_gb()}
+
+
+def stage_e2e_eval(home: str, work: str, ranking: str) -> dict:
+    from app.evaluate import evaluate_classification
+    from benchmarks.train import fresh_runtime
+
+    rt = fresh_runtime(Path(home))
+    t0 = time.perf_counter()
+    run = evaluate_classification(rt, "m", f"oven:{Path(work) / 'oven'}", classes="big", ranking=ranking,
+                                  retrieval="image")
+    wall = time.perf_counter() - t0
+    rt.close()
+    return {"ranking": ranking, "wall_s": wall, "images": run["n_images"], "images_per_s": run["n_images"] / wall,
+            "rank_s_per_image": run["timing_per_item_s"]["rank"], "peak_rss_gb": peak_rss_gb(),
+            "predictions": [[d["baseline"], d["reco"]] for d in run["details"]]}
+
+
+STAGES = {"e2e_setup": stage_e2e_setup, "e2e_eval": stage_e2e_eval, "data": stage_data, "build": stage_build, "dense_ram": stage_dense_ram, "dense_store": stage_dense_store,
           "search": stage_search}
 
 
@@ -165,17 +229,34 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", default="benchmarks/results/classes.json")
+    ap.add_argument("--e2e", type=int, default=1_000_000, help="distractor classes of the end-to-end run (0: none)")
+    ap.add_argument("--e2e-only", action="store_true", help="run only the end-to-end part, into an existing --out")
     ap.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)
     ap.add_argument("--args", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.stage:
         print(json.dumps(STAGES[a.stage](**json.loads(a.args))))
         return
-    sizes = [int(s) for s in a.sizes.split(",")]
     work = Path(a.work or tempfile.mkdtemp(prefix="reco-classes-"))
-    rows = [run_size(n, a.images, work, on_disk_too=n == max(sizes), seed=a.seed) for n in sizes]
-    result = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "dim": DIM, "top": TOP,
-              "cpus": os.cpu_count(), "sizes": rows, "search_beats_dense_from": crossover(rows)}
+    if a.e2e_only:
+        result = json.loads(Path(a.out).read_text())
+    else:
+        sizes = [int(s) for s in a.sizes.split(",")]
+        rows = [run_size(n, a.images, work, on_disk_too=n == max(sizes), seed=a.seed) for n in sizes]
+        result = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "dim": DIM, "top": TOP,
+                  "cpus": os.cpu_count(), "sizes": rows, "search_beats_dense_from": crossover(rows)}
+    if a.e2e:
+        e2e, home = work / "e2e", work / "e2e-home"
+        result["end_to_end"] = {"setup": stage("e2e_setup", __file__, home=str(home), work=str(e2e), n=a.e2e)}
+        for ranking in ("search", "dense"):
+            result["end_to_end"][ranking] = stage("e2e_eval", __file__, home=str(home), work=str(e2e),
+                                                  ranking=ranking)
+        # the tiny model has random weights: its accuracy means nothing; the two rankings must agree
+        got = [result["end_to_end"][r].pop("predictions") for r in ("search", "dense")]
+        result["end_to_end"]["top1_agreement_search_vs_dense"] = float(np.mean(
+            [a == b for x, y in zip(*got) for a, b in zip(x, y)]))
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(e2e, ignore_errors=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {a.out}; search outruns the dense matrix from {result['search_beats_dense_from']} classes")
