@@ -38,9 +38,14 @@ demo: venv
 	$(BIN)/python -m app.synthetic imagefolder $(DEMO)/eval --per-class 3 --jitter 0.3
 	RECO_HOME=$(DEMO)/home $(BIN)/reco eval classification --model shapes-reco -k 1,3,10 \
 		--dataset imagefolder:$(DEMO)/eval/images --classnames $(DEMO)/eval/classnames.txt
+	# the same classes as a class set in the store (frozen and RECO-refined), ranked by a top-k search
+	RECO_HOME=$(DEMO)/home $(BIN)/reco classes build shapes-classes --names $(DEMO)/eval/classnames.txt \
+		--model shapes-reco --activate
+	RECO_HOME=$(DEMO)/home $(BIN)/reco eval classification --model shapes-reco --classes shapes-classes \
+		--ranking search --dataset imagefolder:$(DEMO)/eval/images --classnames $(DEMO)/eval/classnames.txt
 	RECO_HOME=$(DEMO)/home $(BIN)/reco eval gallery 1 --out $(DEMO)/gallery.html
 	RECO_HOME=$(DEMO)/home $(BIN)/reco eval plot 1 --out $(DEMO)/plots
-	RECO_HOME=$(DEMO)/home $(BIN)/reco eval compare 1
+	RECO_HOME=$(DEMO)/home $(BIN)/reco eval compare 1 2
 	# the HTTP service on the demo's model, for a few requests (search page at the printed address)
 	port=$$($(BIN)/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"); \
 	RECO_HOME=$(DEMO)/home $(BIN)/reco serve --port $$port --log-level warning & pid=$$!; \

@@ -27,11 +27,18 @@ from .metrics import zero_shot_weights
 from .names import check_name
 from .store.base import CLASS_VECTORS, Storage, point_id
 
-# `auto` ranking holds the class matrix in RAM and multiplies up to this many classes, and searches the store
-# above it (benchmarks/classes.py: where search overtakes the dense matrix on 512-d classes, with the matrix's
-# load from the store counted)
-DENSE_MAX_CLASSES = 50_000
+# `auto` ranking reads the class matrix into RAM and multiplies up to this many classes, and searches the store
+# above it. Measured on 512-d classes, 2,000 images a call (benchmarks/results/classes.json): at 10k a first
+# call (matrix read from the store included) is 3,407 images/s dense vs 4,696 searched, and later calls on the
+# cached matrix 17,650 vs 5,420, so over an evaluation (one call per k and side) the two tie; at 30k the search
+# is 3.2x faster on a first call and level with the cached matrix, and the matrix only grows (1M: 24 vs 691).
+DENSE_MAX_CLASSES = 10_000
 RANKINGS = ("auto", "dense", "search")
+# an image searching text embeddings is a query from another distribution, where HNSW needs a wider search than
+# within one modality: on 64-d clustered classes (200k, int8) queries off the data's distribution kept 0.77-0.83
+# of the exact top-1 at ef 128 and 0.97 at ef 512; queries from it keep 1.0 at both (benchmarks/classes.py
+# measures both kinds at both values)
+CLASS_SEARCH_EF = 512
 CLASSES_PER_BATCH = 1024  # classes encoded (x templates) and written per step
 
 
@@ -187,6 +194,7 @@ class ClassIndex:
     backbone: str
     backbone_hash: str | None
     details: dict
+    ef: int = CLASS_SEARCH_EF  # the graph search's width for `search` ranking
 
     @classmethod
     def open(cls, rt, ref: str) -> "ClassIndex":
@@ -253,7 +261,7 @@ class ClassIndex:
         """(class ids [n, k] as an object array, scores [n, k]), best first, by the `vector` class embeddings."""
         k = min(k, self.count)
         if ranking == "search":
-            hits = self.rt.store.search(self.collection, queries, using=vector, k=k)
+            hits = self.rt.store.search(self.collection, queries, using=vector, k=k, hnsw_ef=self.ef)
             ids = np.array([[h.payload.get("key") for h in row] for row in hits], dtype=object)
             scores = np.array([[h.score for h in row] for row in hits], dtype=np.float32)
             return ids, scores

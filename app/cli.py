@@ -757,19 +757,22 @@ def _print_run(run: dict, as_json: bool) -> None:
 @click.option("--ranking", type=click.Choice(["auto", "dense", "search"]), default="auto", show_default=True,
               help="With --classes: the class matrix in RAM (dense) or a top-k search of the store; auto picks "
                    "by the set's size.")
+@click.option("--ef", type=click.IntRange(1, 100_000), default=None,
+              help="With --ranking search: the graph search's width (default 512; wider is slower and closer to "
+                   "the exact ranking).")
 @_with_eval_options
 @click.pass_obj
-def eval_classification(rt, dataset, classnames, templates, retrieval, classes, ranking, model, memory, ks, guard,
-                        checkpoint, seed, batch_size, as_json) -> None:
+def eval_classification(rt, dataset, classnames, templates, retrieval, classes, ranking, ef, model, memory, ks,
+                        guard, checkpoint, seed, batch_size, as_json) -> None:
     """Zero-shot classification: acc1, acc5, mean per-class recall (OVEN: seen, unseen, harmonic mean)."""
     from .evaluate import evaluate_classification
 
-    if ranking != "auto" and not classes:
-        raise RecoError("--ranking applies to a stored class set: give --classes NAME")
+    if (ranking != "auto" or ef) and not classes:
+        raise RecoError("--ranking and --ef apply to a stored class set: give --classes NAME")
     run = evaluate_classification(rt, model, dataset, memory=memory, ks=_ks(ks) if ks else None,
                                   retrieval=retrieval, guard=guard, seed=seed, batch_size=batch_size,
                                   classnames=classnames, templates=templates, checkpoint=checkpoint,
-                                  classes=classes, ranking=ranking)
+                                  classes=classes, ranking=ranking, ef=ef)
     _print_run(run, as_json)
 
 

@@ -109,9 +109,9 @@ def evaluate_classification(rt, model: str, dataset: str, memory: str | None = N
                             retrieval: str = "both", guard: bool = True, seed: int = 0, batch_size: int = 64,
                             classnames: str | None = None, templates: str | None = None,
                             progress: bool = False, checkpoint: str = "best", classes: str | None = None,
-                            ranking: str = "auto") -> dict:
+                            ranking: str = "auto", ef: int | None = None) -> dict:
     """classes: rank against a stored class set (app/classes.py) instead of the dataset's own class names, by
-    a dense matrix or a top-k search (`ranking`; auto picks by the set's size)."""
+    a dense matrix or a top-k search (`ranking`; auto picks by the set's size; `ef` widens the search)."""
     from .classes import ClassIndex
     from .datasets import load_classification
     from .encoder import RecoEncoder
@@ -125,6 +125,8 @@ def evaluate_classification(rt, model: str, dataset: str, memory: str | None = N
     ds = load_classification(dataset, classnames, templates)
     enc = RecoEncoder.load(model, memory=memory, runtime=rt, checkpoint=checkpoint)
     with ClassIndex.open(rt, classes) if classes else contextlib.nullcontext() as index:
+        if index is not None and ef:
+            index.ef = ef
         return _classify(rt, enc, ds, index, dataset, ks, retrieval, guard, seed, batch_size, ranking)
 
 
@@ -212,7 +214,7 @@ def _rank_class_set(index, ranking, ds, v, labels, groups, ks, img_side, text_re
     names = index.names(list({c for c in np.concatenate([base[:shown, 0], reco[:shown, 0]])}))
     extra = {"templates": index.details.get("templates"),
              "classes": {"name": index.name, "version": index.version, "count": index.count, "ranking": ranking,
-                         "refined": index.refined}}
+                         "ef": index.ef if ranking == "search" else None, "refined": index.refined}}
     return results, [names.get(c, c) for c in base[:shown, 0]], [names.get(c, c) for c in reco[:shown, 0]], extra
 
 

@@ -11,7 +11,8 @@ text is encoded) with the default storage (`auto`: int8 with rescoring once the 
 largest size also with the originals on disk. Images: held-out draws from the same generator. Ranking runs
 exactly as `reco eval classification --classes` runs it (`ClassIndex.top_k`, top 5, every image in one call).
 Truth is the exact top 5 of the dense matrix; the search's top-1 agreement and recall@5 are reported beside
-its speed.
+its speed, at the class sets' default ef (512) and at the store's (128), for images from the classes'
+distribution and for random directions (queries off the data's distribution, as another modality's are).
 
 Each measurement runs in a process of its own, so its peak RSS (ru_maxrss) is its own: `data`, `build`,
 `dense_ram` (the matrix from a .npy file: what an in-run dense classifier holds), `dense_store` (the matrix read
@@ -20,8 +21,8 @@ from the store, then ranked) and `search`.
 End to end (`--e2e N`, default 1M; `--e2e-only` adds it to an existing result): the whole
 `reco eval classification --dataset oven:... --classes big` path on this machine, with the tiny open_clip model
 of the tests (64-d): a model trained on synthetic shapes, the OVEN stand-in (64 images, 32 entities, seen and
-unseen) and a class set holding its 32 entities (encoded) among N synthetic distractors (near-misses:
-an entity's embedding plus noise); wall time, images/s and peak RSS of the evaluation, by search and by the dense
+unseen) and a class set holding its 32 entities (encoded) among N synthetic distractors (the clustered
+generator at 64-d); wall time, images/s and peak RSS of the evaluation, by search and by the dense
 matrix, and how often the two rankings' top-1 agree (the tiny model's weights are random: its accuracy means
 nothing).
 """
@@ -59,6 +60,8 @@ def stage_data(n: int, images: int, src: str, seed: int) -> dict:
     Path(src).mkdir(parents=True, exist_ok=True)
     np.save(Path(src) / "classes.npy", x[:n].astype(np.float32))
     np.save(Path(src) / "images.npy", x[n:].astype(np.float32))
+    off = np.random.default_rng(seed + 1).standard_normal((images, DIM)).astype(np.float32)
+    np.save(Path(src) / "images_off.npy", off / np.linalg.norm(off, axis=1, keepdims=True))
     return {"peak_rss_gb": peak_rss_gb()}
 
 
@@ -98,18 +101,21 @@ def stage_dense_ram(src: str) -> dict:
     top, _ = dense_top_k(q, x, TOP)
     rank_s = time.perf_counter() - t0
     np.save(Path(src) / "truth.npy", top)
+    np.save(Path(src) / "truth_off.npy", dense_top_k(np.load(Path(src) / "images_off.npy"), x, TOP)[0])
     return {"images_per_s": len(q) / rank_s, "rank_s": rank_s, "peak_rss_gb": peak_rss_gb()}
 
 
-def _ranked(home: str, src: str, ranking: str) -> tuple[dict, np.ndarray]:
+def _ranked(home: str, src: str, ranking: str, ef: int | None = None, images: str = "images"
+            ) -> tuple[dict, np.ndarray]:
     import torch  # noqa: F401  (imported before the clock starts, as in a running evaluation)
 
     from app.classes import ClassIndex
     from benchmarks.train import fresh_runtime
 
     rt = fresh_runtime(Path(home))
-    q = np.load(Path(src) / "images.npy")
+    q = np.load(Path(src) / f"{images}.npy")
     index = ClassIndex.open(rt, NAME)
+    index.ef = ef or index.ef
     with rt.store.hold(index.collection):
         t0 = time.perf_counter()
         top, _ = index.top_k(q, "frozen", TOP, ranking)  # dense: the first call reads the matrix
@@ -129,10 +135,23 @@ def stage_dense_store(home: str, src: str) -> dict:
 
 
 def stage_search(home: str, src: str) -> dict:
-    out, top = _ranked(home, src, "search")
-    truth = np.load(Path(src) / "truth.npy")
-    out["top1_agreement"] = float((top[:, 0] == truth[:, 0]).mean())
-    out["recall_at_5"] = float(np.mean([len(set(a) & set(b)) / TOP for a, b in zip(top.tolist(), truth.tolist())]))
+    """At the class sets' default ef and at the store's (128), for images from the classes' distribution and
+    for images off it (random directions: the worst case of a query from another modality)."""
+    from app.classes import CLASS_SEARCH_EF
+
+    out = {"ef": CLASS_SEARCH_EF}
+    for ef in (CLASS_SEARCH_EF, 128):
+        for images in ("images", "images_off"):
+            res, top = _ranked(home, src, "search", ef=ef, images=images)
+            truth = np.load(Path(src) / f"truth{images[6:]}.npy")
+            res["top1_agreement"] = float((top[:, 0] == truth[:, 0]).mean())
+            res["recall_at_5"] = float(np.mean([len(set(a) & set(b)) / TOP
+                                                for a, b in zip(top.tolist(), truth.tolist())]))
+            if ef == CLASS_SEARCH_EF and images == "images":
+                out.update(res)
+            else:
+                out[f"ef{ef}{images[6:]}"] = res
+    out["peak_rss_gb"] = peak_rss_gb()
     return out
 
 
@@ -144,6 +163,7 @@ def stage_e2e_setup(home: str, work: str, n: int) -> dict:
     from app.datasets import templates_for
     from app.metrics import zero_shot_weights
     from app.train import TrainConfig, create_job, run_training
+    from benchmarks.search import clustered
     from benchmarks.train import fresh_runtime
 
     rt, work = fresh_runtime(Path(home)), Path(work)
@@ -162,11 +182,10 @@ def stage_e2e_setup(home: str, work: str, n: int) -> dict:
 
     def batches():
         yield [e["wikidata_id"] for e in entities], [e["wikipedia_title"] for e in entities], {"frozen": real}
-        rng = np.random.default_rng(0)
-        for a in range(0, n, BATCH):
-            m = min(BATCH, n - a)  # near-misses: a real entity's embedding plus noise of the same norm (cos ~0.7)
-            x = real[rng.integers(len(real), size=m)] + rng.standard_normal((m, spec.dim)) / np.sqrt(spec.dim)
-            x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        for a in range(0, n, BATCH):  # CLIP-like clusters, as the 512-d sizes use
+            m = min(BATCH, n - a)
+            x = clustered(m, spec.dim, seed=a, clusters=max(1, m // 100), centre_rank=32, cluster_rank=16,
+                          mean_weight=0.5, spread=0.6, iso_noise=0.15)
             yield [f"D{i}" for i in range(a, a + m)], [f"distractor {i}" for i in range(a, a + m)], {"frozen": x}
 
     t0 = time.perf_counter()

@@ -124,11 +124,13 @@ class VectorStore(ABC):
         exclude: Sequence[Iterable[str]] | None = None,
         score_threshold: float | None = None,
         with_payload: bool = True,
+        hnsw_ef: int | None = None,
     ) -> list[list[Hit]]:
         """Batched kNN: for each query row, the k nearest points by the `using` vector, best first.
 
         `with_vector` returns that named vector of each hit (it may be the other modality: fusion reads it);
-        `exclude[i]` is a set of point ids query i must not return (a training pair's own item).
+        `exclude[i]` is a set of point ids query i must not return (a training pair's own item); `hnsw_ef`
+        widens (or narrows) the graph search for this call.
         """
 
     @abstractmethod
@@ -184,14 +186,16 @@ class VectorStore(ABC):
     oversampling: float | None = None
     search_threads: int = 1
 
-    def _search_plan(self, collection: str, k: int) -> tuple[int, float | None]:
+    def _search_plan(self, collection: str, k: int, hnsw_ef: int | None = None) -> tuple[int, float | None]:
         """(hnsw_ef, oversampling) for k results: a quantized collection rescores k x oversampling candidates
-        with the original vectors, so its graph search must find that many (oversampling None: not quantized)."""
+        with the original vectors, so its graph search must find that many (oversampling None: not quantized).
+        `hnsw_ef` overrides the store's for one call (queries of another modality need a wider search)."""
+        ef = hnsw_ef or self.hnsw_ef
         kind = self.storage(collection)["quantization"]
         if kind == "none":
-            return max(self.hnsw_ef, k), None
+            return max(ef, k), None
         oversampling = self.oversampling or OVERSAMPLING[kind]
-        return max(self.hnsw_ef, int(k * oversampling)), oversampling
+        return max(ef, int(k * oversampling)), oversampling
 
     def _split(self, search_one, q: np.ndarray, exclude):
         """Run `search_one(rows, exclude_rows)` on slices of a long query batch in parallel threads: no lock of

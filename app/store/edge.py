@@ -155,9 +155,9 @@ class EdgeStore(VectorStore):
                 "on_disk": first.get("memory") == "cold" or bool(first.get("on_disk"))}
         return self._applied[collection]
 
-    def _params(self, collection: str, k: int):
+    def _params(self, collection: str, k: int, hnsw_ef: int | None = None):
         e = _edge()
-        ef, oversampling = self._search_plan(collection, k)
+        ef, oversampling = self._search_plan(collection, k, hnsw_ef)
         if oversampling is None:
             return e.SearchParams(hnsw_ef=ef)
         return e.SearchParams(hnsw_ef=ef, quantization=e.QuantizationSearchParams(rescore=True,
@@ -183,14 +183,14 @@ class EdgeStore(VectorStore):
             return shard.count(e.CountRequest(exact=True))
 
     def search(self, collection, queries, using, k, with_vector=None, exclude=None, score_threshold=None,
-               with_payload=True) -> list[list[Hit]]:
+               with_payload=True, hnsw_ef=None) -> list[list[Hit]]:
         check_vector_name(using)
         check_vector_name(with_vector, allow_none=True)
         q = as_matrix(queries)
         if not len(q):
             return []
         with self._open(collection):  # one open for every slice
-            params = self._params(collection, k)
+            params = self._params(collection, k, hnsw_ef)
 
             def search_one(rows, excluded):
                 return self._search(collection, rows, using, k, with_vector, excluded, score_threshold,

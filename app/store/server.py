@@ -96,7 +96,7 @@ class ServerStore(VectorStore):
         return self._call(self.client.count, collection, exact=True).count
 
     def search(self, collection, queries, using, k, with_vector=None, exclude=None, score_threshold=None,
-               with_payload=True) -> list[list[Hit]]:
+               with_payload=True, hnsw_ef=None) -> list[list[Hit]]:
         from qdrant_client import models
 
         check_vector_name(using)
@@ -104,7 +104,7 @@ class ServerStore(VectorStore):
         q = as_matrix(queries)
         if not len(q):
             return []
-        ef, oversampling = self._search_plan(collection, k)
+        ef, oversampling = self._search_plan(collection, k, hnsw_ef)
         params = models.SearchParams(hnsw_ef=ef)
         if oversampling is not None:
             params = models.SearchParams(hnsw_ef=ef, quantization=models.QuantizationSearchParams(
