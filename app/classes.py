@@ -28,16 +28,15 @@ from .names import check_name
 from .store.base import CLASS_VECTORS, Storage, point_id
 
 # `auto` ranking reads the class matrix into RAM and multiplies up to this many classes, and searches the store
-# above it. Measured on 512-d classes, 2,000 images a call (benchmarks/results/classes.json): at 10k a first
-# call (matrix read from the store included) is 3,407 images/s dense vs 4,696 searched, and later calls on the
-# cached matrix 17,650 vs 5,420, so over an evaluation (one call per k and side) the two tie; at 30k the search
-# is 3.2x faster on a first call and level with the cached matrix, and the matrix only grows (1M: 24 vs 691).
-DENSE_MAX_CLASSES = 10_000
+# above it. Measured on 512-d classes, 2,000 images a call, search at CLASS_SEARCH_EF
+# (benchmarks/results/classes.json): at 10k a first call (the matrix read from the store included) ranks 3,027
+# images/s dense against 1,881 searched; at 30k 965 against 1,481, and the matrix only falls behind from there
+# (100k: 235 vs 605; 1M: see the results). The switch sits between the two measured points.
+DENSE_MAX_CLASSES = 20_000
 RANKINGS = ("auto", "dense", "search")
 # an image searching text embeddings is a query from another distribution, where HNSW needs a wider search than
-# within one modality: on 64-d clustered classes (200k, int8) queries off the data's distribution kept 0.77-0.83
-# of the exact top-1 at ef 128 and 0.97 at ef 512; queries from it keep 1.0 at both (benchmarks/classes.py
-# measures both kinds at both values)
+# within one modality (benchmarks/results/classes.json, 1M int8 classes at 512-d): images like the classes keep
+# 0.993 of the exact top-1 at ef 512 and 0.969 at 128, random directions 0.24 and 0.11, for 0.66x the speed
 CLASS_SEARCH_EF = 512
 CLASSES_PER_BATCH = 1024  # classes encoded (x templates) and written per step
 

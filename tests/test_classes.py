@@ -28,6 +28,7 @@ def test_store_backed_classification_equals_the_dense_one_baseline_and_reco(rt, 
         run = evaluate_classification(rt, "m", spec, classnames=trained["classnames"], classes="shapes",
                                       ranking=ranking, guard=False)
         assert run["classes"]["ranking"] == ranking and run["classes"]["count"] == 32
+        assert run["classes"]["ef"] == (class_sets.CLASS_SEARCH_EF if ranking == "search" else None)
         for m in ("acc1", "acc5", "mean_per_class_recall"):
             assert run["baseline"][m] == dense["baseline"][m], (ranking, m)
             assert run["reco"]["10"][m] == dense["reco"]["10"][m], (ranking, m)
@@ -60,9 +61,12 @@ def test_auto_ranking_switches_to_search_above_the_measured_class_count(rt, trai
     monkeypatch.setattr(class_sets, "DENSE_MAX_CLASSES", 31)
     searched = []
     search = rt.store.search
-    monkeypatch.setattr(rt.store, "search", lambda *a, **kw: searched.append(kw.get("using")) or search(*a, **kw))
+    monkeypatch.setattr(rt.store, "search", lambda *a, **kw: searched.append((kw.get("using"), kw.get("hnsw_ef")))
+                        or search(*a, **kw))
     assert evaluate_classification(rt, "m", spec, classnames=names, classes="shapes")["classes"]["ranking"] == "search"
-    assert {"frozen", "refined"} <= set(searched)
+    assert {("frozen", 512), ("refined", 512)} <= set(searched)
+    evaluate_classification(rt, "m", spec, classnames=names, classes="shapes", ef=64)
+    assert ("refined", 64) in searched
 
 
 def test_ranked_metrics_equal_classification_metrics_on_one_ranking():
@@ -120,6 +124,7 @@ def test_bad_class_sets_get_one_error_line(cli_run, trained, tiny_config, tmp_pa
         (["eval", "classification", "--model", "m", "--dataset", spec, "--classes", "mem"],
          "mem is a memory, not a class set"),
         (["eval", "classification", "--model", "m", "--dataset", spec, "--ranking", "search"], "give --classes"),
+        (["eval", "classification", "--model", "m", "--dataset", spec, "--ef", "64"], "give --classes"),
     ]
     for args, fragment in cases:
         _one_error(cli_run(*args, ok=False), fragment)
