@@ -14,8 +14,7 @@ A class set is a memory row of kind `classes` (app/memory.py): numbered versions
 from __future__ import annotations
 
 import contextlib
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,24 +43,22 @@ CLASSES_PER_BATCH = 1024  # classes encoded (x templates) and written per step
 def read_names(path: str | Path) -> tuple[list[str], list[str]]:
     """(ids, names) from one class name per line (the name is its id), or JSONL with an id and a name per line:
     `{"id", "name"}`, or OVEN's entity list `{"wikidata_id", "wikipedia_title"}`."""
+    from .datasets import read_jsonl
+
     p = Path(path)
     if not p.is_file():
         raise RecoError(f"class names file {path} not found (one name per line, or JSONL with id and name)")
-    ids, names, first = [], [], {}
     with p.open(encoding="utf-8") as f:
-        jsonl = None
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if jsonl is None:
-                jsonl = line.startswith("{")
-            if jsonl:
-                cid, name = _json_entry(p, n, line)
-            else:
-                cid = name = line
+        first_line = next((line.strip() for line in f if line.strip()), "")
+        f.seek(0)
+        if first_line.startswith("{"):
+            rows = ((n, *_entry(p, n, obj)) for n, obj in read_jsonl(p))
+        else:
+            rows = ((n, line.strip(), line.strip()) for n, line in enumerate(f, 1) if line.strip())
+        ids, names, first = [], [], {}
+        for n, cid, name in rows:
             if cid in first:
-                raise RecoError(f"{p}:{n} repeats the class id {cid!r} of line {first[cid]}: every class once")
+                raise RecoError(f"{p} line {n} repeats the class id {cid!r} of line {first[cid]}: every class once")
             first[cid] = n
             ids.append(cid)
             names.append(name)
@@ -70,17 +67,11 @@ def read_names(path: str | Path) -> tuple[list[str], list[str]]:
     return ids, names
 
 
-def _json_entry(p: Path, n: int, line: str) -> tuple[str, str]:
-    try:
-        row = json.loads(line)
-    except ValueError as exc:
-        raise RecoError(f"{p}:{n} is not JSON ({exc.args[0]}): a JSONL names file has one object per line") from exc
-    if not isinstance(row, dict):
-        raise RecoError(f"{p}:{n} is not a JSON object")
+def _entry(p: Path, n: int, row: dict) -> tuple[str, str]:
     cid = row.get("id", row.get("wikidata_id"))
     name = row.get("name", row.get("wikipedia_title"))
     if not isinstance(cid, (str, int)) or not isinstance(name, str) or not name.strip():
-        raise RecoError(f"{p}:{n} needs an id and a name: {{\"id\": ..., \"name\": ...}} (or OVEN's "
+        raise RecoError(f"{p} line {n} needs an id and a name: {{\"id\": ..., \"name\": ...}} (or OVEN's "
                         f"wikidata_id and wikipedia_title)")
     return str(cid), name.strip()
 
@@ -194,6 +185,8 @@ class ClassIndex:
     backbone_hash: str | None
     details: dict
     ef: int = CLASS_SEARCH_EF  # the graph search's width for `search` ranking
+    _held: contextlib.ExitStack | None = field(default=None, repr=False)  # the collection, open until close()
+    _dense: dict = field(default_factory=dict, repr=False)  # vector name -> (keys, matrix), read once
 
     @classmethod
     def open(cls, rt, ref: str) -> "ClassIndex":
@@ -218,10 +211,10 @@ class ClassIndex:
         return index
 
     def close(self) -> None:
-        held = self.__dict__.pop("_held", None)
+        held, self._held = self._held, None
         if held is not None:
             held.close()
-        self.__dict__.pop("_dense", None)
+        self._dense.clear()
 
     def __enter__(self) -> "ClassIndex":
         return self
@@ -269,7 +262,7 @@ class ClassIndex:
 
     def _matrix(self, vector: str) -> tuple[np.ndarray, np.ndarray]:
         """Every class embedding in RAM (dense ranking), read once per index and vector."""
-        cache = self.__dict__.setdefault("_dense", {})
+        cache = self._dense
         if vector not in cache:
             keys, parts = [], []
             for _ids, vectors, payloads in self.rt.store.scan_vectors(self.collection, [vector], batch=4096):

@@ -114,8 +114,8 @@ def test_bad_class_sets_get_one_error_line(cli_run, trained, tiny_config, tmp_pa
     few.write_text("red square\nblue circle\n")
     cases = [
         (["classes", "build", "c", "--names", tmp_path / "none.txt", "--backbone", tiny_config], "not found"),
-        (["classes", "build", "c", "--names", bad, "--backbone", tiny_config], "bad.jsonl:2 is not JSON"),
-        (["classes", "build", "c", "--names", dup, "--backbone", tiny_config], "dup.txt:3 repeats the class id"),
+        (["classes", "build", "c", "--names", bad, "--backbone", tiny_config], "bad.jsonl line 2 is not JSON"),
+        (["classes", "build", "c", "--names", dup, "--backbone", tiny_config], "dup.txt line 3 repeats the class id"),
         (["classes", "build", "c", "--names", few], "give --backbone"),
         (["classes", "build", "mem", "--names", few, "--backbone", tiny_config], "mem is a memory, not a class set"),
         (["classes", "build", "c", "--names", few, "--backbone", tiny_config, "--memory", "mem"], "give --model"),
@@ -154,8 +154,8 @@ def test_names_files(tmp_path):
         '{"wikidata_id": "Q1", "wikipedia_title": "Crow", "wikipedia_content": "..."}\n{"id": 7, "name": "Rook"}\n')
     assert read_names(tmp_path / "oven.jsonl") == (["Q1", "7"], ["Crow", "Rook"])
     for text, fragment in [("", "holds no class names"), ('{"id": "Q1"}\n', "needs an id and a name"),
-                           ('{"id": 1, "name": "a"}\n{bad\n', "x.jsonl:2 is not JSON"),
-                           ('{"id": 1, "name": "a"}\n[1]\n', "x.jsonl:2 is not a JSON object")]:
+                           ('{"id": 1, "name": "a"}\n{bad\n', "x.jsonl line 2 is not JSON"),
+                           ('{"id": 1, "name": "a"}\n[1]\n', "x.jsonl line 2 is not a JSON object")]:
         (tmp_path / "x.jsonl").write_text(text)
         with pytest.raises(RecoError, match=fragment):
             read_names(tmp_path / "x.jsonl")

@@ -278,8 +278,9 @@ OVEN_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _WIKIDATA_ID = re.compile(rb'"wikidata_id"\s*:\s*"([^"\\]*)"')
 
 
-def _jsonl(path: Path, parse: Callable[[bytes], bool] | None = None):
-    """(line number, object) per non-blank line (that `parse` accepts), streamed: the entity list has six million."""
+def read_jsonl(path: Path, parse: Callable[[bytes], bool] | None = None):
+    """(line number, object) per non-blank line (that `parse` accepts), streamed: OVEN's entity list has six
+    million. A line that is not a JSON object stops the read with its number."""
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 fails in json.loads, with its number
         for n, line in enumerate(f, 1):
             if not line.strip() or (parse is not None and not parse(line)):
@@ -288,10 +289,10 @@ def _jsonl(path: Path, parse: Callable[[bytes], bool] | None = None):
                 obj = json.loads(line)
             except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
                 why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-                raise RecoError(f"{path} line {n} is not JSON ({why}): OVEN files hold one JSON object per line; "
+                raise RecoError(f"{path} line {n} is not JSON ({why}): a JSONL file holds one JSON object per line; "
                                 f"fix or remove that line") from exc
             if not isinstance(obj, dict):
-                raise RecoError(f"{path} line {n} is not a JSON object: OVEN files hold one JSON object per line")
+                raise RecoError(f"{path} line {n} is not a JSON object: a JSONL file holds one JSON object per line")
             yield n, obj
 
 
@@ -349,7 +350,7 @@ def _oven_titles(entity_list: Path, wanted: dict[str, int], split_file: Path) ->
         m = _WIKIDATA_ID.search(line)
         return m is None or m.group(1).decode("utf-8", "replace") in wanted
 
-    for n, obj in _jsonl(entity_list, maybe_wanted):
+    for n, obj in read_jsonl(entity_list, maybe_wanted):
         qid = obj.get("wikidata_id")
         if isinstance(qid, str) and qid in wanted and qid not in titles:
             titles[qid] = _field(obj, "wikipedia_title", entity_list, n, needed)
@@ -381,7 +382,7 @@ def oven(path: str, split: str | None = None) -> ClassificationSet:
     split_file, entity_list, images = _oven_files(path, split)
     needed = "'image_id', 'entity_id' and 'data_split'"
     rows, first_line = [], {}
-    for n, obj in _jsonl(split_file):
+    for n, obj in read_jsonl(split_file):
         image_id, qid, data_split = (_field(obj, k, split_file, n, needed)
                                      for k in ("image_id", "entity_id", "data_split"))
         if "/" in image_id or "\\" in image_id or image_id.strip(".") == "":
