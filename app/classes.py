@@ -21,7 +21,7 @@ import numpy as np
 
 from .db.models import IngestShard, ShardStatus, utcnow
 from .errors import RecoError
-from .memory import CLASSES, create_version, fail_shard, finalize_if_complete, get_version, storage_of
+from .memory import CLASSES, create_version, fail_shard, finalize_if_complete, storage_of
 from .metrics import zero_shot_weights
 from .names import check_name
 from .store.base import CLASS_VECTORS, Storage, point_id
@@ -107,8 +107,7 @@ def build_class_set(rt, name: str, names_file: str, *, backbone: str | None = No
         rt.store.ping()
         encoder = get_backbone(spec.canonical, rt.settings.device, rt.settings.offline)
         refined = None
-    details = {"classes": len(ids), "names_sha256": hash_file(names_file), "templates": templates,
-               "refined": refined}
+    details = {"names_sha256": hash_file(names_file), "templates": templates, "refined": refined}
     return store_class_set(rt, name, _encoded(ids, names, templates, encoder, enc, refine_from), count=len(ids),
                            source=names_file, backbone=spec_text, backbone_hash=spec_hash, dim=dim,
                            vectors=CLASS_VECTORS if enc else CLASS_VECTORS[:1], details=details, activate=activate,
@@ -191,16 +190,13 @@ class ClassIndex:
     @classmethod
     def open(cls, rt, ref: str) -> "ClassIndex":
         """NAME (its active version) or NAME@VERSION."""
-        from .memory import check_complete
+        from .memory import check_complete, resolve_collection
         from .train import parse_memory_ref
 
         name, number = parse_memory_ref(ref)
-        with rt.db.session() as s:
-            v = get_version(s, name, number, active=number is None, kind=CLASSES)
-            if v.status not in ("ready", "retired"):
-                raise RecoError(f"class set {name} v{v.version} is {v.status}: only a ready version ranks")
-            index = cls(rt, name, v.version, v.collection, v.items_stored or 0, v.backbone, v.backbone_hash,
-                        dict(v.details or {}))
+        collection, v = resolve_collection(rt, name, number, kind=CLASSES)  # refuses a version not ready
+        index = cls(rt, name, v.version, collection, v.items_stored or 0, v.backbone, v.backbone_hash,
+                    dict(v.details or {}))
         index._held = contextlib.ExitStack()
         index._held.enter_context(rt.store.hold(index.collection))
         try:
@@ -233,8 +229,7 @@ class ClassIndex:
         """The ids among `class_ids` the class set does not hold."""
         held = set()
         for a in range(0, len(class_ids), 4096):
-            held |= {h.payload.get("key") for h in self.rt.store.retrieve(
-                self.collection, [self.point(c) for c in class_ids[a:a + 4096]])}
+            held |= set(self.names(class_ids[a:a + 4096]))
         return [c for c in class_ids if c not in held]
 
     def names(self, class_ids: list[str]) -> dict[str, str]:
