@@ -22,7 +22,12 @@ ENV_VARS = (
     "RECO_TASK_RETRIES",
     "RECO_OVERSAMPLING",
     "RECO_SEARCH_THREADS",
+    "RECO_DECODE_WORKERS",
+    "RECO_ENCODE_BATCH",
+    "RECO_DEVICE_SEARCH",
 )
+
+DEVICE_SEARCH = ("auto", "on", "off")
 
 # query parameters that carry a secret (libpq's password=, sslpassword=; tokens and keys of other services)
 _SECRET_PARAM = re.compile(r"(?i)^(ssl)?(password|passwd|pwd|pass|secret|token|api[_-]?key|access[_-]?key)$")
@@ -97,6 +102,27 @@ def _positive_int(env, name: str, default: int) -> int:
     return int(raw)
 
 
+def _whole_or_auto(env, name: str, minimum: int, example: int) -> int | None:
+    """A whole-number setting of `minimum` or more; unset or `auto`: None (the code picks by device and cores)."""
+    raw = (env.get(name) or "").strip().lower()
+    if not raw or raw == "auto":
+        return None
+    if not raw.isdigit() or int(raw) < minimum:
+        from .errors import RecoError
+
+        raise RecoError(f"{name}={raw!r}: use a whole number of {minimum} or more, or auto, e.g. {name}={example}")
+    return int(raw)
+
+
+def _choice(env, name: str, choices: tuple[str, ...]) -> str:
+    raw = (env.get(name) or choices[0]).strip().lower()
+    if raw not in choices:
+        from .errors import RecoError
+
+        raise RecoError(f"{name}={raw!r}: use one of {', '.join(choices)}")
+    return raw
+
+
 def _at_least(env, name: str, minimum: float, default: float | None, example: float, unit: str = "") -> float | None:
     """A number setting of `minimum` or more (NaN and words refused); unset: `default`."""
     raw = env.get(name)
@@ -133,6 +159,12 @@ class Settings:
     task_retries: int = 8
     oversampling: float | None = None  # quantized versions: candidates rescored per result (None: 2 int8, 8 binary)
     search_threads: int = 1  # long query batches are split across this many threads
+    # image decode + preprocess processes feeding ingestion (None: by device and cores, app/decode.py)
+    decode_workers: int | None = None
+    encode_batch: int | None = None  # items per backbone call in ingestion (None: by device)
+    # exact kNN on a device-resident copy of a memory version: auto = when the model runs on CUDA and the version
+    # fits; on = also on the CPU (tests, small memories); off = always the store (app/device_search.py)
+    device_search: str = "auto"
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -154,6 +186,9 @@ class Settings:
             task_retries=_positive_int(env, "RECO_TASK_RETRIES", 8),
             oversampling=_at_least(env, "RECO_OVERSAMPLING", 1.0, None, example=2),
             search_threads=_positive_int(env, "RECO_SEARCH_THREADS", min(8, os.cpu_count() or 1)),
+            decode_workers=_whole_or_auto(env, "RECO_DECODE_WORKERS", 0, example=8),
+            encode_batch=_whole_or_auto(env, "RECO_ENCODE_BATCH", 1, example=512),
+            device_search=_choice(env, "RECO_DEVICE_SEARCH", DEVICE_SEARCH),
         )
 
     @property
@@ -188,6 +223,9 @@ class Settings:
             "task_retries": self.task_retries,
             "oversampling": self.oversampling or "auto (int8 2, binary 8)",
             "search_threads": self.search_threads,
+            "decode_workers": "auto" if self.decode_workers is None else self.decode_workers,
+            "encode_batch": self.encode_batch or "auto",
+            "device_search": self.device_search,
         }
 
     def __repr__(self) -> str:  # never print a password
