@@ -278,11 +278,16 @@ def memory_show(rt, name, version, as_json) -> None:
                         "skip_reasons": sh.skip_reasons, "attempts": sh.attempts, "error": sh.error}
                        for sh in v.shards]
     d["storage"] = _applied_storage(rt, d)
+    d["search_runs"] = None
+    if d["status"] in ("ready", "retired"):  # where a model on this machine would search it (settings, device, size)
+        from .device_search import where
+
+        d["search_runs"] = where(rt.settings, None, rt.store, d["collection"], d["items_stored"], d["dim"])
     if as_json:
         _echo_json(d)
         return
     for k in ("name", "version", "status", "active", "backbone", "dim", "source", "format", "collection",
-              "items_stored", "items_skipped", "created_at", "ready_at", "activated_at", "error"):
+              "items_stored", "items_skipped", "created_at", "ready_at", "activated_at", "error", "search_runs"):
         if d.get(k) is not None:
             click.echo(f"{k:14} {d[k]}")
     applied = d["storage"] or {"quantization": "-", "on_disk": d["on_disk"]}
@@ -512,6 +517,10 @@ def memory_query(rt, name, text, image, k, version, as_json) -> None:
               help="Drop neighbours whose search score is above this (near-duplicates of the pair); 1 disables.")
 @click.option("--score-threshold", type=float, default=None, help="Drop neighbours scoring below this.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default RECO_DEVICE, else cuda when present).")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
+              help="fp32: exact float32 steps. tf32: float32 matmuls in TF32 on CUDA for this run only (faster on "
+              "Ampere and later). bf16: forward and loss under bfloat16 autocast (CUDA or CPU); weights, optimizer "
+              "state and validation stay float32.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for a queued job (distributed).")
 @click.option("--timeout", type=float, default=None)
 @click.pass_obj

@@ -30,6 +30,13 @@ batch size) / wall seconds of run_training. The variants alternate in a rotating
 that load from other jobs on the machine hits all alike; ratios are of the medians (and per repeat).
 Targets: cached >= 0.9x in_ram, first >= 0.5x in_ram.
 
+Data path (`--data-path`, instead of the above; no store, seconds): how each step's batch is made, the old way (a
+full `rng.permutation(train_rows)` every step, neighbours gathered in host numpy and copied) against the new one
+(one permutation per epoch, data placed once by `place_data`, the batch indexed where it lives), over the same
+rows; the forward and backward, the same in both, are left out. The batches are checked to be identical.
+
+    python benchmarks/train.py --data-path [--path-rows 1000000] [--path-device cpu|cuda] [--batch 4096]
+
 Threads: the headline runs torch with 1 intra-op thread; torch's default (one per core) is run too, interleaved,
 and reported beside it. On a small machine shared with other jobs, two OpenMP threads stall whenever one is
 descheduled (the same in_ram epoch was measured from 0.15 s to 6.4 s), which drowns the differences measured
@@ -330,6 +337,73 @@ def summarise(runs: dict[str, list[dict]], items: int) -> dict:
     }
 
 
+# -- the data path alone: per-step permutation and host gather vs epoch order and resident data ----------------
+def bench_data_path(n: int, dim: int, k: int, bs: int, steps: int, device: str, seed: int = 0) -> dict:
+    """Seconds per step of making the batch, old and new, on random arrays of a neighbour cache's shape."""
+    from app.train import Pairs, SideNeighbours, StepRows, place_data
+
+    rng = np.random.default_rng(seed)
+    u = min(n, 4 * n // 5 + 1)
+    pairs = Pairs([], [], rng.standard_normal((n, dim), np.float32), rng.standard_normal((n, dim), np.float32))
+    nbrs = {side: SideNeighbours(rng.integers(0, u, (n, k)).astype(np.int32), rng.random((n, k), np.float32),
+                                 rng.random((n, k)) > 0.1, rng.standard_normal((u, dim), np.float32))
+            for side in ("image", "text")}
+    train_rows, per_epoch = np.arange(n), max(1, n // bs)
+
+    def old(step):
+        epoch, pos = divmod(step, per_epoch)
+        rows = np.random.default_rng(seed * 1000 + epoch).permutation(train_rows)[pos * bs : (pos + 1) * bs]
+        ni, nt = nbrs["image"], nbrs["text"]
+
+        def t(x, dtype=torch.float32):
+            return torch.as_tensor(x, dtype=dtype, device=device)
+
+        return (t(pairs.image[rows]), t(pairs.text[rows]),
+                (t(ni.table[ni.idx[rows]]), t(ni.scores[rows]), t(ni.mask[rows], torch.bool)),
+                (t(nt.table[nt.idx[rows]]), t(nt.scores[rows]), t(nt.mask[rows], torch.bool)))
+
+    t0 = time.perf_counter()
+    data = place_data(pairs, nbrs, device)
+    place_s = time.perf_counter() - t0
+    rows_at = StepRows(train_rows, bs, per_epoch, seed, put=data.index)
+
+    def new(step):
+        return data.batch(rows_at(step))
+
+    def flat(b):
+        return [y for x in b for y in (x if isinstance(x, tuple) else (x,))]
+
+    same = all(torch.equal(a, b) for a, b in zip(flat(old(1)), flat(new(1))))
+    out = {"rows": n, "dim": dim, "k": k, "batch": bs, "steps": steps, "device": device,
+           "resident": data.resident, "place_data_s": place_s, "identical_batches": same}
+    for name, fn in (("old_per_step", old), ("new_resident", new)):
+        fn(0)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for step in range(steps):
+            fn(step)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        sec = (time.perf_counter() - t0) / steps
+        out[name] = {"s_per_step": sec, "pairs_per_s": bs / sec}
+    out["new_vs_old"] = out["new_resident"]["pairs_per_s"] / out["old_per_step"]["pairs_per_s"]
+    return out
+
+
+def main_data_path(args) -> int:
+    res = bench_data_path(args.path_rows, int(args.dims.split(",")[0]), 10, args.batch, args.path_steps,
+                          args.path_device, args.seed)
+    log(f"data path, {res['rows']} rows x {res['dim']}-d, batch {res['batch']}, {res['device']}: old "
+        f"{res['old_per_step']['pairs_per_s']:.0f} pairs/s, new {res['new_resident']['pairs_per_s']:.0f} "
+        f"(x{res['new_vs_old']:.1f}), identical batches {res['identical_batches']}")
+    write_result(Path(args.out), {"benchmark": "training data path: per-step permutation + host gather vs epoch "
+                                               "order + resident data (forward/backward excluded)",
+                                  "command": "python benchmarks/train.py " + " ".join(sys.argv[1:]),
+                                  "machine": machine(), "result": res})
+    return 0
+
+
 # -- main ------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -347,7 +421,16 @@ def main(argv=None) -> int:
                                                 "--memory-size items, e.g. the one benchmarks/inference.py built)")
     p.add_argument("--out", default="benchmarks/results/train.json")
     p.add_argument("--workdir", default=None, help="parent of the temporary directory")
+    p.add_argument("--data-path", action="store_true", help="only compare how a step's batch is made, old vs new")
+    p.add_argument("--path-rows", type=int, default=1_000_000, help="--data-path: training rows")
+    p.add_argument("--path-steps", type=int, default=20, help="--data-path: steps timed per variant")
+    p.add_argument("--path-device", default="cpu", help="--data-path: cpu or cuda")
+    p.add_argument("--batch", type=int, default=4096, help="--data-path: batch size")
     args = p.parse_args(argv)
+    if args.data_path:
+        if args.out == "benchmarks/results/train.json":
+            args.out = "benchmarks/results/train-data-path.json"
+        return main_data_path(args)
     dims = list(dict.fromkeys(int(x) for x in args.dims.split(",") if x.strip()))
     default_threads = torch.get_num_threads()
     args.thread_list = list(dict.fromkeys(int(x) for x in args.threads.split(",") if x.strip())) if args.threads \

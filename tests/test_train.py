@@ -1,4 +1,7 @@
-"""Training end to end on the embedded profile, resumption, inference, and every bad input."""
+"""Training end to end on the embedded profile, resumption, inference, and every bad input.
+
+Device-aware: training runs where the runtime picks (cuda when present), so tensors a model holds are compared after
+`.cpu()` and inputs built here are moved to the model's device."""
 
 import json
 import uuid
@@ -231,7 +234,7 @@ def test_the_selected_checkpoint_is_the_one_inference_loads(rt, memory, rule):
     assert meta["step"] == best["step"]
     enc = RecoEncoder.load(rule, runtime=rt, load_backbone=False)
     for key, value in enc.fusion.state_dict().items():
-        torch.testing.assert_close(value, tensors[key])
+        torch.testing.assert_close(value.cpu(), tensors[key])
     assert not list(ckdir.glob("cand-*"))  # the candidates are gone once training ends
     with pytest.raises(RecoError, match="--select must be one of"):
         cfg(select="median").check()
@@ -256,8 +259,8 @@ def test_untrained_start_is_printed_stored_and_can_be_evaluated(cli_run, rt, mem
     untrained = RecoEncoder.load("st", runtime=rt, load_backbone=False, checkpoint="start")
     fresh = build(FusionConfig(**meta["fusion"]), 0)
     for key, value in untrained.fusion.state_dict().items():
-        torch.testing.assert_close(value, fresh.state_dict()[key])
-    assert any(not torch.equal(v, tensors[k]) for k, v in untrained.fusion.state_dict().items())  # it trained
+        torch.testing.assert_close(value.cpu(), fresh.state_dict()[key])
+    assert any(not torch.equal(v.cpu(), tensors[k]) for k, v in untrained.fusion.state_dict().items())  # it trained
     with pytest.raises(RecoError, match="checkpoint must be one of"):
         RecoEncoder.load("st", runtime=rt, load_backbone=False, checkpoint="last")
 
@@ -270,16 +273,18 @@ def test_query_noise_and_retrieval_off_options(cli_run, rt, memory):
     shown = json.loads(cli_run("model", "show", "off", "--json").stdout)
     assert shown["train"]["retrieval"] is False and shown["train"]["query_noise"] == 0.5
     enc = RecoEncoder.load("off", runtime=rt, load_backbone=False)
-    q = np.random.default_rng(0).standard_normal((4, enc.info["dim"])).astype(np.float32)
+    dev, d = enc.device, enc.info["dim"]  # the layers sit on the runtime's device: so must what is fed to them
+    q = np.random.default_rng(0).standard_normal((4, d)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    alone = enc.fusion.image(torch.from_numpy(q), torch.zeros(4, 5, enc.info["dim"]), torch.zeros(4, 5),
-                             torch.zeros(4, 5, dtype=torch.bool))
-    np.testing.assert_allclose(enc.refine(q, "image"), alone.numpy(), atol=1e-6)  # the memory changes nothing
+    alone = enc.fusion.image(torch.from_numpy(q).to(dev), torch.zeros(4, 5, d, device=dev),
+                             torch.zeros(4, 5, device=dev), torch.zeros(4, 5, dtype=torch.bool, device=dev))
+    np.testing.assert_allclose(enc.refine(q, "image"), alone.cpu().numpy(), atol=1e-6)  # the memory changes nothing
 
     # noise reaches only what the layers refine; the loss compares with the clean frozen embeddings
     torch.manual_seed(0)
-    v = torch.nn.functional.normalize(torch.randn(3, enc.info["dim"]), dim=-1)
-    nb = (torch.zeros(3, 5, enc.info["dim"]), torch.zeros(3, 5), torch.zeros(3, 5, dtype=torch.bool))
+    v = torch.nn.functional.normalize(torch.randn(3, d), dim=-1).to(dev)
+    nb = (torch.zeros(3, 5, d, device=dev), torch.zeros(3, 5, device=dev),
+          torch.zeros(3, 5, dtype=torch.bool, device=dev))
     clean = _forward(enc.fusion, (v, v, nb, nb))
     noisy = _forward(enc.fusion, (v, v, nb, nb), query_noise=0.5)
     assert torch.equal(noisy[2], v) and torch.equal(noisy[3], v)
@@ -382,3 +387,166 @@ def test_corrupt_or_tampered_checkpoint_is_refused(rt, memory, damage):
         (d / "best.json").write_text("{not json")
     with pytest.raises(RecoError, match="corrupt or tampered|not valid JSON"):
         RecoEncoder.load("c", runtime=rt)
+
+
+# -- device speed: one permutation per epoch, resident data, RNG state, precision --------------------------
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def test_each_epoch_draws_one_permutation_and_a_resumed_epoch_gets_the_same_order(monkeypatch):
+    import app.train
+    from app.train import StepRows, epoch_order, similar_groups
+
+    calls = []
+    monkeypatch.setattr(app.train, "epoch_order", lambda *a: calls.append(a) or epoch_order(*a))
+    train_rows = np.sort(np.random.default_rng(0).choice(1000, 256, replace=False))  # rows are not 0..n-1
+    rows_at = StepRows(train_rows, 64, 4, seed=3)
+    steps = [np.asarray(rows_at(s)) for s in range(12)]
+    assert [c[1] for c in calls] == [0, 1, 2]  # one draw per epoch, none per step
+    for e in range(3):
+        epoch = np.concatenate(steps[4 * e : 4 * e + 4])
+        assert sorted(epoch) == list(train_rows)  # the steps of an epoch: exactly one permutation of the rows
+        np.testing.assert_array_equal(epoch, train_rows[epoch_order(3, e, 256)])  # a function of (seed, epoch)
+    assert not np.array_equal(steps[0], steps[4])
+    resumed = StepRows(train_rows, 64, 4, seed=3)  # a job resumed mid-epoch 1
+    for s in (6, 7, 8):
+        np.testing.assert_array_equal(resumed(s), steps[s])
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    groups = similar_groups(x, np.arange(300), 64)
+    calls.clear()
+    by_group = StepRows(np.arange(300), 64, len(groups), seed=0, groups=groups)
+    picked = [by_group(s) for s in range(2 * len(groups))]
+    assert len(calls) == 2
+    for e in range(2):
+        got = picked[e * len(groups) : (e + 1) * len(groups)]
+        assert sorted(int(g[0]) for g in got) == sorted(int(g[0]) for g in groups)  # each group once an epoch
+
+
+def test_training_draws_one_permutation_per_epoch(rt, memory, monkeypatch):
+    import app.train
+
+    calls = []
+    real = app.train.epoch_order
+    monkeypatch.setattr(app.train, "epoch_order", lambda *a: calls.append(a[1]) or real(*a))
+    create_job(rt, "perm", "mem", "mem", cfg(epochs=3))
+    assert run_training(rt, "perm", progress=False)["steps"] == 9  # 3 steps an epoch
+    assert calls == [0, 1, 2]
+
+
+def _toy_data(n=50, k=3, d=8, u=30, seed=0):
+    from app.train import Pairs, SideNeighbours
+
+    rng = np.random.default_rng(seed)
+    pairs = Pairs([str(i) for i in range(n)], [f"c{i}" for i in range(n)],
+                  rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((n, d)).astype(np.float32))
+    nbrs = {side: SideNeighbours(rng.integers(0, u, (n, k)).astype(np.int32), rng.random((n, k), np.float32),
+                                 rng.random((n, k)) > 0.3, rng.standard_normal((u, d)).astype(np.float32))
+            for side in ("image", "text")}
+    return pairs, nbrs
+
+
+def _host_batch(pairs, nbrs, rows):
+    """The batch as training built it before the data was resident: gathered in numpy, then copied."""
+    def t(x, dtype=torch.float32):
+        return torch.as_tensor(x, dtype=dtype)
+
+    ni, nt = nbrs["image"], nbrs["text"]
+    return (t(pairs.image[rows]), t(pairs.text[rows]),
+            (t(ni.table[ni.idx[rows]]), t(ni.scores[rows]), t(ni.mask[rows], torch.bool)),
+            (t(nt.table[nt.idx[rows]]), t(nt.scores[rows]), t(nt.mask[rows], torch.bool)))
+
+
+def _flat(batch):
+    return [y for x in batch for y in (x if isinstance(x, tuple) else (x,))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_resident_batches_equal_the_host_gathered_ones_exactly(device, where):
+    from app.train import place_data
+
+    pairs, nbrs = _toy_data()
+    data = place_data(pairs, nbrs, device, where=where)
+    assert data.resident == (where == "device")
+    for i, rows in enumerate([np.array([3, 0, 49, 7]), np.random.default_rng(1).permutation(50)[:17]]):
+        want = _flat(_host_batch(pairs, nbrs, rows))
+        if i:  # copied ahead, as the training loop does for host data on CUDA
+            data.prefetch(rows, key=i)
+        got = _flat(data.batch(data.index(rows), key=i))
+        assert all(g.device.type == torch.device(device).type for g in got)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and torch.equal(g.cpu(), w)
+    if device == "cpu":  # on the CPU the arrays are used in place, not copied
+        assert data.image.data_ptr() == pairs.image.ctypes.data
+        assert data.sides["image"][3].data_ptr() == nbrs["image"].table.ctypes.data
+
+
+def test_data_goes_to_the_device_only_when_it_fits(monkeypatch):
+    from app.train import FIT_SHARE, _fits, _host_tensors
+
+    pairs, nbrs = _toy_data()
+    image, text, sides = _host_tensors(pairs, nbrs)
+    need = sum(x.nbytes for x in (image, text, *(x for p in sides.values() for x in p)))
+    for free, fits in ((need / FIT_SHARE + 1000 + 10, True), (need / FIT_SHARE + 1000 - 10, False)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (int(free), 1 << 40))
+        assert _fits(image, text, sides, "cuda", reserve=1000) is fits
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path, monkeypatch):
+    from app import checkpoint
+    from app.train import rng_state, set_rng_state
+
+    def round_trip(device):
+        checkpoint.save(tmp_path, "r", {"model.w": torch.zeros(1), **rng_state(device)}, {})
+        first = torch.rand(4)
+        tensors, _ = checkpoint.load(tmp_path, "r")
+        set_rng_state(tensors)
+        assert torch.equal(torch.rand(4), first)
+        return tensors
+
+    assert set(round_trip("cpu")) == {"model.w", "rng"}
+
+    # the CUDA part, on a stand-in for two devices (the real one below, where present)
+    gens = [torch.Generator().manual_seed(i) for i in (1, 2)]
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [g.get_state() for g in gens])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [g.set_state(s) for g, s in zip(gens, states)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    state = rng_state("cuda:1")
+    assert set(state) == {"rng", "rng.cuda.0", "rng.cuda.1"}
+    drawn = [torch.rand(3, generator=g) for g in gens]
+    set_rng_state(state)
+    assert all(torch.equal(torch.rand(3, generator=g), d) for g, d in zip(gens, drawn))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_rng_state_round_trip():
+    from app.train import rng_state, set_rng_state
+
+    state = rng_state("cuda")
+    first = torch.rand(4, device="cuda")
+    set_rng_state(state)
+    assert torch.equal(torch.rand(4, device="cuda"), first)
+
+
+def test_bf16_trains_and_is_recorded_and_tf32_is_undone(cli_run, rt, memory):
+    cli_run("train", "bf", "--pairs", "mem", "--memory", "mem", "-k", "5", "--epochs", "2", "--batch-size", "64",
+            "--precision", "bf16", "--device", "cpu")
+    shown = json.loads(cli_run("model", "show", "bf", "--json").stdout)
+    assert shown["train"]["precision"] == "bf16" and shown["metrics"]["steps"] == 6
+    assert np.isfinite(shown["metrics"]["final"]["train_loss"])
+
+    before = torch.get_float32_matmul_precision()
+    during = []
+    create_job(rt, "tf", "mem", "mem", cfg(epochs=1, precision="tf32"))
+    run_training(rt, "tf", progress=False, on_step=lambda s: during.append(torch.get_float32_matmul_precision()))
+    assert set(during) == {"high"} and torch.get_float32_matmul_precision() == before  # for the run only
+
+
+def test_bad_precision_is_refused_with_one_line(cli_run, memory):
+    with pytest.raises(RecoError, match=r"^--precision must be one of fp32, tf32, bf16, not 'fp16'$"):
+        cfg(precision="fp16").check()
+    r = cli_run("train", "x", "--pairs", "mem", "--memory", "mem", "--precision", "fp16", ok=False)
+    assert r.exit_code == 1 and "'fp16' is not one of" in r.output and r.output.count("\n") == 1
