@@ -8,6 +8,9 @@ query) and is let go after KEEP_OPEN_S seconds without a call, when another vers
 on `close()` (or the end of a `with` block), so that other processes on the machine get their turn at it. A
 memory that is slow to open (a large embedded shard) is kept ten times as long as opening it took, so calls that
 are themselves slow (a batch of 64 images on a CPU) do not reopen it every time.
+
+Where RECO_DEVICE_SEARCH allows (app/device_search.py), searches run exactly on the model's device over a copy of
+the version read once; the copy is dropped when another version becomes the one read, and on `close()`.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class RecoEncoder:
         self.checkpoint = checkpoint
         self._keep = _KeepOpen(rt, KEEP_OPEN_S)
         self._complete: set[str] = set()  # collections whose point count was checked
+        self._searched: str | None = None  # the collection last searched (its device copy, if any, is ours)
         weakref.finalize(self, self._keep.close)
         cfg = model_row["config"]["job"]["train"]
         self.k, self.search, self.fusion_mode = cfg["k"], cfg["search"], cfg["fusion"]
@@ -173,8 +177,25 @@ class RecoEncoder:
         return self.resolve()[0]
 
     def close(self) -> None:
-        """Let go of the memory now instead of KEEP_OPEN_S after the last call (the encoder stays usable)."""
+        """Let go of the memory now instead of KEEP_OPEN_S after the last call (the encoder stays usable), and of
+        its device copy."""
         self._keep.close()
+        self._drop_device_copy()
+
+    def _drop_device_copy(self) -> None:
+        searched, self._searched = self._searched, None
+        if searched is not None:
+            from . import device_search
+
+            device_search.drop(self.rt.store, searched)
+
+    def search_runs(self) -> str:
+        """Where this encoder's searches of the version now active run, in words (GET /v1/models)."""
+        from .device_search import where
+        from .memory import resolve_collection
+
+        collection, v = resolve_collection(self.rt, self.memory, self.memory_version)
+        return where(self.rt.settings, self.device, self.rt.store, collection, v.items_stored, v.dim)
 
     def __enter__(self) -> "RecoEncoder":
         return self
@@ -195,8 +216,11 @@ class RecoEncoder:
         t0 = time.perf_counter()
         collection = collection or self._collection()
         self._keep.use(collection)
+        if collection != self._searched:  # a swap: the old version's device copy goes
+            self._drop_device_copy()
+            self._searched = collection
         nb = retrieve(self.rt.store, collection, emb, side, self.k, dim=self.info["dim"],
-                      search=self.search, fusion=self.fusion_mode)
+                      search=self.search, fusion=self.fusion_mode, device=self.device, settings=self.rt.settings)
         t1 = time.perf_counter()
         layer = self.fusion.image if side == "image" else self.fusion.text
         with torch.no_grad():

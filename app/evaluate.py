@@ -84,7 +84,7 @@ class _Side:
         t0 = time.perf_counter()
         ex = [exclude] * len(emb) if exclude else None
         self.nb = retrieve(enc.rt.store, collection, emb, side, k_max, dim=emb.shape[1], search=enc.search,
-                           fusion=enc.fusion_mode, exclude=ex)
+                           fusion=enc.fusion_mode, exclude=ex, device=enc.device, settings=enc.rt.settings)
         timing["search"] += time.perf_counter() - t0
         self.enc, self.side, self.emb, self.timing = enc, side, emb, timing
 

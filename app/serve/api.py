@@ -281,7 +281,9 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
         for m in state["models"].values():
             row = m.describe()
             collection_version = await run_in_threadpool(_active_version, state["rt"], m.encoder.memory)
-            out.append({**row, "memory_version": collection_version})
+            # "search" is the search modality (uni/cross); where the searches run is "search_runs"
+            search_runs = await run_in_threadpool(m.search_runs)
+            out.append({**row, "memory_version": collection_version, "search_runs": search_runs})
         return {"models": out}
 
     @app.get("/v1/memories")

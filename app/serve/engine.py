@@ -67,6 +67,14 @@ class ServedModel:
         return {"name": self.name, "backbone": info["backbone"], "dim": info["dim"], "k": self.encoder.k,
                 "memory": self.encoder.memory, "search": self.encoder.search, "fusion": self.encoder.fusion_mode}
 
+    def search_runs(self) -> str | None:
+        """Where the model's memory searches run: "device (cuda, exact)", "store (hnsw)", "store (exact)"; None
+        while the memory has no version to read."""
+        try:
+            return self.encoder.search_runs()
+        except RecoError:
+            return None
+
     async def stop(self) -> None:
         for b in self.batchers.values():
             await b.stop()
