@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 DEMO    ?= .reco-demo
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-fast venv bench-data bench-ingest bench-search bench-quality clean
+.PHONY: demo test test-fast venv bench-data bench-ingest bench-search bench-quality bench-gpu clean
 
 $(BIN)/reco: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -69,6 +69,12 @@ bench-ingest: venv
 
 bench-search: venv
 	$(BIN)/python benchmarks/search.py
+
+# On a CUDA machine: ingest, training, the drop-in model's encode and the fast tests under RECO_DEVICE=cuda ->
+# benchmarks/results/gpu.json (refused elsewhere). A GPU machine without network: benchmarks/gpu_wheels.sh here
+# first, then bash benchmarks/gpu_device.sh there.
+bench-gpu: venv
+	$(BIN)/python benchmarks/gpu.py
 
 # RECO vs its untrained start and the frozen base on held-out emoji, both regimes, three seeds:
 # benchmarks/results/emoji-{absent,rare}-s{0,1,2}.{json,md,png} and emoji-summary.{json,md}

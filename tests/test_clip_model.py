@@ -1,5 +1,10 @@
-"""The drop-in model: CLIP_benchmark's own evaluation code, run on it, computes what `reco eval` computes."""
+"""The drop-in model: CLIP_benchmark's own evaluation code, run on it, computes what `reco eval` computes.
 
+Device-aware: `reco eval` runs where the runtime says (CUDA when present), so the parity tests put the drop-in
+model on that device too and hand CLIP_benchmark the model's device; the default suite passes on the CPU and
+with RECO_DEVICE=cuda on a GPU."""
+
+import dataclasses
 import json
 
 import numpy as np
@@ -7,6 +12,7 @@ import pytest
 import torch
 
 from app import synthetic
+from app.backbone import pick_device
 from app.build import build_in_process
 from app.clip_model import create_model_and_transforms, get_tokenizer
 from app.errors import RecoError
@@ -27,6 +33,11 @@ def trained(rt, tmp_path, tiny_config):
     return rt
 
 
+def _device(rt) -> str:
+    """Where the product encodes in this runtime (`reco eval`, RecoEncoder.load): the drop-in model goes there."""
+    return pick_device(rt.settings.device)
+
+
 def _clip_benchmark_classification(model, tokenizer, root, classnames, templates):
     """CLIP_benchmark's zero_shot_classifier + run_classification; its `accuracy` helper fails under NumPy 2, so
     top-k is its formula in torch and the balanced accuracy sklearn's, as its `evaluate` reports them."""
@@ -37,8 +48,9 @@ def _clip_benchmark_classification(model, tokenizer, root, classnames, templates
     _, _, preprocess = model
     ds = ImageFolder(str(root), transform=preprocess)
     loader = torch.utils.data.DataLoader(ds, batch_size=10, shuffle=False)
-    clf = zero_shot_classifier(model[0], tokenizer, classnames, templates, "cpu", amp=False)
-    logits, target = run_classification(model[0], clf, loader, "cpu", amp=False)
+    device = str(model[0].device)
+    clf = zero_shot_classifier(model[0], tokenizer, classnames, templates, device, amp=False)
+    logits, target = run_classification(model[0], clf, loader, device, amp=False)
     top = logits.topk(5, 1, True, True)[1]
     return {"acc1": float((top[:, :1] == target[:, None]).any(1).float().mean()),
             "acc5": float((top == target[:, None]).any(1).float().mean()),
@@ -49,7 +61,7 @@ def test_classification_parity_with_clip_benchmark(trained, tmp_path):
     root = synthetic.write_imagefolder(tmp_path / "eval", per_class=2, seed=500_000, jitter=JITTER)
     run = evaluate_classification(trained, "m", f"imagefolder:{root / 'images'}", ks=[10],
                                   classnames=str(root / "classnames.txt"), guard=False)
-    model = create_model_and_transforms("reco:m", runtime=trained)
+    model = create_model_and_transforms("reco:m", runtime=trained, device=_device(trained))
     tokenizer = get_tokenizer("reco:m", runtime=trained)
     reco = _clip_benchmark_classification(model, tokenizer, root / "images", run["classnames"], run["templates"])
     model[0].image_retrieval = model[0].text_retrieval = False  # the frozen backbone
@@ -73,7 +85,7 @@ def test_retrieval_parity_with_clip_benchmark(trained, tmp_path):
     (tmp_path / "kp" / "dataset_toy.json").write_text(json.dumps({"images": entries}))
     run = evaluate_retrieval(trained, "m", f"karpathy:{tmp_path / 'kp' / 'dataset_toy.json'}", ks=[10],
                              retrieval="both", guard=False)
-    model, _, preprocess = create_model_and_transforms("reco:m", runtime=trained)
+    model, _, preprocess = create_model_and_transforms("reco:m", runtime=trained, device=_device(trained))
     tokenizer = get_tokenizer("reco:m", runtime=trained)
     pairs = [(preprocess(Image.open(images / e["filename"]).convert("RGB")), [s["raw"] for s in e["sentences"]])
              for e in entries]
@@ -84,34 +96,126 @@ def test_retrieval_parity_with_clip_benchmark(trained, tmp_path):
         return {f"image_retrieval_recall@{k}": m[f"text_to_image_R@{k}"] for k in (1, 5, 10)} | {
             f"text_retrieval_recall@{k}": m[f"image_to_text_R@{k}"] for k in (1, 5, 10)}
 
-    theirs = cb_retrieval(model, loader, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
+    theirs = cb_retrieval(model, loader, tokenizer, str(model.device), amp=False, recall_k_list=[1, 5, 10])
     assert theirs == pytest.approx(ours_as_theirs(run["reco"]["10"]), abs=1e-7)
     model.image_retrieval = model.text_retrieval = False
-    theirs = cb_retrieval(model, loader, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
+    theirs = cb_retrieval(model, loader, tokenizer, str(model.device), amp=False, recall_k_list=[1, 5, 10])
     assert theirs == pytest.approx(ours_as_theirs(run["baseline"]), abs=1e-7)
 
 
 def test_the_drop_in_model_behaves_as_an_open_clip_model(trained):
     from app.encoder import RecoEncoder
 
-    model, train_tf, preprocess = create_model_and_transforms("reco:m", runtime=trained)
+    device = _device(trained)
+    model, train_tf, preprocess = create_model_and_transforms("reco:m", runtime=trained, device=device)
     tokenizer = get_tokenizer("reco:m", runtime=trained)
+    assert model.device.type == torch.device(device).type
     assert isinstance(model, torch.nn.Module) and not model.training
     model.train()
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     enc = RecoEncoder.load("m", runtime=trained)
     images = [synthetic.render(c, s, seed=9 + i, jitter=JITTER) for i, (c, s) in enumerate(CONCEPTS[:3])]
-    for n in (1, 3):  # batches of any size
+    for n in (1, 3):  # batches of any size, from the CPU whatever the model's device (open_clip users move them)
         x = torch.stack([preprocess(im) for im in images[:n]])
-        np.testing.assert_allclose(model.encode_image(x).numpy(), enc.encode_image(images[:n]), atol=1e-5)
+        out = model.encode_image(x)
+        assert out.device == model.device  # returned where the model is, as open_clip returns them
+        np.testing.assert_allclose(out.cpu().numpy(), enc.encode_image(images[:n]), atol=1e-5)
     texts = ["a red circle", "a blue square"]
-    np.testing.assert_allclose(model.encode_text(tokenizer(texts)).numpy(), enc.encode_text(texts), atol=1e-5)
+    np.testing.assert_allclose(model.encode_text(tokenizer(texts)).cpu().numpy(), enc.encode_text(texts), atol=1e-5)
     img, txt, scale = model(torch.stack([preprocess(images[0])]), tokenizer(texts))
     assert img.shape == (1, 64) and txt.shape == (2, 64) and float(scale) == pytest.approx(float(model.logit_scale.exp()))
-    assert torch.allclose(img.norm(dim=-1), torch.ones(1), atol=1e-5)
+    assert torch.allclose(img.norm(dim=-1).cpu(), torch.ones(1), atol=1e-5)
     assert train_tf is not preprocess
     with pytest.raises(RecoError, match="use 'reco:MODEL'"):
         create_model_and_transforms("m", runtime=trained)
+
+
+# -- devices, as open_clip places them -----------------------------------------------------------------------------
+def test_the_drop_in_model_is_on_the_cpu_by_default_whatever_reco_device_says(trained, monkeypatch):
+    """open_clip.create_model's device defaults to the CPU; RECO_DEVICE is the product's setting, not the drop-in's."""
+    from app.clip_model import create_model
+
+    monkeypatch.setattr(trained, "settings", dataclasses.replace(trained.settings, device="cuda"))
+    model = create_model("reco:m", runtime=trained)
+    assert model.device == torch.device("cpu") and model.encoder.device == "cpu"
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert model.encode_text(get_tokenizer("reco:m", runtime=trained)(["a red circle"])).device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RecoError, match="no CUDA device is available here; use device='cpu'"):
+            create_model("reco:m", runtime=trained, device="cuda")
+    with pytest.raises(RecoError, match="not a torch device"):
+        create_model("reco:m", runtime=trained, device="gpu0")
+
+
+def test_get_tokenizer_builds_no_tower(trained, monkeypatch):
+    import app.backbone
+
+    model, _, _ = create_model_and_transforms("reco:m", runtime=trained)
+    texts = ["a red circle", "a blue square"]
+    expected = model.encoder.backbone.tokenizer(texts)
+
+    def no_tower(*a, **k):
+        raise AssertionError("get_tokenizer built a tower")
+
+    monkeypatch.setattr(app.backbone.Backbone, "load", no_tower)
+    monkeypatch.setattr(trained, "settings", dataclasses.replace(trained.settings, device="cuda"))
+    assert torch.equal(get_tokenizer("reco:m", runtime=trained)(texts), expected)
+
+
+def test_moving_one_model_moves_its_encoder_and_no_other(trained):
+    """`.to()` after creation: the tower and fusion layers move, the retrieval follows, and each model has a tower
+    of its own (as open_clip.create_model builds one per call). On the CPU the other device is 'meta' (shapes, no
+    data): the tower takes the CPU batch there, and only the copy of its output back to the host has nothing to
+    copy. Under CUDA the next test does the same for real."""
+    from app.clip_model import create_model
+    from app.encoder import RecoEncoder
+
+    a, b = create_model("reco:m", runtime=trained), create_model("reco:m", runtime=trained)
+    _, _, preprocess = create_model_and_transforms("reco:m", runtime=trained)
+    x = torch.stack([preprocess(synthetic.render(*CONCEPTS[0], seed=1, jitter=JITTER))])
+    before = b.encode_image(x)
+    assert a.to("meta") is a and a.device.type == "meta"
+    assert all(p.device.type == "meta" for p in a.fusion.parameters())
+    seen = []
+    tower = a.clip.encode_image
+
+    def watch(image, normalize=False):
+        out = tower(image, normalize=normalize)
+        seen.append((image.device.type, out.device.type, tuple(out.shape)))
+        return out
+
+    a.clip.encode_image = watch
+    with pytest.raises(NotImplementedError, match="meta"):
+        a.encode_image(x)  # a CPU batch: moved to the model's device, not refused by torch
+    assert seen == [("meta", "meta", (1, 64))] and a.encoder.device == "meta"
+    assert b.device.type == "cpu" and torch.allclose(b.encode_image(x), before, atol=1e-6)  # b's tower did not move
+    enc = RecoEncoder.load("m", runtime=trained, device="cpu")  # nor the process-wide one
+    assert next(enc.backbone.model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inputs_on_another_device_are_moved_to_the_model(trained):
+    from app.clip_model import create_model
+
+    _, _, preprocess = create_model_and_transforms("reco:m", runtime=trained)
+    tokenizer = get_tokenizer("reco:m", runtime=trained)
+    x = torch.stack([preprocess(synthetic.render(c, s, seed=3, jitter=JITTER)) for c, s in CONCEPTS[:4]])
+    tokens = tokenizer(["a red circle", "a blue square"])
+    on_cpu = create_model("reco:m", runtime=trained)
+    ref_i, ref_t = on_cpu.encode_image(x), on_cpu.encode_text(tokens)
+    on_gpu = create_model("reco:m", runtime=trained, device="cuda")
+    for model in (on_gpu, on_cpu.to("cuda")):  # created there, or moved there after creation
+        assert model.device.type == "cuda"
+        for inp in (x, x.cuda()):
+            out = model.encode_image(inp)
+            assert out.device.type == "cuda"
+            # float16 autocast on CUDA (as the product encodes there) against float32 on the CPU
+            assert torch.nn.functional.cosine_similarity(out.cpu(), ref_i).min() > 0.99
+        out = model.encode_text(tokens)
+        assert out.device.type == "cuda" and model.encoder.device.startswith("cuda")
+        assert torch.nn.functional.cosine_similarity(out.cpu(), ref_t).min() > 0.99
+    back = create_model("reco:m", runtime=trained)
+    assert back.encode_image(x.cuda()).device.type == "cpu"  # a CUDA batch into a CPU model: moved to the CPU
 
 
 # -- model bundles -------------------------------------------------------------------------------------------------

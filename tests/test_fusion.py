@@ -1,4 +1,5 @@
-"""The fusion layer and the retrieval that feeds it."""
+"""The fusion layer and the retrieval that feeds it. Device-aware: the layer tests run on the CPU, and also on
+CUDA where there is one (where training and inference put the layers), so RECO_DEVICE=cuda on a GPU checks both."""
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from app.store.base import point_id
 from app.store.edge import EdgeStore
 
 D = 16
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _unit(x):
@@ -224,3 +226,29 @@ def test_similar_groups_are_balanced_complete_and_hold_near_rows():
     purity = np.mean([np.bincount(g // 40).max() / len(g) for g in groups])
     assert purity > 0.9
     assert [g.tolist() for g in similar_groups(x, rows, 40)] == [g.tolist() for g in groups]  # deterministic
+
+
+@pytest.mark.parametrize("tune", ["all", "attention", "scalars"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_layers_refine_and_learn_on_the_device_as_on_the_cpu(device, tune):
+    """What the layer makes itself (a missing mask, the score bias, neighbour dropout, the gradient hooks of
+    tune=attention and tune=scalars) is made on the inputs' device; the refined vectors match the CPU's."""
+    from app.fusion import build, param_groups
+
+    cfg = FusionConfig(dim=32, k=4, init="retrieval", neighbour_dropout=0.5)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(6, 32, generator=gen), dim=-1)
+    r, sc = torch.randn(6, 4, 32, generator=gen), torch.rand(6, 4, generator=gen)
+    ref, model = build(cfg, 0).eval(), build(cfg, 0).to(device).eval()
+    out = model.image(q.to(device), r.to(device), sc.to(device))  # mask None: made on the device
+    assert out.device.type == device
+    torch.testing.assert_close(out.cpu(), ref.image(q, r, sc), atol=1e-4, rtol=1e-4)
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, tune, 0.05), lr=1e-2)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    q, r, sc = q.to(device), r.to(device), sc.to(device)
+    loss = reco_loss(model.image(q, r, sc), model.text(q, r, sc), q, q, model.logit_scale)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
