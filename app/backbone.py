@@ -247,11 +247,16 @@ class Backbone:
 
         return torch.stack([self.preprocess(im) for im in images])
 
+    def _on_device(self, x):
+        """Every entry point moves its input here, so a CPU tensor never meets CUDA weights. Towards CUDA the copy
+        is asynchronous from page-locked memory (ingestion pins its batches); the other way it must not be."""
+        return x.to(self.device, non_blocking=str(self.device).startswith("cuda"))
+
     def encode_image_tensor(self, pixels) -> np.ndarray:
         import torch
 
         with torch.inference_mode(), self._autocast():
-            z = self.model.encode_image(pixels.to(self.device, non_blocking=True), normalize=True)
+            z = self.model.encode_image(self._on_device(pixels), normalize=True)
         return _to_unit_f32(z)
 
     def encode_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
@@ -259,14 +264,24 @@ class Backbone:
                for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    def tokenize(self, texts: Sequence[str]) -> "torch.Tensor":  # noqa: F821
+        """Token ids on the CPU (ingestion tokenizes ahead, off the device's critical path)."""
+        return self.tokenizer(list(texts))
+
+    def encode_tokens(self, tokens, batch_size: int | None = None) -> np.ndarray:
+        """Encode pre-tokenized captions (`tokenize`'s output), batch_size rows per call (None: all at once)."""
         import torch
 
+        step = batch_size or max(1, len(tokens))
         out = []
-        for i in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
+        for i in range(0, len(tokens), step):
             with torch.inference_mode(), self._autocast():
-                out.append(_to_unit_f32(self.model.encode_text(tokens, normalize=True)))
+                out.append(_to_unit_f32(self.model.encode_text(self._on_device(tokens[i : i + step]),
+                                                               normalize=True)))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        out = [self.encode_tokens(self.tokenize(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 

@@ -7,34 +7,34 @@ worker killed half-way) overwrites its own points and the memory ends with each 
 
 from __future__ import annotations
 
-import io
 import queue
 import threading
-from collections import Counter
+from collections import Counter, deque
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from sqlalchemy.exc import OperationalError
 
 from .corpus import Item, SkipReason, read_shard
+from . import decode
 from .db.models import IngestShard, Memory, ShardStatus, utcnow
 from .errors import RecoError, TransientError
 from .leases import Heartbeat, claim, holder_name, release
 from .memory import fail_shard, finalize_if_complete, storage_of
 from .store.base import point_id
 
-BATCH_SIZE = 128
+BATCH_SIZE = 128  # items per backbone call on the CPU
+DEVICE_BATCH_SIZE = 1024  # on an accelerator
 
 
-def _decode(item: Item):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        im = Image.open(io.BytesIO(item.image_bytes))
-        im.load()  # force the full decode: truncated files fail here, not later
-        return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+def encode_batch(setting: int | None, device: str | None) -> int:
+    """Items per backbone call (RECO_ENCODE_BATCH; None = auto). Auto: 128 when the CPU encodes (torch's threads
+    are busy at that size already, and a shard's encoded vectors stay small) and when nothing is encoded
+    (embeddings); 1024 on an accelerator, whose towers need large batches to run near their peak (an H200 encodes
+    ~18,000 images/s at 1024)."""
+    if setting is not None:
+        return setting
+    return BATCH_SIZE if device is None or str(device).startswith("cpu") else DEVICE_BATCH_SIZE
 
 
 def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
@@ -83,40 +83,81 @@ def _overlap(backbone) -> bool:
     return backbone is None or not str(backbone.device).startswith("cpu")
 
 
-def _prepared(fmt: str, spec: dict, backbone, counts: Counter, batch_size: int) -> Iterator[tuple]:
-    """Batches of (keys, captions, sources, pixels or image vectors, text vectors or None), skips counted."""
+def _prepared(fmt: str, spec: dict, backbone, counts: Counter, batch_size: int,
+              pool: "decode.DecodePool | None" = None) -> Iterator[tuple]:
+    """Batches of (keys, captions, sources, pixels or image vectors, caption tokens or text vectors), in source
+    order, skips counted. The pool decodes, preprocesses and tokenizes up to `pool.lookahead` batches ahead of the
+    one handed out (None: inline); the first occurrence of a key that decodes wins, as without a pool."""
+    if backbone is None:
+        yield from _precomputed(fmt, spec, counts, batch_size)
+        return
+    pool = pool or decode.DecodePool(backbone.preprocess, backbone.tokenizer)
     seen: set[str] = set()
+    pending: deque = deque()
     for batch in _batches(read_shard(fmt, spec), batch_size):
-        keys, caps, srcs, imgs, img_embs, txt_embs = [], [], [], [], [], []
+        todo = []
         for it in batch:
             if it.skip:
                 counts[it.skip] += 1
-                continue
-            if it.key in seen:
+            elif it.key in seen:  # stored by an earlier batch already
                 counts[SkipReason.DUPLICATE_KEY] += 1
-                continue
-            if it.image_emb is None:
-                im = _decode(it)
-                if im is None:
-                    counts[SkipReason.CORRUPT_IMAGE] += 1
-                    continue
-                imgs.append(im)
             else:
-                img_embs.append(it.image_emb)
-                txt_embs.append(it.text_emb)
+                todo.append(it)
+        pending.append((todo, pool.submit([it.image_bytes for it in todo], [it.caption for it in todo])))
+        while len(pending) > pool.lookahead:
+            yield from _collect(*pending.popleft(), seen, counts)
+    while pending:
+        yield from _collect(*pending.popleft(), seen, counts)
+
+
+def _collect(todo: list[Item], future, seen: set[str], counts: Counter) -> Iterator[tuple]:
+    """Account one prepared batch in source order: a key seen before is a duplicate, an image that did not
+    decode is corrupt; the rest keep their rows."""
+    prep = future.result()
+    keys, caps, srcs, rows, token_rows = [], [], [], [], []
+    row = -1
+    for i, (it, ok) in enumerate(zip(todo, prep.ok)):
+        row += ok
+        if it.key in seen:
+            counts[SkipReason.DUPLICATE_KEY] += 1
+        elif not ok:
+            counts[SkipReason.CORRUPT_IMAGE] += 1
+        else:
             seen.add(it.key)
             keys.append(it.key)
             caps.append(it.caption)
             srcs.append(it.src)
-        if not keys:
-            continue
-        if img_embs:
+            rows.append(row)
+            token_rows.append(i)
+    if not keys:
+        return
+    pixels = prep.pixels if len(rows) == len(prep.pixels) else prep.pixels[rows]
+    tokens = prep.tokens if len(token_rows) == len(todo) else prep.tokens[token_rows]
+    yield keys, caps, srcs, pixels, tokens
+
+
+def _precomputed(fmt: str, spec: dict, counts: Counter, batch_size: int) -> Iterator[tuple]:
+    """Batches of an embeddings corpus: (keys, captions, sources, image vectors, text vectors)."""
+    seen: set[str] = set()
+    for batch in _batches(read_shard(fmt, spec), batch_size):
+        keys, caps, srcs, img_embs, txt_embs = [], [], [], [], []
+        for it in batch:
+            if it.skip:
+                counts[it.skip] += 1
+            elif it.key in seen:
+                counts[SkipReason.DUPLICATE_KEY] += 1
+            else:
+                seen.add(it.key)
+                keys.append(it.key)
+                caps.append(it.caption)
+                srcs.append(it.src)
+                img_embs.append(it.image_emb)
+                txt_embs.append(it.text_emb)
+        if keys:
             yield keys, caps, srcs, np.stack(img_embs), np.stack(txt_embs)
-        else:
-            yield keys, caps, srcs, backbone.preprocess_images(imgs), None
 
 
-def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, batch_size: int = BATCH_SIZE,
+def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, batch_size: int | None = None,
               finalize: bool = True, holder: str | None = None) -> dict:
     """Ingest one shard. Returns its summary. Safe to call again for a shard that is done or half-done.
 
@@ -154,7 +195,8 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
     return {"shard": shard_id, "status": ShardStatus.DONE, "stored": stored, "skipped": dict(counts)}
 
 
-def _encode_and_store(rt, shard_id: int, holder: str, job: dict, progress, batch_size: int) -> tuple[int, Counter]:
+def _encode_and_store(rt, shard_id: int, holder: str, job: dict, progress,
+                      batch_size: int | None) -> tuple[int, Counter]:
     """The shard's work under its lease: (items stored, skip counts). A transient failure gives the lease back;
     any other fails the shard and its version."""
     from .backbone import get_backbone
@@ -166,12 +208,16 @@ def _encode_and_store(rt, shard_id: int, holder: str, job: dict, progress, batch
         chunks, stored, reported = [], 0, 0
         # encode the whole shard first, then write it under one open of the collection: an embedded shard is
         # locked only while writing, and a worker that dies while encoding has written nothing
-        batches = _prepared(fmt, spec, backbone, counts, batch_size)
+        device = None if backbone is None else backbone.device
+        batch_size = batch_size or encode_batch(rt.settings.encode_batch, device)
+        pool = None if backbone is None else decode.decode_pool(
+            backbone, decode.decode_workers(rt.settings.decode_workers, device))
+        batches = _prepared(fmt, spec, backbone, counts, batch_size, pool)
         if _overlap(backbone):
             batches = _prefetch(batches)
         for keys, caps, srcs, images, texts in batches:
-            if texts is None:
-                texts = backbone.encode_texts(caps)
+            if backbone is not None:  # pixels and caption tokens
+                texts = backbone.encode_tokens(texts)
                 images = backbone.encode_image_tensor(images)
             if images.shape[1] != dim:
                 raise RecoError(f"vectors have dimension {images.shape[1]}, the memory expects {dim}")

@@ -1,7 +1,8 @@
 """Ingestion throughput: the whole `reco memory build` pipeline against bare backbone encoding, same run.
 
     python benchmarks/ingest.py [--tiny-items 4096] [--vit-items 256] [--models tiny,vit-b-32]
-                                [--tiny-repeats 5] [--vit-repeats 3] [--out benchmarks/results/ingest.json]
+                                [--tiny-repeats 5] [--vit-repeats 3] [--decode-workers N]
+                                [--out benchmarks/results/ingest.json]
 
 A smoke run (about a minute): python benchmarks/ingest.py --tiny-items 256 --vit-items 32 --tiny-repeats 2
     --vit-repeats 2 --out /tmp/ingest-smoke.json
@@ -19,6 +20,9 @@ of the same memory, as a user rebuilding it would make.
 Bare: what a user's minimal script does with the same items already in memory as (PNG bytes, caption): PIL
 decode, `backbone.preprocess`, `backbone.encode_image_tensor` and `backbone.encode_texts`, batch after batch
 of the pipeline's batch size, serially, outputs kept.
+
+The pipeline decodes with RECO_DECODE_WORKERS processes and encodes RECO_ENCODE_BATCH items per call, both by
+device when unset (app/decode.py, app/ingest.py: inline and 128 on the CPU); --decode-workers sets the former.
 
 Both use the same Backbone object (app.backbone.get_backbone caches it), so model loading is outside both; each
 side is warmed up once before timing. Pipeline and bare passes alternate (P B, B P, P B, ...) so that load from
@@ -51,6 +55,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import log, machine, write_result  # noqa: E402
+from app import decode as decode_mod  # noqa: E402
 from app import ingest as ingest_mod  # noqa: E402
 from app import synthetic  # noqa: E402
 from app.backbone import BackboneSpec, get_backbone  # noqa: E402
@@ -97,7 +102,7 @@ def pipeline_pass(rt: Runtime, name: str, source: str, spec: str, backbone) -> d
         st.enter_context(tm.wrap(rt.store, "seal", "seal_s"))
         st.enter_context(tm.wrap(rt.store, "upsert", "upsert_s"))
         st.enter_context(tm.wrap(backbone, "encode_image_tensor", "encode_image_s"))
-        st.enter_context(tm.wrap(backbone, "encode_texts", "encode_text_s"))
+        st.enter_context(tm.wrap(backbone, "encode_tokens", "encode_text_s"))
         t0, c0 = time.perf_counter(), time.process_time()
         v = start_build(rt, name, source, backbone=spec)
         run_in_process(rt, v.id, show_progress=False)
@@ -156,19 +161,15 @@ def check_same_vectors(rt: Runtime, collection: str, items, img: np.ndarray, txt
 
 
 # -- one model ---------------------------------------------------------------------------------------------
-def bench_model(label: str, spec: str, n_items: int, per_shard: int, repeats: int, work: Path, seed: int) -> dict:
-    bs = ingest_mod.BATCH_SIZE
+def bench_model(label: str, spec: str, n_items: int, per_shard: int, repeats: int, work: Path, seed: int,
+                decode_workers: int | None = None) -> dict:
     n_shards = max(1, -(-n_items // per_shard))
     n_items = n_shards * per_shard
     corpus = work / f"corpus-{label}"
     log(f"[{label}] writing {n_shards} shard(s) x {per_shard} items (64-px PNG + caption)")
     synthetic.write_wds(corpus, n_shards, per_shard, seed=seed)
-    warm_corpus = work / f"warm-{label}"
-    synthetic.write_wds(warm_corpus, 1, bs, seed=seed + 1, prefix="w")
     items = [(it.key, it.image_bytes, it.caption) for p in sorted(corpus.glob("*.tar"))
              for it in read_wds({"path": str(p), "name": p.name})]
-    warm_items = [(it.key, it.image_bytes, it.caption) for p in sorted(warm_corpus.glob("*.tar"))
-                  for it in read_wds({"path": str(p), "name": p.name})]
     assert len(items) == n_items
 
     home = work / f"home-{label}"
@@ -176,6 +177,8 @@ def bench_model(label: str, spec: str, n_items: int, per_shard: int, repeats: in
         if var not in ("RECO_OFFLINE",):
             os.environ.pop(var, None)
     os.environ["RECO_HOME"] = str(home)
+    if decode_workers is not None:
+        os.environ["RECO_DECODE_WORKERS"] = str(decode_workers)
     rt = Runtime(Settings.from_env())
     load_before = os.getloadavg()[0]
     try:
@@ -186,7 +189,14 @@ def bench_model(label: str, spec: str, n_items: int, per_shard: int, repeats: in
         t0 = time.perf_counter()
         backbone = get_backbone(canonical, rt.settings.device, rt.settings.offline)  # the object run_shard uses
         load_s = time.perf_counter() - t0
-        log(f"[{label}] backbone {canonical} loaded in {load_s:.1f}s (dim {backbone.dim}, device {backbone.device})")
+        bs = ingest_mod.encode_batch(rt.settings.encode_batch, backbone.device)  # what run_shard will use
+        workers = decode_mod.decode_workers(rt.settings.decode_workers, backbone.device)
+        log(f"[{label}] backbone {canonical} loaded in {load_s:.1f}s (dim {backbone.dim}, device {backbone.device}); "
+            f"batch {bs}, decode workers {workers}")
+        warm_corpus = work / f"warm-{label}"
+        synthetic.write_wds(warm_corpus, 1, bs, seed=seed + 1, prefix="w")
+        warm_items = [(it.key, it.image_bytes, it.caption) for p in sorted(warm_corpus.glob("*.tar"))
+                      for it in read_wds({"path": str(p), "name": p.name})]
 
         # warm-up: one small build and one bare pass (imports, engine, allocator, kernels)
         pipeline_pass(rt, "warmup", str(warm_corpus), spec, backbone)
@@ -243,6 +253,7 @@ def bench_model(label: str, spec: str, n_items: int, per_shard: int, repeats: in
         "shards": n_shards,
         "items_per_shard": per_shard,
         "batch_size": bs,
+        "decode_workers": workers,
         "repeats": repeats,
         "setup_not_timed": {"backbone_load_s": load_s, "metadata_db_migrate_s": migrate_s},
         "loadavg_1min": {"before": load_before, "after": list(os.getloadavg())[0]},
@@ -291,6 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny-repeats", type=int, default=5, help="alternating pipeline/bare pairs (tiny model)")
     p.add_argument("--vit-repeats", type=int, default=3, help="alternating pipeline/bare pairs (ViT-B-32)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--decode-workers", type=int, default=None,
+                   help="RECO_DECODE_WORKERS for the pipeline (default: auto, inline on the CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/ingest.json")
     p.add_argument("--workdir", default=None, help="parent of the temporary directory")
@@ -310,11 +323,11 @@ def main(argv=None) -> int:
             if m == "tiny":
                 spec = str(synthetic.write_tiny_config(work / "tiny-clip.json"))
                 results["tiny"] = bench_model("tiny", spec, args.tiny_items, min(args.tiny_per_shard, args.tiny_items),
-                                              args.tiny_repeats, work, args.seed)
+                                              args.tiny_repeats, work, args.seed, args.decode_workers)
             else:
                 results["vit_b_32"] = bench_model("vit-b-32", "ViT-B-32", args.vit_items,
                                                   min(args.vit_per_shard, args.vit_items), args.vit_repeats, work,
-                                                  args.seed)
+                                                  args.seed, args.decode_workers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -346,7 +359,7 @@ def main(argv=None) -> int:
                         " RECO_HOME migrated once before timing; each timed build is a new version of one memory",
             "bare": "the same items in memory as (png bytes, caption): PIL decode + convert RGB, backbone.preprocess,"
                     " torch.stack, backbone.encode_image_tensor, backbone.encode_texts; serial, per batch of the "
-                    "pipeline's batch size (app.ingest.BATCH_SIZE)",
+                    "pipeline's batch size (app.ingest.encode_batch)",
             "shared": "one Backbone object (get_backbone's cache), model load excluded; one warm-up of each side",
             "timing": "pipeline and bare alternate (P B, B P, ...); the CPU may be shared with other jobs, so "
                       "ratios of adjacent passes are the figures to read, absolute items/s vary with the load",

@@ -392,14 +392,13 @@ def test_embeddings_missing_or_mismatched_files_are_errors(tmp_path):
 
 # -- image decoding (done at ingest time) -------------------------------------------------------------------------
 def test_decode_valid_truncated_and_garbage_images():
-    from app.corpus import Item
-    from app.ingest import _decode
+    from app.decode import decode_image
 
-    im = _decode(Item(key="ok", image_bytes=PNG))
+    im = decode_image(PNG)
     assert im is not None and im.mode == "RGB" and im.size == (64, 64)
     rgba = synthetic.png_bytes(synthetic.render("green", "cross", seed=3).convert("RGBA"))
-    assert _decode(Item(key="rgba", image_bytes=rgba)).mode == "RGB"
-    assert _decode(Item(key="trunc", image_bytes=PNG[: len(PNG) // 2])) is None
+    assert decode_image(rgba).mode == "RGB"
+    assert decode_image(PNG[: len(PNG) // 2]) is None
     rng = np.random.default_rng(0)
-    assert _decode(Item(key="junk", image_bytes=rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())) is None
-    assert _decode(Item(key="empty", image_bytes=b"")) is None
+    assert decode_image(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()) is None
+    assert decode_image(b"") is None and decode_image(None) is None
