@@ -42,26 +42,27 @@ CLASSES_PER_BATCH = 1024  # classes encoded (x templates) and written per step
 
 def read_names(path: str | Path) -> tuple[list[str], list[str]]:
     """(ids, names) from one class name per line (the name is its id), or JSONL with an id and a name per line:
-    `{"id", "name"}`, or OVEN's entity list `{"wikidata_id", "wikipedia_title"}`."""
-    from .datasets import read_jsonl
+    `{"id", "name"}`, or OVEN's entity list `{"wikidata_id", "wikipedia_title"}`. UTF-8, with or without a BOM
+    (app/textfile.py); every name is checked before anything is encoded or stored."""
+    from .datasets import check_class_name, read_jsonl
+    from .textfile import lines
 
     p = Path(path)
     if not p.is_file():
         raise RecoError(f"class names file {path} not found (one name per line, or JSONL with id and name)")
-    with p.open(encoding="utf-8") as f:
-        first_line = next((line.strip() for line in f if line.strip()), "")
-        f.seek(0)
-        if first_line.startswith("{"):
-            rows = ((n, *_entry(p, n, obj)) for n, obj in read_jsonl(p))
-        else:
-            rows = ((n, line.strip(), line.strip()) for n, line in enumerate(f, 1) if line.strip())
-        ids, names, first = [], [], {}
-        for n, cid, name in rows:
-            if cid in first:
-                raise RecoError(f"{p} line {n} repeats the class id {cid!r} of line {first[cid]}: every class once")
-            first[cid] = n
-            ids.append(cid)
-            names.append(name)
+    first_line = next((text.strip() for _, text in lines(p) if text.strip()), "")
+    if first_line.startswith("{"):
+        rows = ((n, *_entry(p, n, obj)) for n, obj in read_jsonl(p))
+    else:
+        rows = ((n, text.strip(), text.strip()) for n, text in lines(p) if text.strip())
+    ids, names, first = [], [], {}
+    for n, cid, name in rows:
+        check_class_name(p, f"line {n}", name)
+        if cid in first:
+            raise RecoError(f"{p} line {n} repeats the class id {cid!r} of line {first[cid]}: every class once")
+        first[cid] = n
+        ids.append(cid)
+        names.append(name)
     if not ids:
         raise RecoError(f"{p} holds no class names")
     return ids, names

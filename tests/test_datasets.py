@@ -64,7 +64,8 @@ def test_imagefolder_samples_labels_names_templates(folder):
 
 
 def test_imagefolder_classnames_and_templates_files(folder, tmp_path):
-    names = _lines(tmp_path / "names.txt", ["circle of blue", "", "cross of green", "square of red"])
+    names = _lines(tmp_path / "names.tsv", ["blue_circle\tcircle of blue", "", "green_cross\tcross of green",
+                                            "red_square\tsquare of red"])  # names unlike the folders: a mapping
     tmpl = _lines(tmp_path / "tmpl.txt", ["a drawing of a {c}.", "  ", "{c}"])
     ds = datasets.image_folder(str(folder), str(names), str(tmpl))
     assert ds.classnames == ["circle of blue", "cross of green", "square of red"]  # blank lines dropped
@@ -536,7 +537,7 @@ def test_load_classification_dispatch(folder, cub_root, places_root):
 
 
 def test_load_classification_classnames_only_for_imagefolder(folder, cub_root, tmp_path):
-    names = _lines(tmp_path / "names.txt", ["a", "b", "c"])
+    names = _lines(tmp_path / "names.tsv", ["blue_circle\ta", "green_cross\tb", "red_square\tc"])
     assert load_classification(f"imagefolder:{folder}", classnames=str(names)).classnames == ["a", "b", "c"]
     with pytest.raises(RecoError, match="--classnames applies to imagefolder"):
         load_classification(f"cub:{cub_root}", classnames=str(names))
@@ -585,7 +586,7 @@ def test_content_hash_tracks_bytes_and_labels(cub_root):
 def test_content_hash_tracks_names_templates_and_missing_files(folder, tmp_path):
     ds = load_classification(f"imagefolder:{folder}")
     h = ds.content_hash()
-    names = _lines(tmp_path / "names.txt", ["a", "b", "c"])
+    names = _lines(tmp_path / "names.tsv", ["blue_circle\ta", "green_cross\tb", "red_square\tc"])
     assert load_classification(f"imagefolder:{folder}", classnames=str(names)).content_hash() != h
     tmpl = _lines(tmp_path / "tmpl.txt", ["{c}"])
     assert load_classification(f"imagefolder:{folder}", templates=str(tmpl)).content_hash() != h

@@ -171,7 +171,7 @@ BAD = {
     "line not JSON": (lambda r: _edit_line(r, 3, lambda ln: ln[:-1]), "",
                       ["oven_entity_val.jsonl line 3 is not JSON", "one JSON object per line"]),
     "line not UTF-8": (lambda r: (r / "oven_entity_val.jsonl").write_bytes(b'{"image_id": "\xff"}\n'), "",
-                       ["oven_entity_val.jsonl line 1 is not JSON (not UTF-8)"]),
+                       ["oven_entity_val.jsonl is not UTF-8 text (line 1, byte 14)", "iconv -f latin1"]),
     "line not an object": (lambda r: _edit_line(r, 2, lambda ln: "[1, 2]"), "", ["line 2 is not a JSON object"]),
     "no image_id": (lambda r: _edit_line(r, 2, _drop("image_id")), "", ["line 2 has no 'image_id'"]),
     "no entity_id": (lambda r: _edit_line(r, 4, _drop("entity_id")), "", ["line 4 has no 'entity_id'"]),

@@ -14,6 +14,13 @@ class SkipReason:
     UNSAFE_PATH = "unsafe_path"  # a tar member whose path leaves the archive
     DUPLICATE_KEY = "duplicate_key"
     BAD_EMBEDDING = "bad_embedding"  # non-finite or zero vector
+    MISSING_KEY = "missing_key"  # --key-column given, the row has no value there (null, absent or blank)
+    CAPTION_TOO_LONG = "caption_too_long"  # over MAX_CAPTION_CHARS
+
+
+# CLIP reads a caption's first 77 tokens (about 300 characters); the memory keeps the whole caption for queries
+# and exports, so a scraped page of text would weigh on every answer that returns it. Longer captions are skipped.
+MAX_CAPTION_CHARS = 10_000
 
 
 @dataclass
@@ -26,6 +33,10 @@ class Item:
     skip: str | None = None  # set when the reader already knows the item is unusable
     extra: dict | None = None
     src: dict | None = None  # where the image can be read again: {"path": file} or {"tar": file, "member": name}
+
+    def __post_init__(self) -> None:  # here, so every reader keeps the one caption limit
+        if self.skip is None and self.caption is not None and len(self.caption) > MAX_CAPTION_CHARS:
+            self.skip = SkipReason.CAPTION_TOO_LONG
 
 
 def clean_caption(text: str | None) -> str | None:

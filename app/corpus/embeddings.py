@@ -13,7 +13,8 @@ import numpy as np
 from ..errors import RecoError
 from .base import Item, SkipReason, clean_caption
 
-_NUM = re.compile(r"_(\d+)\.npy$")
+# the layout's three folders and their files' extension: part N is FOLDER/FOLDER_N.EXT in each
+LAYOUT = (("img_emb", "npy"), ("text_emb", "npy"), ("metadata", "parquet"))
 
 
 def _load(path: Path) -> np.ndarray:
@@ -23,19 +24,46 @@ def _load(path: Path) -> np.ndarray:
         raise RecoError(f"cannot read embeddings file {path}: {exc}") from exc
 
 
+def _parts(folder: Path, ext: str) -> dict[int, Path]:
+    """{part number: file} of one of the layout's folders. Any other file in it (a backup such as
+    img_emb_0_old.npy) is refused by name rather than read or passed over: either could build a memory the user
+    did not mean. Hidden files (.DS_Store) are left alone."""
+    pattern = re.compile(rf"{re.escape(folder.name)}_(\d+)\.{ext}")
+    out: dict[int, Path] = {}
+    for f in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if f.name.startswith("."):
+            continue
+        m = pattern.fullmatch(f.name)
+        if not m or not f.is_file():
+            raise RecoError(f"{f} is not a part of the clip-retrieval layout ({folder.name}/ holds only "
+                            f"{folder.name}_N.{ext}): move it out of {folder}")
+        n = int(m.group(1))
+        if n in out:
+            raise RecoError(f"{out[n].name} and {f.name} are both part {n}: move one of them out of {folder}")
+        out[n] = f
+    return out
+
+
+def _matched_parts(root: Path) -> list[tuple[int, Path, Path, Path]]:
+    """(part number, img, text, metadata) of every part, in part order. The three folders must hold the same part
+    numbers: a part with a file missing is refused by name, never left out of the count."""
+    found = {sub: _parts(root / sub, ext) for sub, ext in LAYOUT}
+    if not found["img_emb"]:
+        raise RecoError(f"{root} has no img_emb/img_emb_N.npy files (clip-retrieval layout expected)")
+    numbers = sorted(set().union(*found.values()))
+    for n in numbers:
+        for sub, ext in LAYOUT:
+            if n not in found[sub]:
+                have = ", ".join(found[o][n].name for o, _ in LAYOUT if n in found[o])
+                raise RecoError(f"{root / sub / f'{sub}_{n}.{ext}'} is missing ({have} present): every part N needs "
+                                "img_emb_N.npy, text_emb_N.npy and metadata_N.parquet; restore the file, or move the "
+                                "part's other files out to leave it out")
+    return [(n, *(found[sub][n] for sub, _ in LAYOUT)) for n in numbers]
+
+
 def plan(source: str, dim: int | None = None, **_options) -> list[dict]:
-    root = Path(source)
-    img_files = sorted((root / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(_NUM.search(p.name).group(1)))
-    if not img_files:
-        raise RecoError(f"{source} has no img_emb/img_emb_*.npy files (clip-retrieval layout expected)")
     shards = []
-    for f in img_files:
-        n = _NUM.search(f.name).group(1)
-        txt = root / "text_emb" / f"text_emb_{n}.npy"
-        meta = root / "metadata" / f"metadata_{n}.parquet"
-        for needed in (txt, meta):
-            if not needed.is_file():
-                raise RecoError(f"{needed} is missing: every img_emb_N.npy needs text_emb_N.npy and metadata_N.parquet")
+    for n, f, txt, meta in _matched_parts(Path(source)):
         a, b = _load(f), _load(txt)
         if a.ndim != 2 or b.ndim != 2 or a.shape != b.shape:
             raise RecoError(f"{f.name} {a.shape} and {txt.name} {b.shape} must be 2-d arrays of the same shape")
@@ -46,7 +74,7 @@ def plan(source: str, dim: int | None = None, **_options) -> list[dict]:
             )
         _check_metadata(meta, a.shape[0])
         shards.append({"img": str(f.resolve()), "text": str(txt.resolve()), "meta": str(meta.resolve()),
-                       "part": int(n), "rows": int(a.shape[0]), "name": f"part {n}"})
+                       "part": n, "rows": int(a.shape[0]), "name": f"part {n}"})
     return shards
 
 

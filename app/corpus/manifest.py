@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import RecoError
+from ..textfile import decode, line_at
 from .base import Item, SkipReason, clean_caption
 
 DEFAULT_SHARD_SIZE = 10_000
+# csv's own limit (131,072 characters a field, process-wide) would stop a manifest at one long caption; the
+# caption limit (base.MAX_CAPTION_CHARS) decides instead. 2**31 - 1 is the largest every platform's csv takes.
+csv.field_size_limit(2**31 - 1)
 
 
 def _kind(path: Path) -> str:
@@ -30,20 +34,22 @@ def _kind(path: Path) -> str:
 
 
 def _text_rows(path: Path, kind: str, offset: int = 0) -> Iterator[tuple[int, dict]]:
-    """(byte offset where the row starts, row dict). CSV rows may span lines (quoted newlines)."""
+    """(byte offset where the row starts, row dict). CSV rows may span lines (quoted newlines). Text is UTF-8
+    (app/textfile.py); a field may be as long as the file, so a caption over the limit is skipped and counted
+    (`caption_too_long`) instead of failing the whole manifest."""
     with open(path, "rb") as f:
-        header_line = f.readline()
         if kind == "jsonl":
             f.seek(max(offset, 0))
             pos = f.tell()
             for raw in f:
                 start, pos = pos, pos + len(raw)
-                if raw.strip():
+                text = decode(raw, path, start)
+                if text.strip():
                     try:
-                        row = json.loads(raw)
+                        row = json.loads(text)
                     except ValueError as exc:
                         hint = ("; a .json manifest must hold one JSON object per line (JSONL), not one array: "
-                                "convert it with `jq -c '.[]' in.json > out.jsonl`") if raw.lstrip()[:1] == b"[" else ""
+                                "convert it with `jq -c '.[]' in.json > out.jsonl`") if text.lstrip()[:1] == "[" else ""
                         raise RecoError(f"{path}: line at byte {start} is not JSON ({exc}){hint}") from exc
                     if not isinstance(row, dict):
                         raise RecoError(f"{path}: line at byte {start} holds a JSON {type(row).__name__}, not an "
@@ -51,19 +57,28 @@ def _text_rows(path: Path, kind: str, offset: int = 0) -> Iterator[tuple[int, di
                                         '{"image": "a.jpg", "caption": "a dog"} (convert an array with `jq -c \'.[]\'`)')
                     yield start, row
             return
+        header_line = f.readline()
         delim = "\t" if kind == "tsv" else ","
-        header = next(csv.reader([header_line.decode("utf-8-sig")], delimiter=delim))
+        header = next(csv.reader([decode(header_line, path)], delimiter=delim), [])
         f.seek(max(offset, len(header_line)))
         state = {"pos": f.tell()}
 
         def lines():
             for raw in f:
+                at = state["pos"]
                 state["pos"] += len(raw)
-                yield raw.decode("utf-8")
+                yield decode(raw, path, at)
 
         reader = csv.reader(lines(), delimiter=delim)
         start = state["pos"]
-        for values in reader:
+        while True:
+            try:
+                values = next(reader, None)
+            except csv.Error as exc:
+                raise RecoError(f"{path} line {line_at(path, start)} is not {kind.upper()} ({exc}): fix or remove "
+                                f"that row") from None
+            if values is None:
+                return
             if values:
                 yield start, dict(zip(header, values))
             start = state["pos"]
@@ -78,8 +93,8 @@ def _columns(path: Path, kind: str) -> list[str]:
         for _, row in _text_rows(path, kind):
             return list(row)
         return []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return next(csv.reader(f, delimiter="\t" if kind == "tsv" else ","), [])
+    with open(path, "rb") as f:
+        return next(csv.reader([decode(f.readline(), path)], delimiter="\t" if kind == "tsv" else ","), [])
 
 
 def plan(source: str, image_column: str = "image", caption_column: str = "caption", key_column: str | None = None,
@@ -149,11 +164,22 @@ def _rows(spec: dict) -> Iterator[dict]:
         yield row
 
 
+def _key(row: dict, column: str | None, number: int) -> str | None:
+    """The item's key: the key column's value (None where the row lacks one or it is blank), else the row number."""
+    if not column:
+        return str(number)
+    value = row.get(column)
+    return None if value is None or not str(value).strip() else str(value)
+
+
 def read(spec: dict) -> Iterator[Item]:
     base = Path(spec["path"]).parent
     for i, row in enumerate(_rows(spec)):
         number = spec["row"] + i
-        key = str(row.get(spec["key_column"])) if spec.get("key_column") else str(number)
+        key = _key(row, spec.get("key_column"), number)
+        if key is None:  # not the string 'None', which every such row would share as a duplicate_key
+            yield Item(key=f"row {number}", skip=SkipReason.MISSING_KEY)
+            continue
         caption = clean_caption(row.get(spec["caption_column"]))
         rel = row.get(spec["image_column"])
         if caption is None:

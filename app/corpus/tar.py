@@ -14,6 +14,7 @@ import bz2
 import gzip
 import lzma
 import struct
+import zlib
 from typing import BinaryIO, Iterator, NamedTuple
 
 BLOCK = 512
@@ -33,7 +34,7 @@ class Member(NamedTuple):
     data: bytes  # the content of a regular file; b"" otherwise
 
 
-def _open(path: str) -> BinaryIO:
+def _open(path: str, buffering: int = -1) -> BinaryIO:
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic[:2] == b"\x1f\x8b":
@@ -42,7 +43,7 @@ def _open(path: str) -> BinaryIO:
         return bz2.open(path, "rb")
     if magic == b"\xfd7zXZ\x00":
         return lzma.open(path, "rb")
-    return open(path, "rb", buffering=1 << 20)
+    return open(path, "rb", buffering=1 << 20 if buffering < 0 else buffering)
 
 
 def _number(field: bytes) -> int:
@@ -55,6 +56,14 @@ def _number(field: bytes) -> int:
         raise TarError(f"invalid number field {field!r}") from exc
 
 
+def _checksum(field: bytes) -> int:
+    """The header's stated checksum, -1 when the field holds none (text, not a header: never equal to a sum)."""
+    try:
+        return _number(field) if field.strip(b"\0 ") else -1
+    except TarError:
+        return -1
+
+
 def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
@@ -62,7 +71,7 @@ def _text(field: bytes) -> str:
 def _read(f: BinaryIO, n: int, exact: bool = True) -> bytes:
     try:
         data = f.read(n)
-    except (OSError, EOFError, lzma.LZMAError) as exc:  # a damaged compressed stream
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:  # a damaged compressed stream
         raise TarError(str(exc)) from exc
     if exact and len(data) != n:
         raise TarError("unexpected end of data (truncated archive?)")
@@ -87,7 +96,27 @@ def _pax(data: bytes) -> dict[str, str]:
 
 def members(path: str) -> Iterator[Member]:
     """Every member of the archive at PATH, in order. Raises TarError on a damaged or truncated archive."""
-    with _open(path) as f:
+    return _walk(path, with_data=True)
+
+
+def headers(path: str) -> Iterator[Member]:
+    """Every member's name and type (data b""), seeking past the content: a cheap check, before any version
+    exists, that the whole archive can be read to its end. It applies the same rules as `members`."""
+    return _walk(path, with_data=False)
+
+
+def _skip(f: BinaryIO, n: int) -> None:
+    """Past n bytes of content. Past the end of a file is found by the next header read (it comes back short)."""
+    if n:
+        try:
+            f.seek(n, 1)
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:  # a damaged compressed stream
+            raise TarError(str(exc)) from exc
+
+
+def _walk(path: str, with_data: bool) -> Iterator[Member]:
+    # the header scan reads 512 bytes a member, unbuffered: a large read buffer would read every image anyway
+    with _open(path, buffering=-1 if with_data else 0) as f:
         long_name: str | None = None
         pax: dict[str, str] = {}
         first = True
@@ -101,14 +130,13 @@ def members(path: str) -> Iterator[Member]:
                 return  # end-of-archive marker
             (name, size, _mtime, chksum, typeflag, _link, magic, _ver, _u, _g, _maj, _min, prefix) = (
                 _HEADER.unpack(header))
-            expected = _number(chksum) if chksum.strip(b"\0 ") else -1
-            if expected != sum(header[:148]) + 256 + sum(header[156:]):
+            if _checksum(chksum) != sum(header[:148]) + 256 + sum(header[156:]):
                 raise TarError("invalid header (not a tar archive, or a damaged one)")
             first = False
             n = int(pax["size"]) if "size" in pax else _number(size)
-            data = _read(f, n)
-            _read(f, -n % BLOCK)
             if typeflag in (b"x", b"g", b"L", b"K"):  # extensions that describe the next member
+                data = _read(f, n)
+                _read(f, -n % BLOCK)
                 if typeflag == b"x":
                     pax = _pax(data)
                 elif typeflag == b"L":
@@ -123,5 +151,11 @@ def members(path: str) -> Iterator[Member]:
                 kind = DIRECTORY  # old-style directory entry (tarfile reads it the same way)
             if kind == DIRECTORY:
                 full = full.rstrip("/")
+            if with_data:
+                data = _read(f, n)
+                _read(f, -n % BLOCK)
+            else:
+                data = b""
+                _skip(f, n + -n % BLOCK)
             yield Member(full, kind, data if kind == REGULAR else b"")
             long_name, pax = None, {}

@@ -72,7 +72,44 @@ def plan(source: str, **_options) -> list[dict]:
         raise RecoError(f"no shards found in {source}: a directory source holds WebDataset tars "
                         f"({', '.join(TAR_SUFFIXES)}); for a manifest or clip-retrieval embeddings, give the file or "
                         f"the folder with img_emb/ (--format manifest|embeddings)")
-    return [{"path": str(Path(f).resolve()), "name": Path(f).name} for f in files]
+    return [_checked(f) for f in files]
+
+
+def _checked(file: str) -> dict:
+    """One shard's spec, after reading its headers to the end (seeking past the content): a truncated or damaged
+    tar, a file that is no tar, or members not grouped by key stop the build here, before a version exists,
+    instead of failing it after the backbone loaded or misfiling items. `rows`: the items it holds."""
+    path = str(Path(file).resolve())
+    keys = _Keys(path)
+    try:
+        for member in tar.headers(path):
+            if member.type in (tar.LINK, tar.SYMLINK, tar.REGULAR):
+                keys.at(_split(member.name.lstrip("/"))[0])
+    except (tar.TarError, OSError) as exc:
+        raise RecoError(f"shard {path} is not a readable tar archive ({exc}): re-create it, or move it out of the "
+                        "source") from exc
+    return {"path": path, "name": Path(file).name, "rows": keys.count}
+
+
+class _Keys:
+    """The keys of one tar in order. WebDataset reads an item's members together, so each key's members must be
+    adjacent; a key met again after another began would be read as two incomplete items (as `missing_image` and
+    `empty_caption`, or a `duplicate_key`), so it is refused with the way to re-pack the tar."""
+
+    def __init__(self, path: str):
+        self.path, self.done, self.key, self.count = path, set(), None, 0
+
+    def at(self, key: str) -> bool:
+        """Note a member of KEY; True when it starts a new item."""
+        if key == self.key:
+            return False
+        if key in self.done:
+            raise RecoError(f"shard {self.path} is not sorted by key: the members of {key!r} are not adjacent; "
+                            f"re-pack it with `tar --sort=name` (WebDataset reads an item's members together)")
+        if self.key is not None:
+            self.done.add(self.key)
+        self.key, self.count = key, self.count + 1
+        return True
 
 
 def _safe(name: str) -> bool:
@@ -94,11 +131,12 @@ def read(spec: dict) -> Iterator[Item]:
     sample: dict = {}
     key = None
     unsafe = False
+    keys = _Keys(path)  # planning checked the order; a tar replaced since is refused the same way
     try:
         for member in tar.members(path):
             if member.type in (tar.LINK, tar.SYMLINK) or not _safe(member.name):
                 k, _ = _split(member.name.lstrip("/"))
-                if key is not None and k != key:
+                if keys.at(k) and key is not None:
                     yield _item(key, sample, unsafe, path)
                     sample, unsafe = {}, False
                 key, unsafe = k, True
@@ -106,7 +144,7 @@ def read(spec: dict) -> Iterator[Item]:
             if member.type != tar.REGULAR:
                 continue
             k, ext = _split(member.name)
-            if key is not None and k != key:
+            if keys.at(k) and key is not None:
                 yield _item(key, sample, unsafe, path)
                 sample, unsafe = {}, False
             key = k

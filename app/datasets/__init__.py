@@ -1,7 +1,8 @@
 """Evaluation datasets, from local files only (nothing is downloaded).
 
 Classification specs (`--dataset KIND:PATH`):
-  imagefolder:DIR   one folder per class; optional --classnames FILE (one per line) and --templates FILE
+  imagefolder:DIR   one folder per class; optional --classnames FILE (a folder<TAB>name mapping; see _classnames)
+                    and --templates FILE
   cub:DIR           CUB-200-2011 (images.txt, image_class_labels.txt, train_test_split.txt, classes.txt)
   cars:DIR          Stanford Cars as torchvision lays it out (DIR/stanford_cars/...)
   flowers:DIR       Flowers102 (DIR/flowers-102/...)
@@ -26,9 +27,20 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import RecoError
+from ..textfile import decode, read_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-_PROMPTS = json.loads((Path(__file__).with_name("prompts.json")).read_text())
+_PROMPTS = json.loads((Path(__file__).with_name("prompts.json")).read_text(encoding="utf-8"))
+# A class name goes into every prompt, and CLIP reads a prompt's first 77 tokens (about 300 characters); a name
+# far longer is a file read wrongly (a whole file on one line), which would otherwise be encoded for minutes.
+MAX_CLASS_NAME_CHARS = 1_000
+
+
+def check_class_name(path, where: str, name: str) -> None:
+    """`where`: "line 3", "folder 'x'" ... as the error should name it."""
+    if len(name) > MAX_CLASS_NAME_CHARS:
+        raise RecoError(f"{path} {where} holds a class name of {len(name):,} characters, but a class name is at "
+                        f"most {MAX_CLASS_NAME_CHARS:,}: give one class name per line")
 
 
 def templates_for(kind: str) -> list[str]:
@@ -89,7 +101,7 @@ def _need_dir(path: str, kind: str) -> Path:
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise RecoError(f"{path} not found")
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]
 
 
 def read_templates(path: str) -> list[str]:
@@ -107,13 +119,14 @@ def _folder_key(name: str) -> str:
 def _classnames(path: Path, folders: list[str], root: str) -> list[str]:
     """Class names in sorted folder order, from a mapping (JSON object, or `folder<TAB>name` lines) or a plain list.
 
-    A plain list is read in sorted folder order; one whose names are the folders' own names in another order would
-    label every image wrongly without a word, so it is refused."""
-    fix = (f"write one `folder<TAB>class name` line per folder, or a JSON object {{folder: class name}}, or list "
-           f"the names in sorted folder order")
+    A plain list says nothing about which folder is which class, so it is read only where the folders say it:
+    line N names the N-th folder in sorted order and the names match (`_folder_key`), or the folders are numbered
+    0..n-1 or 1..n and line N names folder number N (numerically, so 10 comes after 9). Any other plain list would
+    label images by a guess, wrongly without a word when the guess is wrong, so it is refused."""
+    fix = "write one `folder<TAB>class name` line per folder, or a JSON object {folder: class name}"
     if not path.is_file():
         raise RecoError(f"{path} not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     mapping = None
     if path.suffix.lower() == ".json":
         try:
@@ -122,12 +135,19 @@ def _classnames(path: Path, folders: list[str], root: str) -> list[str]:
             raise RecoError(f"{path} is not valid JSON ({exc}): {fix}") from exc
         if isinstance(data, dict):
             mapping = {str(k): str(v) for k, v in data.items()}
+            for k, v in mapping.items():
+                check_class_name(path, f"folder {k!r}", v)
         elif isinstance(data, list):
             lines = [str(x).strip() for x in data if str(x).strip()]
+            for i, v in enumerate(lines, 1):
+                check_class_name(path, f"item {i}", v)
         else:
             raise RecoError(f"{path} must hold a JSON object or list: {fix}")
     else:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        numbered = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+        for n, ln in numbered:
+            check_class_name(path, f"line {n}", ln)
+        lines = [ln for _, ln in numbered]
         if any("\t" in ln for ln in lines):
             pairs = [ln.split("\t", 1) for ln in lines]
             if any(len(p) != 2 or not p[1].strip() for p in pairs):
@@ -144,6 +164,11 @@ def _classnames(path: Path, folders: list[str], root: str) -> list[str]:
     if len(lines) != len(folders):
         raise RecoError(f"{path} has {len(lines)} class names but {root} has {len(folders)} class folders: {fix}")
     keys = [_folder_key(f) for f in folders]
+    if [_folder_key(name) for name in lines] == keys:
+        return lines
+    by_number = _numbered(folders)
+    if by_number is not None:
+        return [lines[i] for i in by_number]
     moved = [(name, keys.index(_folder_key(name))) for i, name in enumerate(lines)
              if _folder_key(name) in keys and keys.index(_folder_key(name)) != i]
     if moved:
@@ -151,8 +176,23 @@ def _classnames(path: Path, folders: list[str], root: str) -> list[str]:
         raise RecoError(f"{path} lists the class folders' names in another order ({name!r} is line "
                         f"{lines.index(name) + 1} but folder {folders[at]!r} is number {at + 1} in sorted order): a "
                         f"plain list is read in sorted folder order, so every image would get another class's "
-                        f"name. {fix[0].upper()}{fix[1:]}")
-    return lines
+                        f"name. {fix[0].upper()}{fix[1:]}, or list the names in sorted folder order")
+    i = next(i for i, (k, name) in enumerate(zip(keys, lines)) if _folder_key(name) != k)
+    raise RecoError(f"{path} is a plain list, but the class folders of {root} are not named like its classes "
+                    f"(folder {folders[i]!r} comes number {i + 1} in sorted order, line {i + 1} is {lines[i]!r}), "
+                    f"so nothing says which folder is which class: {fix} (a plain list is read only when line N "
+                    f"names the N-th folder, or the folders are numbered 0..{len(folders) - 1} or 1..{len(folders)})")
+
+
+def _numbered(folders: list[str]) -> list[int] | None:
+    """For folders numbered 0..n-1 or 1..n (padded or not), each folder's line index, in the folders' order."""
+    if not all(f.isascii() and f.isdigit() for f in folders):
+        return None
+    numbers = [int(f) for f in folders]
+    for first in (0, 1):
+        if sorted(numbers) == list(range(first, first + len(numbers))):
+            return [x - first for x in numbers]
+    return None
 
 
 def image_folder(root: str, classnames_file: str | None = None, templates_file: str | None = None,
@@ -280,17 +320,21 @@ _WIKIDATA_ID = re.compile(rb'"wikidata_id"\s*:\s*"([^"\\]*)"')
 
 def read_jsonl(path: Path, parse: Callable[[bytes], bool] | None = None):
     """(line number, object) per non-blank line (that `parse` accepts), streamed: OVEN's entity list has six
-    million. A line that is not a JSON object stops the read with its number."""
-    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 fails in json.loads, with its number
+    million. A line that is not a JSON object stops the read with its number; text is UTF-8 (app/textfile.py)."""
+    with open(path, "rb") as f:  # bytes: `parse` skips most lines of a big file before they are decoded
+        offset = 0
         for n, line in enumerate(f, 1):
+            at, offset = offset, offset + len(line)
             if not line.strip() or (parse is not None and not parse(line)):
                 continue
+            text = decode(line, path, at)
+            if not text.strip():  # a BOM alone on the first line
+                continue
             try:
-                obj = json.loads(line)
-            except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-                why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-                raise RecoError(f"{path} line {n} is not JSON ({why}): a JSONL file holds one JSON object per line; "
-                                f"fix or remove that line") from exc
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise RecoError(f"{path} line {n} is not JSON ({exc.msg}): a JSONL file holds one JSON object per "
+                                f"line; fix or remove that line") from exc
             if not isinstance(obj, dict):
                 raise RecoError(f"{path} line {n} is not a JSON object: a JSONL file holds one JSON object per line")
             yield n, obj
@@ -406,7 +450,7 @@ def karpathy(path: str, images_root: str | None = None, split: str = "test") -> 
     if not p.is_file():
         raise RecoError(f"Karpathy split file {path} not found")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(read_text(p))
     except ValueError as exc:
         raise RecoError(f"{path} is not JSON: {exc}") from exc
     root = Path(images_root) if images_root else p.parent
