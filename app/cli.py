@@ -188,10 +188,10 @@ def memory_build(rt, name, source, fmt, backbone, activate, wait, image_column, 
 
 def _run_build(rt, name: str, v, wait: bool, timeout: float | None) -> str | None:
     """Ingest a registered version: in this process (embedded), or on the workers, waiting unless --no-wait."""
-    from .build import enqueue, run_in_process, wait_for
+    from .build import enqueue, wait_for
 
     if rt.settings.in_process_tasks:
-        run_in_process(rt, v.id)
+        _ingest_here(rt, name, v)
         status = _status(rt, v.id)
     else:
         ids = enqueue(rt, v.id)
@@ -203,6 +203,26 @@ def _run_build(rt, name: str, v, wait: bool, timeout: float | None) -> str | Non
         status = wait_for(rt, v.id, timeout=timeout, sweep_every=rt.settings.lease_s)
     _report_build(rt, name, v.version, status)
     return status
+
+
+def _ingest_here(rt, name: str, v) -> None:
+    """The embedded build. An error outside a shard's own work (the engine cannot create the collection, the seal
+    runs out of disk) would leave the version `building` for ever: it ends failed with the reason, its
+    half-written collection removed. An interrupt or a DB hiccup leaves it to `reco memory resume`."""
+    from .build import run_in_process
+    from .errors import TransientError
+    from .memory import fail_version
+
+    try:
+        run_in_process(rt, v.id)
+    except TransientError:
+        raise
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, RecoError) else f"{type(exc).__name__}: {exc}"
+        fail_version(rt, v.id, reason, drop=True)
+        if not isinstance(exc, RecoError):
+            raise  # a bug: its traceback is worth more than one line
+        raise RecoError(f"{name} v{v.version} failed: {reason}") from exc
 
 
 def _warn_without_workers(rt, queue: str) -> None:
@@ -757,8 +777,9 @@ def _print_run(run: dict, as_json: bool) -> None:
 @eval_group.command("classification")
 @click.option("--dataset", required=True, help="KIND:PATH, e.g. cub:/data/CUB_200_2011, imagefolder:/data/x or "
               "oven:/data/oven.")
-@click.option("--classnames", default=None, help="imagefolder: class names: `folder<TAB>name` lines, a JSON "
-              "object {folder: name}, or one name per line in sorted folder order.")
+@click.option("--classnames", default=None, help="imagefolder: class names: `folder<TAB>name` lines or a JSON "
+              "object {folder: name}; a plain list (one name per line) only for folders named like the classes "
+              "in the same sorted order, or numbered 0..n-1 / 1..n.")
 @click.option("--templates", default=None, help="A file of prompt templates, one per line, with {c}.")
 @click.option("--retrieval", type=click.Choice(["both", "image", "text", "none"]), default="both", show_default=True)
 @click.option("--classes", default=None, help="Rank against a stored class set (NAME or NAME@VERSION, `reco "

@@ -163,7 +163,7 @@ def verify(rt, name: str, version: int | None = None, kind: str = MEMORY) -> Ver
     problems = []
     shard_sum = sum(sh.items_stored or 0 for sh in shards)
     done = sum(sh.status == ShardStatus.DONE for sh in shards)
-    store_count = rt.store.count(v.collection) if rt.store.exists(v.collection) else 0
+    store_count = _store_count(rt, v)
     if v.status == VersionStatus.FAILED:
         problems.append(f"version failed: {v.error}")
     elif v.status in (VersionStatus.BUILDING, VersionStatus.FINALIZING):
@@ -187,6 +187,19 @@ def verify(rt, name: str, version: int | None = None, kind: str = MEMORY) -> Ver
         if target != v.collection:
             problems.append(f"alias {alias_name(name)} points at {target}, the active version is {v.collection}")
     return VerifyReport(name, v.version, v.status, v.items_stored or 0, shard_sum, store_count, done, len(shards), problems)
+
+
+def _store_count(rt, v: MemoryVersion) -> int:
+    """Points in the version's collection. A failed build may have left one the engine cannot open (it ran out of
+    disk while creating it): for a failed version that counts as none, the failure is the report."""
+    if not rt.store.exists(v.collection):
+        return 0
+    try:
+        return rt.store.count(v.collection)
+    except Exception:
+        if v.status == VersionStatus.FAILED:
+            return 0
+        raise
 
 
 def finalize(rt, name: str, version: int) -> str:
@@ -275,6 +288,30 @@ def fail_shard(rt, shard_id: int, error: str) -> None:
         if v.status == VersionStatus.BUILDING:
             v.status = VersionStatus.FAILED
             v.error = f"shard {shard.index} ({shard.spec.get('name', '')}): {error}"
+
+
+def fail_version(rt, version_id: int, error: str, drop: bool = False) -> bool:
+    """A build that stopped outside any shard's own failure (the collection could not be created, the seal ran
+    out of disk): the version ends failed with the reason instead of staying `building` for ever. `drop` removes
+    its half-written collection first (no reader can use it, and on a full disk that frees the space the DB
+    write needs); only for a build run in this process, where no worker still writes to it. Returns whether
+    this call failed it (a version already failed, ready or gone is left alone)."""
+    with rt.db.session() as s:
+        v = s.get(MemoryVersion, version_id)
+        if v is None or v.status not in (VersionStatus.BUILDING, VersionStatus.FINALIZING):
+            return False
+        collection = v.collection
+    if drop:
+        try:
+            if rt.store.exists(collection):
+                rt.store.drop(collection)
+        except Exception:  # noqa: BLE001 - best effort: the failure is recorded below either way
+            pass
+    with rt.db.session() as s:
+        return s.execute(update(MemoryVersion).where(
+            MemoryVersion.id == version_id,
+            MemoryVersion.status.in_((VersionStatus.BUILDING, VersionStatus.FINALIZING)))
+            .values(status=VersionStatus.FAILED, error=error)).rowcount == 1
 
 
 def finalize_if_complete(rt, version_id: int) -> str | None:

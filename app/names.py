@@ -13,3 +13,13 @@ def check_name(name: str, what: str = "memory") -> str:
             f"invalid {what} name {name!r}: use 1-63 characters from [a-z0-9_-], starting with a letter or digit"
         )
     return name
+
+
+def parse_memory_ref(ref: str) -> tuple[str, int | None]:
+    """`NAME` (the active version) or `NAME@VERSION`. Here, beside the name rule, so that commands can check their
+    arguments without importing training (and torch with it)."""
+    name, _, version = ref.partition("@")
+    check_name(name)
+    if version and not version.isdigit():
+        raise RecoError(f"bad memory reference {ref!r}: use NAME or NAME@VERSION")
+    return name, int(version) if version else None

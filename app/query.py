@@ -31,6 +31,8 @@ def query_memory(rt, name: str, *, text: str | None = None, image=None, k: int =
         raise RecoError(f"-k must be a whole number of neighbours above 0, not {k!r}")
     if (text is None) == (image is None):
         raise RecoError("give exactly one of --text or --image")
+    if text is not None and not text.strip():  # it would encode to some vector and answer k arbitrary hits
+        raise RecoError("--text is empty: give the words to search the captions for")
     im = _open_image(image) if image is not None else None
     collection, v = resolve_collection(rt, name, version)
     check_complete(rt, name, collection, v)

@@ -3,9 +3,101 @@ each opened on first use (a `reco --help` touches neither)."""
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import threading
+import uuid
+from pathlib import Path
 
+from .errors import RecoError
 from .settings import Settings
+
+# what a full disk looks like from the OS, SQLite and the embedded engine (Rust's io::ErrorKind names)
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_DISK_FULL_WORDS = ("no space left on device", "filetoolarge", "file too large", "storagefull",
+                    "quota exceeded", "database or disk is full", "os error 28")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write refused for want of space: no retry helps, only freeing space does."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(w in str(exc).lower() for w in _DISK_FULL_WORDS):
+            return True
+        exc = exc.__cause__ or getattr(exc, "orig", None)
+    return False
+
+
+def free_mb(path: Path) -> float | None:
+    """Free space (MB) on the disk holding `path` (its nearest existing parent), or None if it cannot be read."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free / 2**20
+    except OSError:
+        return None
+
+
+def disk_full_error(path: Path, need_mb: float) -> RecoError:
+    """One line naming where space ran out, how much is free there and how much the work needs."""
+    free = free_mb(path)
+    have = "unknown" if free is None else f"{free:.0f} MB"
+    return RecoError(f"no space left on the disk holding {path} ({have} free): free at least {need_mb:.0f} MB "
+                     "there, or set RECO_HOME to a directory on a bigger disk, then run the command again")
+
+
+def ensure_home(home: Path) -> None:
+    """RECO_HOME must exist and take a write before the metadata DB or the store opens there: otherwise the first
+    write fails deep inside SQLite or the engine with a traceback. A real write is the test (permission bits say
+    nothing for root, and nothing about a read-only mount)."""
+    probe = home / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # threads and processes never share one
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        _probe_write(probe)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(home, 64) from exc
+        why = exc.strerror or type(exc).__name__
+        raise RecoError(f"RECO_HOME {home} cannot be created or written ({why}): set RECO_HOME to a writable "
+                        f"directory, or make this one writable") from exc
+
+
+def _probe_write(probe: Path) -> None:
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
+def orphaned_collections(vectors: Path) -> list[str]:
+    """Collections of the embedded store: directories under RECO_HOME/vectors that hold files."""
+    if not vectors.is_dir():
+        return []
+    return sorted(p.name for p in vectors.iterdir() if p.is_dir() and any(p.iterdir()))
+
+
+def refuse_empty_db_with_vectors(settings: Settings, db=None) -> None:
+    """A metadata DB without a schema (missing, a zero-byte file, or no tables) beside a vectors directory that
+    holds collections: the versions' records are lost. Migrating it would list no memory and rebuild over the old
+    collections (their points counted as the new build's), so refuse and say how to recover. Without `db` only
+    the file is looked at (before SQLite opens it and writes a header)."""
+    path = settings.database_url.split("///", 1)[-1]
+    if not settings.embedded_store or path in ("", ":memory:"):
+        return
+    if db is None:
+        if Path(path).is_file() and Path(path).stat().st_size > 0:
+            return
+    elif db.current_revision() is not None:
+        return
+    found = orphaned_collections(settings.vectors_dir)
+    if not found:
+        return
+    vectors = settings.vectors_dir
+    raise RecoError(f"the metadata database {path} is empty but {vectors} holds {len(found)} collection(s) "
+                    f"({', '.join(found[:3])}{', …' if len(found) > 3 else ''}): restore {path} from a backup; or "
+                    f"move the vectors aside (`mv {vectors} {vectors}.orphaned`) and `reco memory import` your "
+                    f"exports, or build again from scratch")
 
 
 class Runtime:
@@ -13,7 +105,13 @@ class Runtime:
         self.settings = settings or Settings.from_env()
         self._db = None
         self._store = None
+        self._home_checked = False
         self._lock = threading.Lock()
+
+    def _check_home(self) -> None:
+        if not self._home_checked:
+            ensure_home(self.settings.home)
+            self._home_checked = True
 
     @property
     def db(self):
@@ -25,9 +123,17 @@ class Runtime:
                 if self.settings.is_sqlite:
                     from filelock import FileLock
 
-                    self.settings.home.mkdir(parents=True, exist_ok=True)
+                    self._check_home()
                     with FileLock(str(self.settings.home / "migrate.lock")):
-                        self._db = Database(self.settings.database_url, auto_upgrade=True)
+                        refuse_empty_db_with_vectors(self.settings)
+                        db = Database(self.settings.database_url, check=False)
+                        try:
+                            refuse_empty_db_with_vectors(self.settings, db)
+                            db.upgrade()
+                        except BaseException:
+                            db.dispose()
+                            raise
+                        self._db = db
                 else:
                     self._db = Database(self.settings.database_url)
             return self._db
@@ -38,6 +144,8 @@ class Runtime:
             if self._store is None:
                 from .store import open_store
 
+                if self.settings.embedded_store:
+                    self._check_home()
                 self._store = open_store(self.settings)
             return self._store
 

@@ -23,7 +23,7 @@ import numpy as np
 from . import __version__, checkpoint, device_search
 from .db.models import FusionModel, ModelStatus, VersionStatus, utcnow
 from .errors import NotFound, RecoError
-from .names import check_name
+from .names import check_name, parse_memory_ref  # noqa: F401 (train.parse_memory_ref: used by others)
 from .retrieval import modes, search_hits
 
 
@@ -100,15 +100,6 @@ class TrainConfig:
             raise RecoError("--val-by must be concept or item")
         if self.dedup_threshold is not None and self.dedup_threshold >= 1.0:
             self.dedup_threshold = None  # nothing scores above 1: the filter is off
-
-
-def parse_memory_ref(ref: str) -> tuple[str, int | None]:
-    """`NAME` (the active version) or `NAME@VERSION`."""
-    name, _, version = ref.partition("@")
-    check_name(name)
-    if version and not version.isdigit():
-        raise RecoError(f"bad memory reference {ref!r}: use NAME or NAME@VERSION")
-    return name, int(version) if version else None
 
 
 # -- job creation ------------------------------------------------------------------------------------------

@@ -79,6 +79,14 @@ class Database:
             "check RECO_DATABASE_URL and that the server is running"
         )
 
+    def _operational_error(self, exc: Exception) -> RecoError:
+        """A full disk under an SQLite file is no outage to wait out: say where and what to free."""
+        from ..runtime import disk_full_error, is_disk_full
+
+        if self.url.startswith("sqlite") and is_disk_full(exc):
+            return disk_full_error(Path(self.url.split("///", 1)[-1]), 64)
+        return self._connect_error(exc)
+
     def current_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
 
@@ -99,14 +107,42 @@ class Database:
         before = self.current_revision()
         head = head_revision()
         if before != head:
+            engine = self._migration_engine()
             try:
-                with self.engine.begin() as conn:
+                with engine.begin() as conn:  # every pending migration in one transaction: all or nothing
                     command.upgrade(_alembic_config(conn), "head")
             except (OperationalError, ProgrammingError) as exc:
                 # another process may have upgraded at the same moment: fine if we are now at head
                 if self.current_revision() != head:
-                    raise RecoError(f"database upgrade failed: {scrub(str(exc).splitlines()[0], self.url)}") from exc
+                    raise self._upgrade_error(exc) from exc
+            finally:
+                if engine is not self.engine:
+                    engine.dispose()
         return before, head
+
+    def _migration_engine(self):
+        """On SQLite, an engine whose transactions cover DDL too. pysqlite on its own begins a transaction only
+        before INSERT/UPDATE/DELETE, so each CREATE TABLE commits at once and a migration that fails half-way (a
+        full disk) leaves tables behind that the next run trips over ("table memories already exists"). The
+        driver's own transaction handling is switched off and SQLAlchemy's begin emits BEGIN IMMEDIATE (the
+        write lock up front: one migrator at a time). Only migrations use it; sessions keep the usual engine."""
+        if not self.url.startswith("sqlite"):
+            return self.engine
+        from sqlalchemy.pool import NullPool
+
+        engine = create_engine(self.url, future=True, poolclass=NullPool,
+                               connect_args={"timeout": 60, "isolation_level": None})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        return engine
+
+    def _upgrade_error(self, exc: Exception) -> RecoError:
+        from ..runtime import disk_full_error, is_disk_full
+
+        if self.url.startswith("sqlite") and is_disk_full(exc):
+            return disk_full_error(Path(self.url.split("///", 1)[-1]), 64)
+        return RecoError(f"database upgrade failed: {scrub(str(exc).splitlines()[0], self.url)}; nothing was "
+                         "changed, run the command again once that is fixed")
 
     def check_schema(self) -> None:
         current = self.current_revision()
@@ -125,7 +161,7 @@ class Database:
             s.commit()
         except OperationalError as exc:
             s.rollback()
-            raise self._connect_error(exc) from exc
+            raise self._operational_error(exc) from exc
         except BaseException:
             s.rollback()
             raise

@@ -21,20 +21,25 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import NotFound, RecoError
 from ..runtime import Runtime
-from .engine import BackboneMismatch, ServedModel
+from .engine import BackboneMismatch, Refused, ServedModel
 from .metrics import ServeMetrics
 from .settings import ServeSettings
 
 log = logging.getLogger("reco.serve")
 PAGE = Path(__file__).with_name("page.html")
 MEMORY_HEADER = "X-Reco-Memory"
+MAX_VERSION = 2**31 - 1  # versions are 32-bit integers in the database (PostgreSQL's `integer`)
+MEMORY_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}(@[1-9][0-9]{0,8})?$"
+INLINE_JSON_BYTES = 256 * 1024  # bodies above this are parsed on a worker thread, not on the event loop
+READY_TIMEOUT_S = 10.0  # /readyz waits this long for a model thread busy with a batch
 
 
 class ApiError(Exception):
@@ -51,7 +56,7 @@ class _Body(BaseModel):
 
 
 class EmbedRequest(_Body):
-    texts: list[str] = Field(default_factory=list)
+    texts: list[str] = Field(default_factory=list, description="At least one image or one text")
     refine_image: bool = Field(True, description="Refine image embeddings with the memory (False: frozen CLIP)")
     refine_text: bool = True
     frozen: bool = Field(False, description="Also return the frozen embeddings")
@@ -59,8 +64,9 @@ class EmbedRequest(_Body):
 
 class ClassifyRequest(_Body):
     classes: list[str] = Field(description="Class names, at least one")
-    templates: list[str] | None = Field(None, description="Prompt templates with {c} (default: the built-in set)")
-    top_k: int = Field(5, ge=1)
+    templates: list[str] | None = Field(None, description="Prompt templates with {c} (default: the built-in set); "
+                                                          "classes x templates is at most RECO_SERVE_MAX_PROMPTS")
+    top_k: int = Field(5, ge=1, description="Labels per image; more than the classes given returns them all")
     compare: bool = Field(False, description="Also return the frozen baseline's labels")
 
     @field_validator("classes")
@@ -79,7 +85,7 @@ class ClassifyRequest(_Body):
 
 
 class SearchRequest(_Body):
-    text: str | None = None
+    text: str | None = Field(None, description="A text query, or one image")
     memory: str | None = Field(None, description="NAME or NAME@VERSION (default: the model's memory)")
     k: int = Field(10, ge=1)
     thumbnails: bool = Field(False, description="Inline each hit's image as a data: URI when it can be read")
@@ -94,10 +100,60 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _openapi(schema: type[BaseModel]) -> dict:
+class ErrorBody(BaseModel):
+    error: str = Field(description="What went wrong and what to fix")
+
+
+_ERRORS = {400: "malformed JSON or form, invalid base64, bytes that are no image",
+           401: "missing or wrong bearer token (when RECO_API_TOKEN is set)",
+           404: "unknown model or memory", 408: "the body took longer than RECO_SERVE_BODY_TIMEOUT_S to arrive",
+           409: "a memory of another backbone, or a version not ready", 413: "over a RECO_SERVE_MAX_* limit",
+           422: "missing, unknown or invalid fields", 503: "models loading, or the model's memory unreadable"}
+
+
+def _responses(*codes: int) -> dict:
+    """The 4xx/5xx answers of a route for the OpenAPI: each is one `{"error": ...}` object."""
+    return {c: {"model": ErrorBody, "description": _ERRORS[c]} for c in codes}
+
+
+def _openapi(schema: type[BaseModel], settings: ServeSettings) -> dict:
+    """The request body as the service checks it: the model's schema plus this server's RECO_SERVE_* limits and
+    the rules the routes check themselves (their errors say more than a schema's would), so a body the schema
+    accepts is one the service does not refuse for its shape."""
     body = schema.model_json_schema()
+    props = body["properties"]
+    b64_chars = 4 * -(-settings.max_image_bytes // 3)
+    items = {"images": (1 if schema is SearchRequest else settings.max_items, 1, b64_chars),
+             "texts": (settings.max_items, 0, settings.max_text_chars),
+             "classes": (settings.max_classes, 1, settings.max_text_chars),
+             "templates": (settings.max_templates, 1, settings.max_text_chars)}
+    for name, (most, least, chars) in items.items():
+        if name not in props:
+            continue
+        for option in props[name].get("anyOf", [props[name]]):
+            if option.get("type") == "array":
+                option["maxItems"] = most
+                option["items"].update(minLength=least, maxLength=chars)
+    if schema is ClassifyRequest:
+        props["images"]["minItems"] = props["classes"]["minItems"] = 1
+        props["classes"]["items"]["pattern"] = r"\S"  # not only blanks
+        props["templates"]["anyOf"][0].update(minItems=1)
+        props["templates"]["anyOf"][0]["items"]["pattern"] = r"\{c\}"
+    elif schema is EmbedRequest:  # at least one image or text
+        body["anyOf"] = [{"required": [side], "properties": {side: {"minItems": 1}}} for side in ("images", "texts")]
+    else:  # one query: a text or one image
+        props["text"]["anyOf"][0]["maxLength"] = settings.max_text_chars
+        props["memory"]["anyOf"][0]["pattern"] = MEMORY_PATTERN
+        props["k"]["maximum"] = settings.max_k
+        body["oneOf"] = [
+            {"required": ["text"], "properties": {"text": {"type": "string"}, "images": {"maxItems": 0}}},
+            {"required": ["images"], "properties": {"images": {"minItems": 1}, "text": {"type": "null"}}}]
+    form = json.loads(json.dumps(body))
+    form.pop("anyOf", None), form.pop("oneOf", None)  # a form sends files for images: the JSON rules differ
+    form["properties"]["images"] = {"type": "array", "items": {"type": "string", "format": "binary"},
+                                    "maxItems": items["images"][0]}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": body},
-                                                           "multipart/form-data": {"schema": body}}}}
+                                                           "multipart/form-data": {"schema": form}}}}
 
 
 # -- the app ------------------------------------------------------------------------------------------------------
@@ -129,6 +185,7 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
                   description="Retrieval-enhanced CLIP: refined embeddings, zero-shot labels and memory search.")
     app.state.reco = state
     app.state.metrics = metrics
+    app.add_middleware(_BodyGuard, limit=settings.body_limit, timeout=settings.body_timeout_s)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -140,13 +197,18 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
         t0 = time.perf_counter()
         try:
             response = await call_next(request)
+        except ClientDisconnect:  # the client went away: nobody to answer, nothing wrong here
+            log.info("client disconnected during %s %s", request.method, request.url.path)
+            response = Response(status_code=CLIENT_GONE)
         except Exception as exc:  # nothing else caught it: a 500 without a traceback
             log.exception("unexpected error on %s", request.url.path)
             response = _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         metrics.requests.labels(path, str(response.status_code)).inc()
-        if response.status_code >= 400:
+        if response.status_code == CLIENT_GONE:
+            metrics.disconnects.labels(path).inc()
+        elif response.status_code >= 400:
             metrics.errors.labels(path).inc()
         metrics.latency.labels(path).observe(time.perf_counter() - t0)
         return response
@@ -159,11 +221,12 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
     async def _http_error(request, exc: StarletteHTTPException):
         msg = {404: f"no route {request.method} {request.url.path} (see /docs)",
                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return _error(exc.status_code, msg)
+        return _error(exc.status_code, msg, exc.headers)  # a 405 keeps its Allow header
 
     @app.exception_handler(RecoError)
     async def _reco_error(request, exc: RecoError):
         status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, BackboneMismatch) else 503
+        status = exc.status if isinstance(exc, Refused) else status
         return _error(status, str(exc))
 
     def _authorize(request: Request) -> None:
@@ -184,32 +247,44 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
             raise ApiError(404, f"no model {name!r} is served here; served: {', '.join(models)} (GET /v1/models)")
         return models[name]
 
+    # strings a valid body can hold: every list at its limit, plus the keys and single fields
+    max_strings = 2 * settings.max_items + settings.max_classes + settings.max_templates + 32
+
     async def _parse(request: Request, schema: type[_Body]) -> tuple[_Body, list[bytes]]:
+        """Refuse what is over a limit before paying for it: the declared length before reading, the number of
+        strings before parsing, counts and lengths before validating and decoding; big bodies are parsed and
+        decoded on worker threads, so the event loop (and /healthz) keeps answering."""
         _authorize(request)
         length = request.headers.get("content-length")
-        limit = settings.max_items * settings.max_image_bytes + (1 << 20)
+        limit = settings.body_limit
         if length and length.isdigit() and int(length) > limit:
             raise ApiError(413, f"request body of {int(length)} bytes is over the {limit}-byte limit "
-                                f"({settings.max_items} images of at most {settings.max_image_bytes} bytes)")
+                                "(RECO_SERVE_MAX_BODY_BYTES)")
         ctype = request.headers.get("content-type", "")
         if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             data, raw = await _read_form(request, schema)
         else:
             body = await request.body()
+            # every string has two quotes that are not escaped: a cheap bound on the parse's work
+            if body.count(b'"') - body.count(b'\\"') > 2 * max_strings:
+                raise ApiError(413, f"the JSON body holds more than {max_strings} strings; no request needs that "
+                                    "many (RECO_SERVE_MAX_ITEMS, _CLASSES, _TEMPLATES)")
             try:
-                data = json.loads(body or b"{}")
+                data = (json.loads(body or b"{}") if len(body) <= INLINE_JSON_BYTES
+                        else await run_in_threadpool(json.loads, body))
             except ValueError as exc:
                 raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object or a multipart "
                                     "form") from exc
             if not isinstance(data, dict):
                 raise ApiError(400, "the JSON body must be an object, e.g. {\"texts\": [\"a red circle\"]}")
             raw = None
+        _check_sizes(data, raw)
         try:
             req = schema.model_validate(data)
         except ValidationError as exc:
             raise ApiError(422, _validation_message(exc)) from exc
         if raw is None:
-            raw = [_b64(s, i) for i, s in enumerate(req.images)]
+            raw = await run_in_threadpool(lambda: [_b64(s, i) for i, s in enumerate(req.images)])
         if len(raw) > settings.max_items:
             raise ApiError(413, f"{len(raw)} images in one request; at most {settings.max_items} "
                                 "(RECO_SERVE_MAX_ITEMS): split the request")
@@ -219,11 +294,35 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
                                     "limit (RECO_SERVE_MAX_IMAGE_BYTES): send it smaller")
         return req, raw
 
+    def _check_sizes(data: dict, raw: list[bytes] | None) -> None:
+        """Counts and lengths against the RECO_SERVE_* limits, on the parsed body before validation (413)."""
+        limits = {"images": (settings.max_items, "RECO_SERVE_MAX_ITEMS"),
+                  "texts": (settings.max_items, "RECO_SERVE_MAX_ITEMS"),
+                  "classes": (settings.max_classes, "RECO_SERVE_MAX_CLASSES"),
+                  "templates": (settings.max_templates, "RECO_SERVE_MAX_TEMPLATES")}
+        counts = {k: len(v) for k, v in data.items() if k in limits and isinstance(v, list)}
+        if raw is not None:
+            counts["images"] = len(raw)
+        for key, n in counts.items():
+            most, var = limits[key]
+            if n > most:
+                raise ApiError(413, f"{n} {key} in one request; at most {most} ({var}): split the request")
+        chars = settings.max_text_chars
+        for key in ("texts", "classes", "templates", "text"):
+            values = data.get(key)
+            for i, v in enumerate(values if isinstance(values, list) else [values]):
+                if isinstance(v, str) and len(v) > chars:
+                    where = key if key == "text" else f"{key}.{i}"
+                    raise ApiError(413, f"{where} is {len(v)} characters, over the limit of {chars} "
+                                        "(RECO_SERVE_MAX_TEXT_CHARS): the model reads only its first ~77 tokens")
+
     async def _read_form(request: Request, schema: type[_Body]) -> tuple[dict, list[bytes]]:
         from starlette.datastructures import UploadFile
 
         try:
-            form = await request.form(max_files=settings.max_items + 1, max_fields=10_000)
+            form = await request.form(max_files=settings.max_items + 1, max_fields=max_strings)
+        except (ApiError, ClientDisconnect):
+            raise
         except Exception as exc:
             raise ApiError(400, f"cannot read the multipart form: {exc}") from exc
         lists = {"texts", "classes", "templates"} & set(schema.model_fields)  # fields given once per value
@@ -241,8 +340,9 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
         return data, raw
 
     async def _images(model: ServedModel, raw: list[bytes]):
-        images = [_decode(blob, i) for i, blob in enumerate(raw)]
-        return await run_in_threadpool(model.preprocess, images)
+        """Decoded (under the pixel limit) and preprocessed on a worker thread, one image at a time."""
+        return await run_in_threadpool(model.decode_and_preprocess, raw,
+                                       lambda blob, i: _decode(blob, i, settings.max_image_pixels))
 
     def _answer(body: dict, memory: tuple[str, int]) -> JSONResponse:
         body = {"memory": {"name": memory[0], "version": memory[1]}, **body}
@@ -255,26 +355,31 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
 
     @app.get("/healthz")
     async def healthz():
+        """Alive: answered on the event loop, never waits for a model thread."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=_responses(503))
     async def readyz():
         if not state["ready"]:
             return _error(503, state["error"] or "loading models")
         try:
-            await asyncio.gather(*(m.check() for m in state["models"].values()))
+            await asyncio.wait_for(asyncio.gather(*(m.check() for m in state["models"].values())), READY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return _error(503, f"not ready: a model thread has been busy for over {READY_TIMEOUT_S:.0f} s")
         except Exception as exc:
             return _error(503, f"not ready: {exc}")
         return {"status": "ready", "models": list(state["models"])}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+        **_responses(401)})
     async def metrics_route(request: Request):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         _authorize(request)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_responses(401))
     async def models(request: Request):
         _authorize(request)
         out = []
@@ -286,7 +391,7 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
             out.append({**row, "memory_version": collection_version, "search_runs": search_runs})
         return {"models": out}
 
-    @app.get("/v1/memories")
+    @app.get("/v1/memories", responses=_responses(401))
     async def memories(request: Request):
         from ..memory import list_memories
 
@@ -300,7 +405,9 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
                         "versions": [v["version"] for v in mem["versions"]]})
         return {"memories": out}
 
-    @app.post("/v1/embed", openapi_extra=_openapi(EmbedRequest))
+    posted = _responses(400, 401, 404, 408, 413, 422, 503)
+
+    @app.post("/v1/embed", openapi_extra=_openapi(EmbedRequest, settings), responses=posted)
     async def embed(request: Request):
         req, raw = await _parse(request, EmbedRequest)
         if not raw and not req.texts:
@@ -331,7 +438,7 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
             body.setdefault("refined", {})[side] = bool(refine)
         return _answer(body, (done[0].memory, done[0].version))
 
-    @app.post("/v1/classify", openapi_extra=_openapi(ClassifyRequest))
+    @app.post("/v1/classify", openapi_extra=_openapi(ClassifyRequest, settings), responses=posted)
     async def classify(request: Request):
         from ..datasets import templates_for
 
@@ -344,21 +451,25 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
         if len(templates) > settings.max_templates:
             raise ApiError(413, f"{len(templates)} templates; at most {settings.max_templates} "
                                 "(RECO_SERVE_MAX_TEMPLATES)")
-        if req.top_k > len(req.classes):
-            raise ApiError(422, f"top_k: {req.top_k} is more than the {len(req.classes)} classes given")
+        if len(req.classes) * len(templates) > settings.max_prompts:
+            raise ApiError(413, f"{len(req.classes)} classes x {len(templates)} templates = "
+                                f"{len(req.classes) * len(templates)} prompts to encode; at most "
+                                f"{settings.max_prompts} (RECO_SERVE_MAX_PROMPTS): send fewer classes or templates")
+        top_k = min(req.top_k, len(req.classes))  # "the top 5" of two classes is both of them
         model = _model(req.model)
         img = await model.embed("image", await _images(model, raw), len(raw), True)
         w_frozen, w_reco = await model.class_weights(req.classes, templates, img.collection)
         scale = model.logit_scale
         results = []
         for i in range(len(raw)):
-            row = {"reco": _top(img.refined[i] @ w_reco.T, req.classes, req.top_k, scale)}
+            row = {"reco": _top(img.refined[i] @ w_reco.T, req.classes, top_k, scale)}
             if req.compare:
-                row["baseline"] = _top(img.frozen[i] @ w_frozen.T, req.classes, req.top_k, scale)
+                row["baseline"] = _top(img.frozen[i] @ w_frozen.T, req.classes, top_k, scale)
             results.append(row)
         return _answer({"model": model.name, "results": results}, (img.memory, img.version))
 
-    @app.post("/v1/search", openapi_extra=_openapi(SearchRequest))
+    @app.post("/v1/search", openapi_extra=_openapi(SearchRequest, settings),
+              responses={**posted, **_responses(409)})
     async def search(request: Request):
         from ..corpus import read_source_images
         from ..report import data_uri
@@ -373,9 +484,12 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
             raise ApiError(422, f"k: {req.k} is over the limit of {settings.max_k} (RECO_SERVE_MAX_K)")
         if req.memory:
             try:
-                parse_memory_ref(req.memory)
+                version = parse_memory_ref(req.memory)[1]
             except RecoError as exc:
                 raise ApiError(422, f"memory: {exc}") from exc
+            if version is not None and not 1 <= version <= MAX_VERSION:
+                raise ApiError(422, f"memory: version {version} is out of range: versions run from 1 to "
+                                    f"{MAX_VERSION} (GET /v1/memories lists them)")
         model = _model(req.model)
         if raw:
             side, query = "image", await model.embed("image", await _images(model, raw), 1, False)
@@ -409,11 +523,17 @@ def _b64(s: str, i: int) -> bytes:
         raise ApiError(400, f"images.{i} is not valid base64 ({exc})") from exc
 
 
-def _decode(blob: bytes, i: int):
+def _decode(blob: bytes, i: int, max_pixels: int):
+    """Bytes -> an RGB image; the size is read from the header and checked before any pixel is decoded (a small
+    PNG can declare 12000 x 12000 pixels: 690 MB once decoded)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(blob)) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ApiError(413, f"image {i} is {w} x {h} = {w * h} pixels, over the limit of {max_pixels} "
+                                    "(RECO_SERVE_MAX_IMAGE_PIXELS): send it scaled down")
             im.load()
             return im.convert("RGB")
     except Image.DecompressionBombError as exc:
@@ -422,6 +542,46 @@ def _decode(blob: bytes, i: int):
         raise ApiError(400, f"image {i} is not an image: send JPEG, PNG, WebP, GIF or BMP bytes") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ApiError(400, f"image {i} cannot be decoded ({exc}): is the file complete?") from exc
+
+
+CLIENT_GONE = 499  # nginx's "client closed request": counted apart from errors, logged at INFO
+
+
+class _BodyGuard:
+    """ASGI middleware: a request body must arrive within `timeout` seconds of the request and hold at most
+    `limit` bytes (chunked bodies too, which declare no length), so slow or endless senders cannot hold a
+    connection and its memory for ever. Raised inside the route's read, the 408/413 is an ordinary `{"error"}`."""
+
+    def __init__(self, app, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        received, complete = 0, False
+
+        async def guarded_receive():
+            nonlocal received, complete
+            if complete:  # later reads only wait for a disconnect: no deadline
+                return await receive()
+            left = deadline - loop.time()
+            try:
+                message = await asyncio.wait_for(receive(), max(left, 0.001))
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"the request body did not arrive within {self.timeout:g} s "
+                                    "(RECO_SERVE_BODY_TIMEOUT_S)") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise ApiError(413, f"request body over the {self.limit}-byte limit (RECO_SERVE_MAX_BODY_BYTES)")
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
+            return message
+
+        await self.app(scope, guarded_receive, send)
 
 
 def _top(logits: np.ndarray, classes: list[str], k: int, scale: float) -> list[dict]:

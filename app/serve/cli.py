@@ -45,11 +45,12 @@ def serve(rt, host, port, models, workers, max_batch, max_wait_ms, log_level) ->
 
     click.echo(f"serving {', '.join(settings.models)} on http://{host}:{port}/ (API docs at /docs)", err=True)
     if workers == 1:
-        uvicorn.run(create_app(settings, rt), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(settings, rt), host=host, port=port, log_level=log_level,
+                    timeout_keep_alive=settings.keep_alive_s)
     else:
         os.environ.update(settings.to_env())
         uvicorn.run("app.serve.api:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level)
+                    log_level=log_level, timeout_keep_alive=settings.keep_alive_s)
 
 
 def _check_models(rt, names: tuple[str, ...]) -> list[str]:

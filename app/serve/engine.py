@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..encoder import RecoEncoder
-from ..errors import RecoError
+from ..encoder import KEEP_OPEN_S, RecoEncoder, _KeepOpen
+from ..errors import NotFound, RecoError
 from .batching import Batcher
 from .metrics import ServeMetrics
 from .settings import ServeSettings
@@ -60,6 +60,10 @@ class ServedModel:
             for side in ("image", "text")
         }
         self._prompts: OrderedDict = OrderedDict()
+        self.chunk = settings.max_batch  # prompts per batch of a classification's class weights
+        # the collection /v1/search last read stays open as the encoder's does for embed: an embedded shard costs
+        # far more to open than to query, and search-only traffic never calls the encoder (store holds nest)
+        self._search_keep = _KeepOpen(rt, KEEP_OPEN_S)
 
     # -- description -----------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -79,6 +83,7 @@ class ServedModel:
         for b in self.batchers.values():
             await b.stop()
         self.executor.shutdown(wait=True)
+        self._search_keep.close()
         self.encoder.close()
 
     # -- the batched work (model thread) -------------------------------------------------------------------
@@ -125,6 +130,13 @@ class ServedModel:
         """PIL images -> a pixel tensor (runs on the thread pool, beside the model thread)."""
         return self.backbone.preprocess_images(images)
 
+    def decode_and_preprocess(self, raw: list[bytes], decode) -> object:
+        """Image bytes -> a pixel tensor, one image at a time (thread pool): one full-size picture in memory per
+        request, never all of them."""
+        import torch
+
+        return torch.cat([self.backbone.preprocess_images([decode(blob, i)]) for i, blob in enumerate(raw)])
+
     async def embed(self, side: str, items, n: int, refine: bool) -> Encoded:
         return await self.batchers[side].submit(Job(items, n, refine))
 
@@ -142,8 +154,14 @@ class ServedModel:
         prompts = tuple(t.format(c=c) for c in classes for t in templates)
         key = (prompts, collection)
         if key not in self._prompts:
-            frozen = (await self.embed("text", list(prompts), len(prompts), refine=False)).frozen
-            refined = await self._in_model_thread(self.encoder.refine, frozen, "text", collection)
+            # one batch of `chunk` prompts at a time: other requests' batches run between them, so a large class
+            # set slows itself, not the server
+            frozen, refined = [], []
+            for i in range(0, len(prompts), self.chunk):
+                part = list(prompts[i:i + self.chunk])
+                frozen.append((await self.embed("text", part, len(part), refine=False)).frozen)
+                refined.append(await self._in_model_thread(self.encoder.refine, frozen[-1], "text", collection))
+            frozen, refined = np.concatenate(frozen), np.concatenate(refined)
             self._prompts[key] = (zero_shot_weights(frozen, len(classes), len(templates)),
                                   zero_shot_weights(refined, len(classes), len(templates)))
             while len(self._prompts) > PROMPT_CACHE:
@@ -160,19 +178,49 @@ class ServedModel:
 
         name, version = parse_memory_ref(memory) if memory else (self.encoder.memory, None)
         if name == self.encoder.memory and version is None:
-            collection, v = self._resolve()  # the encoder's own memory: held open, checked once
+            collection, v = self._resolve()  # the encoder's own memory: checked once
         else:
-            collection, v = resolve_collection(self.rt, name, version)
+            collection, v = self._resolve_other(name, version)
             if v.backbone_hash != self.encoder.info["backbone_hash"]:
                 raise BackboneMismatch(f"memory {name} v{v.version} was embedded with {v.backbone}; model "
                                        f"{self.name} uses {self.encoder.info['backbone']}: search a memory of the "
                                        "same backbone")
+            self._search_keep.use(collection)  # before counting its points: one open, not two
             check_complete(self.rt, name, collection, v)
+        self._search_keep.use(collection)
         t0 = time.perf_counter()
         hits = self.rt.store.search(collection, q, using=side, k=k)[0]
         self.metrics.stage.labels(self.name, "search").observe(time.perf_counter() - t0)
         return hits, (name, v.version)
 
 
+    def _resolve_other(self, name: str, version: int | None):
+        """A memory the request names: what the client got wrong is a 4xx (a class set's name, a version that is
+        not ready), not the server's 503."""
+        from ..memory import get_memory, resolve_collection
+
+        with self.rt.db.session() as s:
+            try:
+                get_memory(s, name)
+            except NotFound:
+                raise
+            except RecoError as exc:  # a class set of that name
+                raise Refused(422, f"memory: {exc}") from exc
+        try:
+            return resolve_collection(self.rt, name, version)
+        except NotFound:
+            raise
+        except RecoError as exc:  # e.g. a version still building
+            raise Refused(409, str(exc)) from exc
+
+
 class BackboneMismatch(RecoError):
     """A memory embedded with another backbone than the model's."""
+
+
+class Refused(RecoError):
+    """A request the server cannot answer because of what it asked for (its `status` is the HTTP answer)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status

@@ -15,6 +15,8 @@ class ServeMetrics:
                                 ["route", "status"], registry=r)
         self.errors = Counter("reco_request_errors", "HTTP requests answered with a 4xx or 5xx, by route",
                               ["route"], registry=r)
+        self.disconnects = Counter("reco_client_disconnects", "Requests whose client went away before the answer "
+                                   "(status 499 in reco_requests_total), by route", ["route"], registry=r)
         self.latency = Histogram("reco_request_seconds", "Request latency by route", ["route"], buckets=_LATENCY,
                                  registry=r)
         self.stage = Histogram("reco_stage_seconds", "Time per batch in each stage (encode, search, fuse)",

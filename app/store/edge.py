@@ -25,12 +25,33 @@ from .base import MODALITIES, Hit, Storage, VectorStore, as_matrix, check_vector
 HNSW_M = 16
 HNSW_EF_CONSTRUCT = 128
 DEFAULT_EF = 128
+WAL_MB = 32  # the engine's write-ahead log segment, allocated whole when a shard is created or loaded
 
 
 def _edge():
     import qdrant_edge
 
     return qdrant_edge
+
+
+@contextmanager
+def _disk_full_as_error(path: Path, need_mb: float = 2 * WAL_MB) -> Iterator[None]:
+    """The engine reports a full disk as a plain Exception ("Can't init WAL ... FileTooLarge", "No space left on
+    device"): turn it into one line naming the disk and the space to free, not a raw engine message."""
+    try:
+        yield
+    except RecoError:
+        raise
+    except Exception as exc:
+        from ..runtime import disk_full_error, is_disk_full
+
+        if is_disk_full(exc):
+            raise disk_full_error(path, need_mb) from exc
+        raise
+
+
+def _size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20 if path.is_dir() else 0.0
 
 
 class _Handle:
@@ -91,15 +112,8 @@ class EdgeStore(VectorStore):
                 lock = FileLock(str(path) + ".lock", timeout=self.lock_timeout, thread_local=False)
                 lock.acquire()
                 try:
-                    e = _edge()
-                    if path.exists() and any(path.iterdir()):
-                        shard = e.EdgeShard.load(str(path))
-                    elif create_dim is not None:
-                        storage = storage or Storage()
-                        shard = e.EdgeShard.create(str(path), self._config(
-                            create_dim, quantization=storage.at_create(), on_disk=storage.on_disk, vectors=vectors))
-                    else:
-                        raise RecoError(f"vector collection {collection} does not exist under {self.root}")
+                    with _disk_full_as_error(path):
+                        shard = self._load_or_create(path, collection, create_dim, storage, vectors)
                 except BaseException:
                     lock.release()
                     raise
@@ -112,11 +126,23 @@ class EdgeStore(VectorStore):
                 h.users -= 1
                 if h.users == 0:
                     try:
-                        h.shard.flush()
-                        h.shard.close()
+                        with _disk_full_as_error(path):
+                            h.shard.flush()
+                            h.shard.close()
                     finally:
                         del self._handles[key]
                         h.lock.release()
+
+    def _load_or_create(self, path: Path, collection: str, create_dim: int | None, storage: Storage | None,
+                        vectors: Sequence[str]):
+        e = _edge()
+        if path.exists() and any(path.iterdir()):
+            return e.EdgeShard.load(str(path))
+        if create_dim is None:
+            raise RecoError(f"vector collection {collection} does not exist under {self.root}")
+        storage = storage or Storage()
+        return e.EdgeShard.create(str(path), self._config(
+            create_dim, quantization=storage.at_create(), on_disk=storage.on_disk, vectors=vectors))
 
     @contextmanager
     def hold(self, collection: str, create_dim: int | None = None, storage: Storage | None = None,
@@ -174,7 +200,8 @@ class EdgeStore(VectorStore):
             raise ValueError("ids, vectors and payloads must have the same length")
         points = [e.Point(id=pid, vector={name: x[i] for name, x in lists.items()}, payload=payloads[i])
                   for i, pid in enumerate(ids)]
-        with self._open(collection) as shard:
+        need = WAL_MB + 2 * sum(len(x) * len(x[0]) * 4 for x in lists.values() if x) / 2**20  # WAL + segment
+        with self._open(collection) as shard, _disk_full_as_error(self._dir(collection), need):
             shard.update(e.UpdateOperation.upsert_points(points))  # applied on return; WAL-durable, flushed on close
 
     def count(self, collection: str) -> int:
@@ -259,7 +286,8 @@ class EdgeStore(VectorStore):
         with self._registry_lock:
             if str(path) in self._handles:
                 raise RecoError(f"cannot seal {collection} while it is open in this process")
-            with FileLock(str(path) + ".lock", timeout=self.lock_timeout, thread_local=False):
+            with FileLock(str(path) + ".lock", timeout=self.lock_timeout, thread_local=False), \
+                    _disk_full_as_error(path, _size_mb(path) + WAL_MB):  # optimize() writes a merged copy
                 configs = self._vector_configs(collection)
                 dim = next(iter(configs.values()))["size"]
                 shard = e.EdgeShard.load(str(path))

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..backbone import hash_file
 from ..errors import RecoError
+from ..names import parse_memory_ref
 from . import new_directory
 
 FORMAT, FORMAT_VERSION = "reco-memory-export", 1
@@ -94,7 +95,6 @@ def export_version(rt, ref: str, out: str | Path, part_rows: int = PART_ROWS, pr
 
     from ..db.models import VersionStatus
     from ..memory import check_complete, get_version, storage_of
-    from ..train import parse_memory_ref
 
     name, number = parse_memory_ref(ref)
     if part_rows < 1:
@@ -169,7 +169,38 @@ def read_export(path: str | Path) -> dict:
         if hash_file(f) != want["sha256"]:
             raise RecoError(f"{rel} does not match its sha256 in the manifest: the file was changed or damaged; "
                             "export again")
+    unlisted = sorted(set(m["files"]) - listed)
+    if unlisted:
+        raise RecoError(f"{mpath} hashes {unlisted[0]}, which none of its parts lists: the export is damaged")
+    _check_no_extra_files(root, m)
+    _check_shapes(root, m, mpath)
     return m
+
+
+def _check_no_extra_files(root: Path, m: dict) -> None:
+    """The import reads the export's folders, so a file the manifest does not list (a part dropped in later)
+    would be stored unchecked: the directory must hold exactly the manifest's files."""
+    extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.is_file() and p.relative_to(root).as_posix() not in m["files"] and p.name != "manifest.json")
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise RecoError(f"{root} holds {extra[0]}{more}, which its manifest does not list: an import reads exactly "
+                        "the exported files; remove it, or export again")
+
+
+def _check_shapes(root: Path, m: dict, mpath: Path) -> None:
+    """The manifest's dim and rows against the arrays themselves (the hashes cover the parts, not the manifest):
+    a manifest edited to another dimension is refused before the backbone is compared with it."""
+    try:
+        dim = int(m["dim"])
+    except (TypeError, ValueError) as exc:
+        raise RecoError(f"{mpath}: dim {m['dim']!r} is not a whole number: the export is damaged") from exc
+    for part in m["parts"]:
+        for key in ("img_emb", "text_emb"):
+            shape = np.load(root / part[key], mmap_mode="r").shape
+            if shape != (int(part["rows"]), dim):
+                raise RecoError(f"{part[key]} holds vectors of shape {shape}, the manifest says {part['rows']} rows "
+                                f"of dim {dim}: the manifest was edited or damaged; export again")
 
 
 def start_import(rt, path: str | Path, manifest: dict | None = None, name: str | None = None,

@@ -126,7 +126,6 @@ def import_model(rt, path: str | Path, name: str | None = None, memory: str | No
     """Register the bundle's model as NAME, pointed at MEMORY (default: the memory it was trained with)."""
     from sqlalchemy import select
 
-    from .. import checkpoint
     from ..db.models import FusionModel, Memory, ModelStatus
     from ..names import check_name
 
@@ -149,19 +148,34 @@ def import_model(rt, path: str | Path, name: str | None = None, memory: str | No
             raise RecoError(f"model {c['name']} was trained on backbone {c['backbone']}; memory {memory} holds "
                             f"vectors of {', '.join(sorted({v.backbone for v in mem.versions}))}: point --memory at a "
                             "memory of the model's backbone")
+    _install(root, target)
+    try:
+        with rt.db.session() as s:
+            s.add(FusionModel(name=name, status=ModelStatus.READY, backbone=c["backbone"],
+                              backbone_hash=c["backbone_hash"], dim=c["dim"], memory_name=memory,
+                              memory_version=c["memory"]["version"], pairs_name=c["pairs"]["name"],
+                              pairs_version=c["pairs"]["version"], config={"job": c["job"]},
+                              metrics=c.get("metrics") or {}, step=c.get("step") or 0, checkpoint_dir=str(target)))
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)  # no row, no files: a refused import leaves nothing
+        raise
+    return {**c, "name": name, "memory": {"name": memory, "version": c["memory"]["version"]}}
+
+
+def _install(root: Path, target: Path) -> None:
+    """Copy the checkpoint into `target` through a staging folder that is removed on any failure, so a refused
+    bundle leaves no `NAME.importing/` behind. torch is imported only here, after every cheap check passed."""
+    from .. import checkpoint
+
     staging = target.with_name(target.name + ".importing")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    shutil.copyfile(root / "model.safetensors", staging / "best.safetensors")
-    shutil.copyfile(root / "checkpoint.json", staging / "best.json")
-    checkpoint.load(staging, "best")  # the checkpoint's own sums agree with its tensors
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    with rt.db.session() as s:
-        s.add(FusionModel(name=name, status=ModelStatus.READY, backbone=c["backbone"],
-                          backbone_hash=c["backbone_hash"], dim=c["dim"], memory_name=memory,
-                          memory_version=c["memory"]["version"], pairs_name=c["pairs"]["name"],
-                          pairs_version=c["pairs"]["version"], config={"job": c["job"]}, metrics=c.get("metrics") or {},
-                          step=c.get("step") or 0, checkpoint_dir=str(target)))
-    return {**c, "name": name, "memory": {"name": memory, "version": c["memory"]["version"]}}
+    try:
+        staging.mkdir(parents=True)
+        shutil.copyfile(root / "model.safetensors", staging / "best.safetensors")
+        shutil.copyfile(root / "checkpoint.json", staging / "best.json")
+        checkpoint.load(staging, "best")  # the checkpoint's own sums agree with its tensors
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
