@@ -114,7 +114,6 @@ def evaluate_classification(rt, model: str, dataset: str, memory: str | None = N
     a dense matrix or a top-k search (`ranking`; auto picks by the set's size; `ef` widens the search)."""
     from .classes import ClassIndex
     from .datasets import load_classification
-    from .encoder import RecoEncoder
 
     if retrieval not in RETRIEVAL_CHOICES:
         raise RecoError(f"--retrieval must be one of {', '.join(RETRIEVAL_CHOICES)}")
@@ -122,7 +121,9 @@ def evaluate_classification(rt, model: str, dataset: str, memory: str | None = N
         raise RecoError(f"--templates applies to the dataset's own classes: class set {classes} was encoded with "
                         f"its own (`reco classes show {classes}`)")
     np.random.seed(seed)
-    ds = load_classification(dataset, classnames, templates)
+    ds = load_classification(dataset, classnames, templates)  # before torch: a bad layout or file answers at once
+    from .encoder import RecoEncoder
+
     enc = RecoEncoder.load(model, memory=memory, runtime=rt, checkpoint=checkpoint)
     with ClassIndex.open(rt, classes) if classes else contextlib.nullcontext() as index:
         if index is not None and ef:
@@ -253,14 +254,15 @@ def evaluate_retrieval(rt, model: str, dataset: str, memory: str | None = None, 
                        guard: bool = True, seed: int = 0, batch_size: int = 64, images_root: str | None = None,
                        progress: bool = False, checkpoint: str = "best") -> dict:
     from .datasets import karpathy
-    from .encoder import RecoEncoder
 
     if retrieval not in RETRIEVAL_CHOICES:
         raise RecoError(f"--retrieval must be one of {', '.join(RETRIEVAL_CHOICES)}")
     kind, _, path = dataset.partition(":")
     if kind != "karpathy" or not path:
         raise RecoError(f"bad retrieval dataset {dataset!r}: use karpathy:/path/dataset_coco.json")
-    ds = karpathy(path, images_root)
+    ds = karpathy(path, images_root)  # before torch: a bad layout answers at once
+    from .encoder import RecoEncoder
+
     enc = RecoEncoder.load(model, memory=memory, runtime=rt, checkpoint=checkpoint)
     ks = _check_ks(ks or [enc.k], enc.k)
     collection, version = enc.resolve()

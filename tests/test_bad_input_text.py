@@ -242,8 +242,15 @@ def test_a_plain_list_is_read_for_matching_or_numbered_folders(tmp_path, wnid_fo
 
 @pytest.mark.parametrize("args", [("memory", "build", "x", "{m}", "--backbone", "{cfg}"),
                                   ("classes", "build", "x", "--names", "{names}", "--backbone", "{cfg}"),
-                                  ("classes", "build", "x", "--names", "{long}", "--backbone", "{cfg}")],
-                         ids=["manifest", "names", "long name"])
+                                  ("classes", "build", "x", "--names", "{long}", "--backbone", "{cfg}"),
+                                  ("eval", "classification", "--model", "m", "--dataset", "imagefolder:{folder}",
+                                   "--classnames", "{names}"),
+                                  ("eval", "classification", "--model", "m", "--dataset", "imagefolder:{folder}",
+                                   "--classnames", "{unordered}"),
+                                  ("eval", "classification", "--model", "m", "--dataset", "oven:{tmp}"),
+                                  ("eval", "retrieval", "--model", "m", "--dataset", "karpathy:{tmp}/none.json")],
+                         ids=["manifest", "names", "long name", "eval class names", "eval unordered list",
+                              "eval OVEN layout", "eval karpathy"])
 def test_text_file_errors_come_before_torch_is_imported(tmp_path, tiny_config, args):
     import os
     import subprocess
@@ -252,8 +259,12 @@ def test_text_file_errors_come_before_torch_is_imported(tmp_path, tiny_config, a
     (tmp_path / "m.csv").write_bytes("image,caption\na.png,café\n".encode("latin-1"))
     (tmp_path / "names.txt").write_bytes("café\n".encode("latin-1"))
     (tmp_path / "long.txt").write_bytes(b"x" * (MAX_CLASS_NAME_CHARS + 1))
+    for folder in ("n01", "n02"):  # folder names unlike the class names: a plain list cannot say which is which
+        _image(tmp_path / "folder" / folder / "a.png")
+    (tmp_path / "unordered.txt").write_text("goldfish\ntench\n")
     args = [a.format(m=tmp_path / "m.csv", names=tmp_path / "names.txt", long=tmp_path / "long.txt",
-                     cfg=tiny_config) for a in args]
+                     cfg=tiny_config, folder=tmp_path / "folder", unordered=tmp_path / "unordered.txt",
+                     tmp=tmp_path) for a in args]
     env = {**os.environ, "RECO_HOME": str(tmp_path / "home")}
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "app", *args], env=env, capture_output=True,
                        text=True, timeout=120)
