@@ -13,50 +13,35 @@ from click.testing import CliRunner
 
 from app import synthetic
 from app.cli import cli
-
-
-def _build(cli_run, name, source, tiny_config, *extra, ok=True):
-    return cli_run("memory", "build", name, source, "--backbone", tiny_config, *extra, ok=ok)
-
-
-def _one_error_line(r, *needles):
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1 and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-def _versions(cli_run) -> list:
-    return [v for m in json.loads(cli_run("memory", "list", "--json").output) for v in m["versions"]]
+from tests.cli_checks import build, one_error_line, versions
 
 
 @pytest.mark.parametrize("size", ["0", "-5"])
 def test_shard_size_must_be_positive(cli_run, tmp_path, tiny_config, size):
     m = synthetic.write_manifest(tmp_path / "m", n=4)
-    r = _build(cli_run, "m", m, tiny_config, "--format", "manifest", "--shard-size", size, ok=False)
-    _one_error_line(r, "--shard-size must be a whole number of rows above 0")
-    assert _versions(cli_run) == []
+    r = build(cli_run, "m", m, tiny_config, "--format", "manifest", "--shard-size", size, ok=False)
+    one_error_line(r, "--shard-size must be a whole number of rows above 0")
+    assert versions(cli_run) == []
 
 
 def test_a_json_array_manifest_is_refused_with_how_to_convert_it(cli_run, tmp_path, tiny_config):
     for name, text in (("flat.json", json.dumps([{"image": "a.png", "caption": "x"}])),
                        ("pretty.json", json.dumps([{"image": "a.png", "caption": "x"}], indent=1))):
         (tmp_path / name).write_text(text)
-        r = _build(cli_run, "j", tmp_path / name, tiny_config, ok=False)
-        _one_error_line(r, "object per line", "jq -c")
+        r = build(cli_run, "j", tmp_path / name, tiny_config, ok=False)
+        one_error_line(r, "object per line", "jq -c")
 
 
 def test_manifest_format_given_a_directory(cli_run, tmp_path, tiny_config, wds_corpus):
-    r = _build(cli_run, "d", wds_corpus, tiny_config, "--format", "manifest", ok=False)
-    _one_error_line(r, "is a directory", "give the manifest file itself")
+    r = build(cli_run, "d", wds_corpus, tiny_config, "--format", "manifest", ok=False)
+    one_error_line(r, "is a directory", "give the manifest file itself")
 
 
 def test_wds_format_given_a_manifest_leaves_no_version(cli_run, tmp_path, tiny_config):
     m = synthetic.write_manifest(tmp_path / "m", n=4)
-    r = _build(cli_run, "w", m, tiny_config, "--format", "wds", ok=False)
-    _one_error_line(r, "is not a tar shard", "--format manifest")
-    assert _versions(cli_run) == []
+    r = build(cli_run, "w", m, tiny_config, "--format", "wds", ok=False)
+    one_error_line(r, "is not a tar shard", "--format manifest")
+    assert versions(cli_run) == []
 
 
 def test_a_backbone_that_cannot_load_leaves_no_version(cli_run, tmp_path, wds_corpus):
@@ -65,7 +50,7 @@ def test_a_backbone_that_cannot_load_leaves_no_version(cli_run, tmp_path, wds_co
     for _ in range(2):
         r = cli_run("memory", "build", "b", wds_corpus, "--backbone", bad, ok=False)
         assert r.exit_code == 1 and "Traceback" not in r.output
-    assert _versions(cli_run) == []
+    assert versions(cli_run) == []
 
 
 @pytest.fixture
@@ -81,14 +66,14 @@ def built(cli_run, tmp_path, tiny_config):
         info = tarfile.TarInfo("zz000001.png")
         info.size = len(png)
         tar.addfile(info, io.BytesIO(png))
-    _build(cli_run, "q", src, tiny_config, "--activate")
+    build(cli_run, "q", src, tiny_config, "--activate")
     return "q"
 
 
 @pytest.mark.parametrize("k", ["-1", "0"])
 def test_query_k_is_checked_first(cli_run, built, k):
     r = cli_run("memory", "query", built, "--text", "a red circle", "-k", k, ok=False)
-    _one_error_line(r, "-k must be a whole number of neighbours above 0")
+    one_error_line(r, "-k must be a whole number of neighbours above 0")
 
 
 def test_query_images_that_cannot_be_read(cli_run, built, tmp_path):
@@ -97,7 +82,7 @@ def test_query_images_that_cannot_be_read(cli_run, built, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     for f in ("cut.jpg", "notes.png"):
         r = cli_run("memory", "query", built, "--image", tmp_path / f, ok=False)
-        _one_error_line(r, "cannot read query image", f)
+        one_error_line(r, "cannot read query image", f)
 
 
 def test_multi_line_captions_keep_the_query_table_one_row_per_hit(cli_run, built):
@@ -120,7 +105,7 @@ def test_a_damaged_metadata_db_names_the_file_and_the_way_out(cli_run, reco_env,
             f.write(b"\xff" * 8192)
     for args in (("memory", "list"), ("status",), ("model", "list")):
         r = cli_run(*args, ok=False)
-        _one_error_line(r, f"the metadata database {db} is damaged", "restore it from a backup", "mv ")
+        one_error_line(r, f"the metadata database {db} is damaged", "restore it from a backup", "mv ")
 
 
 def _gz(src, dst):
@@ -137,19 +122,19 @@ def test_a_directory_source_reads_every_tar_form(cli_run, tmp_path, tiny_config)
     _gz(b, mixed / "00002.tar.gz")
     (mixed / "00000_stats.json").write_text("{}")  # img2dataset's sidecars are not shards
     (mixed / "00000.parquet").write_bytes(b"PAR1")
-    r = _build(cli_run, "mixed", mixed, tiny_config)
+    r = build(cli_run, "mixed", mixed, tiny_config)
     assert "11 items stored, 0 skipped" in r.output
     only = tmp_path / "only"
     only.mkdir()
     _gz(b, only / "00000.tgz")
-    assert "5 items stored" in _build(cli_run, "only", only, tiny_config).output
+    assert "5 items stored" in build(cli_run, "only", only, tiny_config).output
 
 
 def test_a_directory_with_an_archive_it_cannot_read_stops(cli_run, tmp_path, tiny_config, wds_corpus):
     shutil.make_archive(str(wds_corpus / "extra"), "zip", wds_corpus)
-    r = _build(cli_run, "z", wds_corpus, tiny_config, ok=False)
-    _one_error_line(r, "cannot read as shards", "extra.zip")
-    assert _versions(cli_run) == []
+    r = build(cli_run, "z", wds_corpus, tiny_config, ok=False)
+    one_error_line(r, "cannot read as shards", "extra.zip")
+    assert versions(cli_run) == []
 
 
 def test_every_embeddings_part_needs_captions(cli_run, tmp_path):
@@ -162,11 +147,11 @@ def test_every_embeddings_part_needs_captions(cli_run, tmp_path):
     pq.write_table(t.rename_columns(["text" if c == "caption" else c for c in t.column_names]), meta)
     cfg = synthetic.write_tiny_config(tmp_path / "tiny.json")
     r = cli_run("memory", "build", "e", root, "--backbone", cfg, ok=False)
-    _one_error_line(r, "metadata_1.parquet has no 'caption' column", "text")
+    one_error_line(r, "metadata_1.parquet has no 'caption' column", "text")
     pq.write_table(pa.table({"caption": ["a", "b"]}), meta)  # 2 rows for 4 vectors
     r = cli_run("memory", "build", "e", root, "--backbone", cfg, ok=False)
-    _one_error_line(r, "metadata_1.parquet has 2 rows but its embeddings have 4 vectors")
-    assert _versions(cli_run) == []
+    one_error_line(r, "metadata_1.parquet has 2 rows but its embeddings have 4 vectors")
+    assert versions(cli_run) == []
 
 
 def test_duplicate_keys_across_merged_img2dataset_runs_first_shard_wins(cli_run, tmp_path, tiny_config):
@@ -175,7 +160,7 @@ def test_duplicate_keys_across_merged_img2dataset_runs_first_shard_wins(cli_run,
     for run, seed in (("a", 0), ("b", 0)):  # two runs that numbered their items the same way
         for i, p in enumerate(synthetic.write_wds(tmp_path / run, n_shards=2, per_shard=4, seed=seed)):
             shutil.copy(p, merged / f"{run}-{i:05d}.tar")
-    r = _build(cli_run, "dup", merged, tiny_config, "--activate")
+    r = build(cli_run, "dup", merged, tiny_config, "--activate")
     assert "dup v1 ready (active): 8 items stored, 8 skipped (duplicate_key=8)" in r.output
     shards = json.loads(cli_run("memory", "show", "dup", "--json").output)["shards"]
     assert [(s["name"], s["items_stored"], s["items_skipped"]) for s in shards] == [
@@ -195,7 +180,7 @@ def test_duplicate_keys_with_a_key_column_and_small_shards_match_the_in_shard_ru
     out = [header] + [",".join(f"k{i % 5}" if j == k else v for j, v in enumerate(r.split(","))) for i, r in
                       enumerate(body)]
     manifest.write_text("\n".join(out) + "\n")
-    r = _build(cli_run, "kc", manifest, tiny_config, "--key-column", "key", "--shard-size", "3")
+    r = build(cli_run, "kc", manifest, tiny_config, "--key-column", "key", "--shard-size", "3")
     assert "5 items stored, 5 skipped (duplicate_key=5)" in r.output
     assert json.loads(cli_run("memory", "verify", "kc", "--version", "1", "--json").output)["ok"]
     shown = json.loads(cli_run("memory", "show", "kc", "--version", "1", "--json").output)
@@ -228,12 +213,12 @@ def test_no_command_answers_bad_arguments_with_a_traceback(reco_env, args):
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     assert r.exit_code in (0, 1), r.output
     if r.exit_code:
-        _one_error_line(r)
+        one_error_line(r)
 
 
 def test_a_usage_error_points_at_the_help(reco_env):
     r = CliRunner().invoke(cli, ["memory", "query", "x", "--image", "/no/such.png"], prog_name="reco")
-    _one_error_line(r, "'--image'", "does not exist", "see `reco memory query --help`")
+    one_error_line(r, "'--image'", "does not exist", "see `reco memory query --help`")
 
 
 TAG = "ViT-B-32:laion2b_s34b_b79k"

@@ -15,23 +15,7 @@ import types
 import pytest
 
 from app import synthetic
-
-
-def _one_error_line(r, *needles):
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1 and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
-def _versions(cli_run) -> list:
-    return [v for m in json.loads(cli_run("memory", "list", "--json").output) for v in m["versions"]]
-
-
-def _build(cli_run, name, source, tiny_config, ok=True):
-    return cli_run("memory", "build", name, source, "--backbone", tiny_config, ok=ok)
+from tests.cli_checks import build, one_error_line, versions
 
 
 # -- 1. RECO_HOME that cannot be created or written ---------------------------------------------------------
@@ -45,7 +29,7 @@ def test_a_reco_home_under_a_regular_file(cli_run, tmp_path, monkeypatch, tiny_c
     m = synthetic.write_manifest(tmp_path / "m", n=2)
     for args in COMMANDS + [("memory", "build", "x", m, "--backbone", tiny_config, "--format", "manifest")]:
         r = cli_run(*args, ok=False)
-        _one_error_line(r, f"RECO_HOME {home} cannot be created or written", "set RECO_HOME to a writable")
+        one_error_line(r, f"RECO_HOME {home} cannot be created or written", "set RECO_HOME to a writable")
     assert (tmp_path / "afile").read_text() == "not a directory"
 
 
@@ -63,7 +47,7 @@ def test_a_reco_home_that_takes_no_write(cli_run, reco_env, monkeypatch, code):
     try:
         for args in COMMANDS:
             r = cli_run(*args, ok=False)
-            _one_error_line(r, f"RECO_HOME {reco_env} cannot be created or written", os.strerror(code))
+            one_error_line(r, f"RECO_HOME {reco_env} cannot be created or written", os.strerror(code))
         assert list(reco_env.iterdir()) == []
     finally:
         reco_env.chmod(0o755)
@@ -115,11 +99,11 @@ def test_a_full_disk_during_build_fails_the_version_with_the_space_to_free(cli_r
     src = synthetic.write_wds(tmp_path / "wds", n_shards=1, per_shard=4)[0].parent
     with monkeypatch.context() as m:
         _engine_with(m, **{where: message})
-        r = _build(cli_run, "full", src, tiny_config, ok=False)
-    line = _one_error_line(r, "full v1 failed: no space left on the disk holding", str(reco_env / "vectors"),
+        r = build(cli_run, "full", src, tiny_config, ok=False)
+    line = one_error_line(r, "full v1 failed: no space left on the disk holding", str(reco_env / "vectors"),
                            "MB free): free at least", "MB there")
     assert "FileTooLarge" not in line and "os error" not in line
-    (v,) = _versions(cli_run)
+    (v,) = versions(cli_run)
     assert v["status"] == "failed" and "no space left on the disk" in v["error"], v
     if where == "create":  # the half-made shard directory is gone (it frees the space)
         assert not (reco_env / "vectors" / "reco-full-v1").exists()
@@ -127,7 +111,7 @@ def test_a_full_disk_during_build_fails_the_version_with_the_space_to_free(cli_r
     r = cli_run("memory", "verify", "full", "--version", "1", ok=False)
     assert r.exit_code == 1 and "Traceback" not in r.output and "edge config" not in r.output, r.output
     assert "version failed: " in r.output and "no space left on the disk" in r.output
-    assert "full v2 ready" in _build(cli_run, "full", src, tiny_config).output  # with space again, it builds
+    assert "full v2 ready" in build(cli_run, "full", src, tiny_config).output  # with space again, it builds
 
 
 def test_a_full_disk_under_the_metadata_db_is_not_an_outage(cli_run, reco_env, monkeypatch):
@@ -142,14 +126,14 @@ def test_a_full_disk_under_the_metadata_db_is_not_an_outage(cli_run, reco_env, m
 
     monkeypatch.setattr(Session, "scalars", full)
     r = cli_run("memory", "list", ok=False)
-    _one_error_line(r, f"no space left on the disk holding {reco_env / 'reco.db'}", "free at least")
+    one_error_line(r, f"no space left on the disk holding {reco_env / 'reco.db'}", "free at least")
 
 
 # -- 3. an empty metadata DB beside collections ---------------------------------------------------------------
 @pytest.mark.parametrize("how", ["zero-byte", "deleted"])
 def test_an_empty_metadata_db_beside_collections_is_refused(cli_run, reco_env, tmp_path, tiny_config, how):
     src = synthetic.write_wds(tmp_path / "wds", n_shards=1, per_shard=4)[0].parent
-    _build(cli_run, "kept", src, tiny_config)
+    build(cli_run, "kept", src, tiny_config)
     db = reco_env / "reco.db"
     if how == "zero-byte":
         db.write_bytes(b"")  # a backup restored as an empty file
@@ -158,11 +142,11 @@ def test_an_empty_metadata_db_beside_collections_is_refused(cli_run, reco_env, t
     for args in (("memory", "list"), ("memory", "list", "--json"), ("memory", "build", "kept", src, "--backbone",
                                                                     tiny_config)):
         r = cli_run(*args, ok=False)
-        _one_error_line(r, f"the metadata database {db} is empty but {reco_env / 'vectors'} holds 1 collection(s) "
+        one_error_line(r, f"the metadata database {db} is empty but {reco_env / 'vectors'} holds 1 collection(s) "
                            "(reco-kept-v1)", "restore", "from a backup", "mv ", "reco memory import")
     assert (not db.exists()) or db.stat().st_size == 0  # nothing migrated over the evidence
     shutil.move(reco_env / "vectors", tmp_path / "vectors.orphaned")  # the way out that starts over
-    assert _versions(cli_run) == []
+    assert versions(cli_run) == []
 
 
 # -- 4. a first migration that fails half-way ----------------------------------------------------------------
@@ -181,10 +165,10 @@ def test_a_migration_failing_half_way_leaves_no_half_schema(cli_run, reco_env, m
     with monkeypatch.context() as m:
         m.setattr(Operations, "create_table", create_then_fill_the_disk)
         r = cli_run("memory", "list", ok=False)
-    _one_error_line(r, f"no space left on the disk holding {reco_env / 'reco.db'}")
+    one_error_line(r, f"no space left on the disk holding {reco_env / 'reco.db'}")
     tables = sqlite3.connect(reco_env / "reco.db").execute("SELECT name FROM sqlite_master").fetchall()
     assert tables == [], tables
-    assert _versions(cli_run) == []  # the next run migrates from scratch, no "table memories already exists"
+    assert versions(cli_run) == []  # the next run migrates from scratch, no "table memories already exists"
     assert "database: 00" in cli_run("db", "current").output
 
 
@@ -202,22 +186,22 @@ def test_an_export_must_hold_exactly_the_manifests_files(cli_run, exported):
                            ("metadata", "metadata", "parquet")):
         shutil.copy(exported / sub / f"{stem}_0.{ext}", exported / sub / f"{stem}_7.{ext}")
     r = cli_run("memory", "import", exported, "--as", "extra", ok=False)
-    _one_error_line(r, "img_emb/img_emb_7.npy and 2 more, which its manifest does not list", "remove it")
+    one_error_line(r, "img_emb/img_emb_7.npy and 2 more, which its manifest does not list", "remove it")
     for sub, stem, ext in (("img_emb", "img_emb", "npy"), ("text_emb", "text_emb", "npy"),
                            ("metadata", "metadata", "parquet")):
         (exported / sub / f"{stem}_7.{ext}").unlink()
     (exported / "metadata" / "metadata_1.parquet").unlink()
     r = cli_run("memory", "import", exported, "--as", "missing", ok=False)
-    _one_error_line(r, "metadata/metadata_1.parquet is missing")
-    assert [v["version"] for v in _versions(cli_run)] == [1]  # only the source's
+    one_error_line(r, "metadata/metadata_1.parquet is missing")
+    assert [v["version"] for v in versions(cli_run)] == [1]  # only the source's
 
 
 def test_a_manifest_edited_to_another_dimension_is_refused(cli_run, exported):
     m = json.loads((exported / "manifest.json").read_text())
     (exported / "manifest.json").write_text(json.dumps({**m, "dim": 32}))
     r = cli_run("memory", "import", exported, "--as", "dim", ok=False)
-    _one_error_line(r, "img_emb/img_emb_0.npy holds vectors of shape (4, 64)", "dim 32", "manifest was edited")
-    assert [v["version"] for v in _versions(cli_run)] == [1]
+    one_error_line(r, "img_emb/img_emb_0.npy holds vectors of shape (4, 64)", "dim 32", "manifest was edited")
+    assert [v["version"] for v in versions(cli_run)] == [1]
 
 
 def _bundle(root, backbone, backbone_hash, weights=b"not safetensors"):
@@ -237,10 +221,10 @@ def _bundle(root, backbone, backbone_hash, weights=b"not safetensors"):
 
 
 def test_a_refused_model_import_leaves_no_staging(cli_run, reco_env, exported, tmp_path):
-    (v,) = _versions(cli_run)
+    (v,) = versions(cli_run)
     bundle = _bundle(tmp_path / "bundle", v["backbone"], v["backbone_hash"])
     r = cli_run("model", "import", bundle, ok=False)
-    _one_error_line(r, "checkpoint")
+    one_error_line(r, "checkpoint")
     assert not (reco_env / "models" / "fused.importing").exists() and not (reco_env / "models" / "fused").exists()
     assert json.loads(cli_run("model", "list", "--json").output) == []
 

@@ -13,22 +13,7 @@ import pytest
 
 from app import synthetic
 from app.corpus import tar as fasttar
-
-
-def _build(cli_run, name, source, backbone, *extra, ok=True):
-    return cli_run("memory", "build", name, source, "--backbone", backbone, *extra, ok=ok)
-
-
-def _one_error_line(r, *needles):
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1 and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-def _versions(cli_run) -> list:
-    return [v for m in json.loads(cli_run("memory", "list", "--json").output) for v in m["versions"]]
+from tests.cli_checks import build, one_error_line, versions
 
 
 # -- the inputs, written by the tests ---------------------------------------------------------------------------
@@ -80,8 +65,8 @@ UP_FRONT = [stray_backup, missing_img_part, truncated_second_tar, text_named_tar
 def test_a_bad_source_stops_while_planning_and_leaves_no_version(cli_run, tmp_path, tiny_config, make):
     source, says = make(tmp_path)
     for _ in range(2):  # and again: the first try left nothing behind that changes the answer
-        _one_error_line(_build(cli_run, "s", source, tiny_config, ok=False), *says)
-    assert _versions(cli_run) == []
+        one_error_line(build(cli_run, "s", source, tiny_config, ok=False), *says)
+    assert versions(cli_run) == []
 
 
 @pytest.mark.parametrize("make", UP_FRONT, ids=lambda f: f.__name__)
@@ -102,21 +87,21 @@ def test_a_bad_source_stops_before_torch_is_imported(tmp_path, tiny_config, make
 def test_every_embeddings_part_needs_all_three_files(cli_run, tmp_path, tiny_config, gone):
     root = _embeddings(tmp_path / "e")
     (root / gone).unlink()
-    _one_error_line(_build(cli_run, "e", root, tiny_config, ok=False), f"{gone.split('/')[1]} is missing")
-    assert _versions(cli_run) == []
+    one_error_line(build(cli_run, "e", root, tiny_config, ok=False), f"{gone.split('/')[1]} is missing")
+    assert versions(cli_run) == []
 
 
 def test_two_files_of_one_part_are_refused(cli_run, tmp_path, tiny_config):
     root = _embeddings(tmp_path / "e")
     shutil.copy(root / "img_emb" / "img_emb_1.npy", root / "img_emb" / "img_emb_01.npy")
-    _one_error_line(_build(cli_run, "e", root, tiny_config, ok=False), "img_emb_01.npy", "both part 1")
+    one_error_line(build(cli_run, "e", root, tiny_config, ok=False), "img_emb_01.npy", "both part 1")
 
 
 def test_hidden_files_are_left_alone_and_parts_sort_by_number(cli_run, tmp_path, tiny_config):
     root = synthetic.write_embeddings(tmp_path / "e", parts=11, per_part=2, dim=64)
     for sub in ("img_emb", "text_emb", "metadata"):
         (root / sub / ".DS_Store").write_bytes(b"\0\1")
-    r = _build(cli_run, "e", root, tiny_config)
+    r = build(cli_run, "e", root, tiny_config)
     assert "22 items stored, 0 skipped" in r.output
     shards = json.loads(cli_run("memory", "show", "e", "--json").output)["shards"]
     assert [s["name"] for s in shards] == [f"part {n}" for n in range(11)]
@@ -147,8 +132,8 @@ def test_a_truncated_compressed_tar_is_refused_up_front(cli_run, tmp_path, tiny_
     d.mkdir()
     packed = (gzip.compress if suffix == ".tar.gz" else lzma.compress)(plain.read_bytes())
     (d / f"00000{suffix}").write_bytes(packed[: len(packed) * 2 // 3])
-    _one_error_line(_build(cli_run, "c", d, tiny_config, ok=False), f"00000{suffix} is not a readable tar archive")
-    assert _versions(cli_run) == []
+    one_error_line(build(cli_run, "c", d, tiny_config, ok=False), f"00000{suffix} is not a readable tar archive")
+    assert versions(cli_run) == []
 
 
 def test_a_sorted_tar_with_keys_in_folders_builds_and_counts_its_items(cli_run, tmp_path, tiny_config):
@@ -158,7 +143,7 @@ def test_a_sorted_tar_with_keys_in_folders_builds_and_counts_its_items(cli_run, 
         for i, (key, png, cap) in enumerate(synthetic.items(6)):
             synthetic._add(t, f"part{i % 2}/{key}.png", png)
             synthetic._add(t, f"part{i % 2}/{key}.txt", cap.encode())
-    r = _build(cli_run, "f", d, tiny_config)
+    r = build(cli_run, "f", d, tiny_config)
     assert "6 items stored, 0 skipped" in r.output
     shards = json.loads(cli_run("memory", "show", "f", "--json").output)["shards"]
     assert [(s["items_stored"], s["items_skipped"]) for s in shards] == [(6, 0)]
@@ -202,7 +187,7 @@ def _keyed_manifest(root, kind):
 def test_rows_without_a_key_are_counted_as_missing_key(cli_run, tmp_path, tiny_config, kind):
     """Not stored under the key 'None' (where all but the first would be a duplicate_key)."""
     manifest = _keyed_manifest(tmp_path / "m", kind)
-    r = _build(cli_run, "k", manifest, tiny_config, "--key-column", "key", "--shard-size", "3", "--activate")
+    r = build(cli_run, "k", manifest, tiny_config, "--key-column", "key", "--shard-size", "3", "--activate")
     assert "5 items stored, 3 skipped (missing_key=3)" in r.output
     shown = json.loads(cli_run("memory", "show", "k", "--json").output)
     assert shown["skip_reasons"] == {"missing_key": 3}
@@ -212,5 +197,5 @@ def test_rows_without_a_key_are_counted_as_missing_key(cli_run, tmp_path, tiny_c
 
 def test_without_a_key_column_every_row_is_keyed_by_its_number(cli_run, tmp_path, tiny_config):
     manifest = _keyed_manifest(tmp_path / "m", "jsonl")
-    assert "8 items stored, 0 skipped" in _build(cli_run, "n", manifest, tiny_config).output
+    assert "8 items stored, 0 skipped" in build(cli_run, "n", manifest, tiny_config).output
 

@@ -13,20 +13,9 @@ from app import datasets, synthetic
 from app.corpus.base import MAX_CAPTION_CHARS
 from app.datasets import MAX_CLASS_NAME_CHARS
 from app.errors import RecoError
+from tests.cli_checks import one_error_line, versions
 
 BOM = b"\xef\xbb\xbf"
-
-
-def _one_error_line(r, *needles):
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1 and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-def _versions(cli_run) -> list:
-    return [v for m in json.loads(cli_run("memory", "list", "--json").output) for v in m["versions"]]
 
 
 def _class_sets(cli_run) -> list:
@@ -60,9 +49,9 @@ def _manifest(tmp_path, kind, captions: dict[int, str], encoding="utf-8", bom=Fa
 def test_a_latin1_manifest_names_its_line_and_the_conversion(cli_run, tmp_path, tiny_config, kind, line):
     m = _manifest(tmp_path, kind, {2: "un café crème"}, encoding="latin-1")
     r = cli_run("memory", "build", "l1", m, "--backbone", tiny_config, ok=False)
-    _one_error_line(r, f"{m} is not UTF-8 text (line {line},", f"iconv -f latin1 -t utf-8 {m} >",
+    one_error_line(r, f"{m} is not UTF-8 text (line {line},", f"iconv -f latin1 -t utf-8 {m} >",
                     f"manifest.utf8.{kind}")  # the copy keeps the suffix that names the format
-    assert _versions(cli_run) == []
+    assert versions(cli_run) == []
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
@@ -78,7 +67,7 @@ def test_a_latin1_class_names_file_names_its_line(cli_run, tmp_path, tiny_config
     names = tmp_path / "names.txt"
     names.write_bytes("red circle\nblue square\ncrème brûlée\n".encode("latin-1"))
     r = cli_run("classes", "build", "c", "--names", names, "--backbone", tiny_config, ok=False)
-    _one_error_line(r, f"{names} is not UTF-8 text (line 3,", "iconv -f latin1 -t utf-8", "names.utf8.txt")
+    one_error_line(r, f"{names} is not UTF-8 text (line 3,", "iconv -f latin1 -t utf-8", "names.utf8.txt")
     assert _class_sets(cli_run) == []
 
 
@@ -86,7 +75,7 @@ def test_a_utf16_file_is_told_to_convert_from_utf16(cli_run, tmp_path, tiny_conf
     names = tmp_path / "names.txt"
     names.write_bytes("red circle\nblue square\n".encode("utf-16"))  # what Windows Notepad calls "Unicode"
     r = cli_run("classes", "build", "c", "--names", names, "--backbone", tiny_config, ok=False)
-    _one_error_line(r, "is not UTF-8 text (line 1,", "iconv -f utf-16 -t utf-8")
+    one_error_line(r, "is not UTF-8 text (line 1,", "iconv -f utf-16 -t utf-8")
 
 
 def test_a_latin1_templates_file_is_refused_before_a_set_exists(cli_run, tmp_path, tiny_config):
@@ -95,7 +84,7 @@ def test_a_latin1_templates_file_is_refused_before_a_set_exists(cli_run, tmp_pat
     tpl = tmp_path / "tpl.txt"
     tpl.write_bytes("a photo of a {c}.\nune photo d'un {c}, très nette.\n".encode("latin-1"))
     r = cli_run("classes", "build", "c", "--names", names, "--backbone", tiny_config, "--templates", tpl, ok=False)
-    _one_error_line(r, f"{tpl} is not UTF-8 text (line 2,", "iconv -f latin1")
+    one_error_line(r, f"{tpl} is not UTF-8 text (line 2,", "iconv -f latin1")
     assert _class_sets(cli_run) == []
 
 
@@ -105,12 +94,12 @@ def test_a_latin1_classnames_file_of_an_image_folder(cli_run, tmp_path):
     names.write_bytes((root / "classnames.txt").read_text().replace("red square", "carré rouge").encode("latin-1"))
     r = cli_run("eval", "classification", "--model", "nope", "--dataset", f"imagefolder:{root / 'images'}",
                 "--classnames", names, ok=False)
-    _one_error_line(r, f"{names} is not UTF-8 text (line 1,", "iconv -f latin1")
+    one_error_line(r, f"{names} is not UTF-8 text (line 1,", "iconv -f latin1")
     tpl = tmp_path / "tpl.txt"
     tpl.write_bytes("une photo d'un {c}, très nette.\n".encode("latin-1"))
     r = cli_run("eval", "classification", "--model", "nope", "--dataset", f"imagefolder:{root / 'images'}",
                 "--templates", tpl, ok=False)
-    _one_error_line(r, f"{tpl} is not UTF-8 text (line 1,", "iconv -f latin1")
+    one_error_line(r, f"{tpl} is not UTF-8 text (line 1,", "iconv -f latin1")
 
 
 def test_bom_files_read_as_their_text(tmp_path):
@@ -164,7 +153,7 @@ def test_a_names_file_of_one_10mb_line_is_refused_at_once(cli_run, tmp_path, tin
     names.write_bytes(b"word " * 2_000_000)  # 10 MB, no line end: a file read wrongly
     t0 = time.monotonic()
     r = cli_run("classes", "build", "c", "--names", names, "--backbone", tiny_config, ok=False)
-    _one_error_line(r, f"{names} line 1 holds a class name of 9,999,999 characters",
+    one_error_line(r, f"{names} line 1 holds a class name of 9,999,999 characters",
                     f"at most {MAX_CLASS_NAME_CHARS:,}", "one class name per line")
     assert time.monotonic() - t0 < 30
     assert _class_sets(cli_run) == []
@@ -175,7 +164,7 @@ def test_a_class_name_over_the_limit_in_jsonl_or_an_image_folder_list(cli_run, t
     names = tmp_path / "names.jsonl"
     names.write_text(json.dumps({"id": "Q1", "name": "red circle"}) + "\n" + json.dumps({"id": "Q2", "name": long}))
     r = cli_run("classes", "build", "c", "--names", names, "--backbone", tiny_config, ok=False)
-    _one_error_line(r, f"{names} line 2 holds a class name of {MAX_CLASS_NAME_CHARS + 1:,} characters")
+    one_error_line(r, f"{names} line 2 holds a class name of {MAX_CLASS_NAME_CHARS + 1:,} characters")
     assert _class_sets(cli_run) == []
     ok = tmp_path / "ok.txt"
     ok.write_text("b" * MAX_CLASS_NAME_CHARS + "\n")  # the limit itself is a name
@@ -185,7 +174,7 @@ def test_a_class_name_over_the_limit_in_jsonl_or_an_image_folder_list(cli_run, t
     listed.write_text((root / "classnames.txt").read_text().replace("red square", long, 1))
     r = cli_run("eval", "classification", "--model", "nope", "--dataset", f"imagefolder:{root / 'images'}",
                 "--classnames", listed, ok=False)
-    _one_error_line(r, f"{listed} line 1 holds a class name of")
+    one_error_line(r, f"{listed} line 1 holds a class name of")
 
 
 # ------------------------------------------------------------------------------------------ 5. image folders
@@ -209,7 +198,7 @@ def test_a_plain_list_for_folders_named_unlike_the_classes_asks_for_a_mapping(cl
     names.write_text("tench\ngoldfish\nshark\n")  # the user's order, which is not the folders' sorted order
     r = cli_run("eval", "classification", "--model", "nope", "--dataset", f"imagefolder:{wnid_folder}",
                 "--classnames", names, ok=False)
-    _one_error_line(r, "is a plain list", "not named like its classes", "folder 'n0100'", "'tench'",
+    one_error_line(r, "is a plain list", "not named like its classes", "folder 'n0100'", "'tench'",
                     "`folder<TAB>class name`")
     tsv = tmp_path / "names.tsv"
     tsv.write_text("n0300\ttench\nn0100\tgoldfish\nn0200\tshark\n")
