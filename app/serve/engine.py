@@ -193,7 +193,6 @@ class ServedModel:
         self.metrics.stage.labels(self.name, "search").observe(time.perf_counter() - t0)
         return hits, (name, v.version)
 
-
     def _resolve_other(self, name: str, version: int | None):
         """A memory the request names: what the client got wrong is a 4xx (a class set's name, a version that is
         not ready), not the server's 503."""
