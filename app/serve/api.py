@@ -107,7 +107,7 @@ class ErrorBody(BaseModel):
 _ERRORS = {400: "malformed JSON or form, invalid base64, bytes that are no image",
            401: "missing or wrong bearer token (when RECO_API_TOKEN is set)",
            404: "unknown model or memory", 408: "the body took longer than RECO_SERVE_BODY_TIMEOUT_S to arrive",
-           409: "a memory of another backbone, or a version not ready", 413: "over a RECO_SERVE_MAX_* limit",
+           409: "a memory of another backbone, or a version not ready", 413: "over one of the service's size limits (RECO_SERVE_MAX_ITEMS and the rest)",
            422: "missing, unknown or invalid fields", 503: "models loading, or the model's memory unreadable"}
 
 
@@ -117,7 +117,7 @@ def _responses(*codes: int) -> dict:
 
 
 def _openapi(schema: type[BaseModel], settings: ServeSettings) -> dict:
-    """The request body as the service checks it: the model's schema plus this server's RECO_SERVE_* limits and
+    """The request body as the service checks it: the model's schema plus this server's limits (app/serve/settings.py) and
     the rules the routes check themselves (their errors say more than a schema's would), so a body the schema
     accepts is one the service does not refuse for its shape."""
     body = schema.model_json_schema()
@@ -295,7 +295,7 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
         return req, raw
 
     def _check_sizes(data: dict, raw: list[bytes] | None) -> None:
-        """Counts and lengths against the RECO_SERVE_* limits, on the parsed body before validation (413)."""
+        """Counts and lengths against the service's limits, on the parsed body before validation (413)."""
         limits = {"images": (settings.max_items, "RECO_SERVE_MAX_ITEMS"),
                   "texts": (settings.max_items, "RECO_SERVE_MAX_ITEMS"),
                   "classes": (settings.max_classes, "RECO_SERVE_MAX_CLASSES"),
