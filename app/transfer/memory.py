@@ -197,7 +197,7 @@ def _check_shapes(root: Path, m: dict, mpath: Path) -> None:
         raise RecoError(f"{mpath}: dim {m['dim']!r} is not a whole number: the export is damaged") from exc
     for part in m["parts"]:
         for key in ("img_emb", "text_emb"):
-            shape = np.load(root / part[key], mmap_mode="r").shape
+            shape = np.load(root / part[key], mmap_mode="r", allow_pickle=False).shape
             if shape != (int(part["rows"]), dim):
                 raise RecoError(f"{part[key]} holds vectors of shape {shape}, the manifest says {part['rows']} rows "
                                 f"of dim {dim}: the manifest was edited or damaged; export again")
