@@ -51,3 +51,22 @@ def write_result(path, result: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return path
+
+
+def build_ready(rt, name: str, source, spec: str) -> tuple[float, dict]:
+    """Build a version of NAME from `source` through the product (`start_build` + `run_in_process`, as `reco
+    memory build` does), activate it, and return (wall seconds, its row's figures); any other end than ready
+    stops the benchmark."""
+    from app.build import run_in_process, start_build
+    from app.db.models import MemoryVersion, VersionStatus
+
+    t0 = time.perf_counter()
+    v = start_build(rt, name, str(source), backbone=spec, activate=True)
+    run_in_process(rt, v.id, show_progress=False)
+    wall = time.perf_counter() - t0
+    with rt.db.session() as s:
+        row = s.get(MemoryVersion, v.id)
+        if row.status != VersionStatus.READY:
+            raise SystemExit(f"memory {name} build ended {row.status}: {row.error}")
+        return wall, {"items": row.items_stored, "skipped": row.items_skipped, "collection": row.collection,
+                      "backbone": row.backbone}

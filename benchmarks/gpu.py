@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import os
 import shutil
 import signal
@@ -67,7 +66,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import log, machine, write_result  # noqa: E402
+from benchmarks.common import build_ready, log, machine, write_result  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu.json"
 STEPS = ("ingest", "train", "encode", "knn", "tests")
@@ -159,19 +158,9 @@ def fresh_runtime(home: Path, device: str):
 
 
 def build(rt, name: str, source: Path, spec: str) -> dict:
-    from app.build import run_in_process, start_build
-    from app.db.models import MemoryVersion, VersionStatus
-
-    t0 = time.perf_counter()
-    v = start_build(rt, name, str(source), backbone=spec, activate=True)
-    run_in_process(rt, v.id, show_progress=False)
-    wall = time.perf_counter() - t0
-    with rt.db.session() as s:
-        row = s.get(MemoryVersion, v.id)
-        if row.status != VersionStatus.READY:
-            raise RuntimeError(f"memory {name} build ended {row.status}: {row.error}")
-        return {"items": row.items_stored, "skipped": row.items_skipped if hasattr(row, "items_skipped") else None,
-                "build_s": round(wall, 2), "items_per_s": round(row.items_stored / wall, 1)}
+    wall, row = build_ready(rt, name, source, spec)
+    return {"items": row["items"], "skipped": row["skipped"], "build_s": round(wall, 2),
+            "items_per_s": round(row["items"] / wall, 1)}
 
 
 # -- setup: the memories training and encoding read ---------------------------------------------------------
@@ -372,7 +361,7 @@ def step_train(rt, args, sz: dict) -> dict:
 # -- encode ---------------------------------------------------------------------------------------------------
 def step_encode(rt, device: str, sz: dict) -> dict:
     from app import clip_model
-    from app.encoder import RecoEncoder, Timing
+    from app.encoder import Timing
 
     out: dict = {}
     t0 = time.perf_counter()

@@ -66,12 +66,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import log, machine, write_result  # noqa: E402
+from benchmarks.common import build_ready, log, machine, write_result  # noqa: E402
 import app.checkpoint  # noqa: E402
 import app.train  # noqa: E402
 from app import synthetic  # noqa: E402
-from app.build import run_in_process, start_build  # noqa: E402
-from app.db.models import FusionModel, MemoryVersion, VersionStatus  # noqa: E402
+from app.db.models import FusionModel  # noqa: E402
 from app.runtime import Runtime  # noqa: E402
 from app.settings import ENV_VARS, Settings  # noqa: E402
 from app.train import NeighbourCache, TrainConfig, create_job, load_pairs, run_training  # noqa: E402
@@ -129,15 +128,8 @@ def fresh_runtime(home: Path) -> Runtime:
 
 
 def build_memory(rt: Runtime, source: Path, spec: str, name: str = MEMORY) -> dict:
-    t0 = time.perf_counter()
-    v = start_build(rt, name, str(source), backbone=spec, activate=True)
-    run_in_process(rt, v.id, show_progress=False)
-    wall = time.perf_counter() - t0
-    with rt.db.session() as s:
-        row = s.get(MemoryVersion, v.id)
-        if row.status != VersionStatus.READY:
-            raise SystemExit(f"memory build ended {row.status}: {row.error}")
-        return {"build_s": wall, "items": row.items_stored, "collection": row.collection, "backbone": row.backbone}
+    wall, row = build_ready(rt, name, source, spec)
+    return {"build_s": wall, "items": row["items"], "collection": row["collection"], "backbone": row["backbone"]}
 
 
 # -- instrumentation ---------------------------------------------------------------------------------------
