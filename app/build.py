@@ -1,5 +1,6 @@
 """`reco memory build`: plan the shards, register the version, then run one ingest task per shard:
-in-process in the embedded profile (with a progress bar), on Celery queue `ingest` in the distributed one.
+in-process in the embedded profile (with a progress bar), on Celery queue `ingest` in the distributed one (sent by
+name through app/dispatch.py; the sweeper that sends lost shards again is app/sweeper.py).
 
 Everything that can be checked up front is checked before the version row exists (source, columns, backbone,
 dimensions, store and broker reachable), so a bad command leaves nothing behind.
@@ -9,21 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
 from pathlib import Path
-from typing import Callable
 
 from sqlalchemy import select, update
 
 from .backbone import BackboneSpec
 from .corpus import plan_shards
-
 from .db.models import IngestShard, MemoryVersion, ShardStatus, VersionStatus, utcnow
+from .dispatch import dispatcher
 from .errors import RecoError
-from .leases import aware, holder_gone
-from .memory import create_version, fail_shard, finalize_if_complete, storage_of
+from .leases import holder_gone
+from .memory import create_version, storage_of
 from .names import check_name
 from .store.base import Storage
+from .sweeper import sweep, sweep_queued  # noqa: F401 - sweep: the sweeper's rules, imported from here by tests
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,7 @@ def start_build(rt, name: str, source: str, *, backbone: str, fmt: str | None = 
         # row exists (it is cached, so ingestion does not load it again)
         get_backbone(spec.canonical, rt.settings.device, rt.settings.offline)
     if not rt.settings.in_process_tasks:
-        from workers.celery_app import check_broker
-
-        check_broker()
+        dispatcher(rt).check()
     if Path(source).exists():
         source = str(Path(source).resolve())
     return create_version(
@@ -102,85 +100,14 @@ def run_in_process(rt, version_id: int, show_progress: bool = True, retries: int
     finalize_if_complete(rt, version_id)
 
 
-def send_shard(shard_id: int) -> str:
-    """Put one shard's task on the `ingest` queue."""
-    from workers.tasks import ingest_shard
-
-    return ingest_shard.apply_async(args=(shard_id,), queue="ingest").id
-
-
 def enqueue(rt, version_id: int) -> list[str]:
+    """Send every shard not done yet to the `ingest` queue; returns the task ids."""
     ids = shard_ids(rt, version_id)
     with rt.db.session() as s:
         s.execute(update(IngestShard).where(IngestShard.id.in_(ids)).values(queued_at=utcnow())
                   .execution_options(synchronize_session=False))
-    return [send_shard(sid) for sid in ids]
-
-
-def sweep_queued(rt, version_id: int | None = None, force: bool = False) -> dict:
-    """The sweeper for the distributed profile: asks the broker whether the ingest queue is empty, then re-queues
-    the shards whose work is lost (app/leases.py)."""
-    from workers.celery_app import queue_depth
-
-    depth = queue_depth("ingest")
-    return sweep(rt, send_shard, queue_empty=None if depth is None else depth == 0, version_id=version_id,
-                 force=force)
-
-
-def sweep(rt, send: Callable[[int], object], queue_empty: bool | None, version_id: int | None = None,
-          force: bool = False) -> dict:
-    """Re-queue the shards of building versions whose work is lost; fail those that keep getting lost.
-
-    - running with an expired lease: back to pending and re-queued, or failed after `max_attempts` takes;
-    - pending, queued more than one lease period ago, while the queue holds no message (`queue_empty`): its
-      message is gone, re-queued; pending for longer than the visibility timeout: re-queued whatever the queue
-      says (the broker could not be asked, or other builds keep it busy);
-    - every shard done but the version still building (its finaliser died before the flip): finalized.
-    `force` (an operator's `reco memory resume`) re-queues every pending and stale shard now. Each re-queue is a
-    conditional UPDATE of the shard's `queued_at`, so two sweepers never both send it. Returns the counts.
-    """
-    st = rt.settings
-    now = utcnow()
-    expired = now - timedelta(seconds=st.lease_s)
-    gone = now - timedelta(seconds=st.visibility_timeout)
-    out = {"requeued": 0, "failed": 0, "finalized": 0}
-    with rt.db.session() as s:
-        q = select(MemoryVersion.id).where(MemoryVersion.status == VersionStatus.BUILDING)
-        versions = s.scalars(q if version_id is None else q.where(MemoryVersion.id == version_id)).all()
-        rows = s.execute(select(IngestShard.id, IngestShard.version_id, IngestShard.status, IngestShard.heartbeat_at,
-                                IngestShard.queued_at, IngestShard.attempts, IngestShard.error)
-                         .where(IngestShard.version_id.in_(versions))).all() if versions else []
-    for vid in versions:
-        if rows and all(r.status == ShardStatus.DONE for r in rows if r.version_id == vid):
-            out["finalized"] += finalize_if_complete(rt, vid) is not None
-    # failures first: a version that fails now sends none of its other shards again
-    for r in sorted(rows, key=lambda r: (r.status != ShardStatus.RUNNING or (r.attempts or 0) < st.max_attempts, r.id)):
-        beat, queued = aware(r.heartbeat_at), aware(r.queued_at)
-        if r.status == ShardStatus.RUNNING and (beat is None or beat < expired):
-            if (r.attempts or 0) >= st.max_attempts:
-                fail_shard(rt, r.id, f"taken {r.attempts} times without finishing (worker lost or message lost "
-                                     f"each time); last error: {r.error or 'none recorded'}")
-                out["failed"] += 1
-                continue
-            cond = [IngestShard.status == ShardStatus.RUNNING,
-                    IngestShard.heartbeat_at.is_(None) if beat is None else IngestShard.heartbeat_at == r.heartbeat_at]
-        elif r.status == ShardStatus.PENDING and (
-                force or queued is None or queued < gone or (queue_empty and queued < expired)):
-            cond = [IngestShard.status == ShardStatus.PENDING,
-                    IngestShard.queued_at.is_(None) if queued is None else IngestShard.queued_at == r.queued_at]
-        else:
-            continue
-        with rt.db.session() as s:
-            took = s.execute(update(IngestShard).where(IngestShard.id == r.id, *cond, IngestShard.version_id.in_(
-                select(MemoryVersion.id).where(MemoryVersion.status == VersionStatus.BUILDING)))
-                             .values(status=ShardStatus.PENDING, worker=None, queued_at=utcnow())
-                             .execution_options(synchronize_session=False)).rowcount == 1
-        if took:
-            send(r.id)
-            out["requeued"] += 1
-    if out["requeued"] or out["failed"]:
-        log.warning("sweeper: %(requeued)d shard(s) re-queued, %(failed)d failed", out)
-    return out
+    d = dispatcher(rt)
+    return [d.send("ingest_shard", sid) for sid in ids]
 
 
 def resume(rt, name: str, version: int | None = None) -> dict:

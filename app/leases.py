@@ -6,7 +6,7 @@ only delivers; when it loses a message (a restart without persistence) or a work
 timeout, the shard's row says so, and the sweeper puts the shard back on the queue. Re-running a shard is safe: its
 point ids are deterministic (app/ingest.py).
 
-The sweeper (`app.build.sweep`) runs in every worker (a thread, twice per lease period), in a waiting `reco memory
+The sweeper (`app.sweeper.sweep`) runs in every worker (a thread, twice per lease period), in a waiting `reco memory
 build`, and on demand (`reco memory resume`). Bounded: a shard taken `max_attempts` times without finishing ends
 failed, with its version.
 """

@@ -3,51 +3,13 @@ each opened on first use (a `reco --help` touches neither)."""
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import threading
 import uuid
 from pathlib import Path
 
-from .errors import RecoError
+from .errors import RecoError, disk_full_error, is_disk_full
 from .settings import Settings
-
-# what a full disk looks like from the OS, SQLite and the embedded engine (Rust's io::ErrorKind names)
-_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
-_DISK_FULL_WORDS = ("no space left on device", "filetoolarge", "file too large", "storagefull",
-                    "quota exceeded", "database or disk is full", "os error 28")
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """A write refused for want of space: no retry helps, only freeing space does."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
-            return True
-        if any(w in str(exc).lower() for w in _DISK_FULL_WORDS):
-            return True
-        exc = exc.__cause__ or getattr(exc, "orig", None)
-    return False
-
-
-def free_mb(path: Path) -> float | None:
-    """Free space (MB) on the disk holding `path` (its nearest existing parent), or None if it cannot be read."""
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free / 2**20
-    except OSError:
-        return None
-
-
-def disk_full_error(path: Path, need_mb: float) -> RecoError:
-    """One line naming where space ran out, how much is free there and how much the work needs."""
-    free = free_mb(path)
-    have = "unknown" if free is None else f"{free:.0f} MB"
-    return RecoError(f"no space left on the disk holding {path} ({have} free): free at least {need_mb:.0f} MB "
-                     "there, or set RECO_HOME to a directory on a bigger disk, then run the command again")
-
 
 def ensure_home(home: Path) -> None:
     """RECO_HOME must exist and take a write before the metadata DB or the store opens there: otherwise the first

@@ -17,15 +17,16 @@ def broker_status(rt, timeout: float = 1.0) -> dict:
     settings = rt.settings
     if settings.in_process_tasks:
         return {"profile": "embedded", "broker": "in-process", "workers": [], "queues": {}}
-    from workers.celery_app import queue_depths, workers_alive
+    from .dispatch import dispatcher
 
+    d = dispatcher(rt)
     beating = live_workers(rt)
-    pinged = workers_alive(timeout)
+    pinged = d.workers_alive(timeout)
     out = {"profile": "distributed", "broker": mask_url(settings.broker_url),
            "workers": sorted({w["name"] for w in beating} | set(pinged)), "worker_heartbeats": beating,
            "queues": {}}
     try:
-        out["queues"] = queue_depths(QUEUES, timeout)
+        out["queues"] = d.queue_depths(QUEUES, timeout)
     except Exception as exc:  # noqa: BLE001 - status must report, not fail
         out["error"] = f"broker unreachable: {type(exc).__name__}"
     return out

@@ -1,9 +1,11 @@
-"""Celery tasks: thin wrappers over the library (app.ingest.run_shard)."""
+"""Celery tasks: thin wrappers over the library (app.ingest.run_shard, app.train.run_training), registered under
+the names the library sends (app.dispatch.TASKS)."""
 
 from __future__ import annotations
 
 from sqlalchemy.exc import OperationalError
 
+from app.dispatch import TASKS
 from app.errors import TransientError
 from app.runtime import Runtime
 
@@ -21,7 +23,7 @@ def runtime() -> Runtime:
 
 
 @app.task(
-    name="reco.ingest_shard",
+    name=TASKS["ingest_shard"].name,
     bind=True,
     acks_late=True,
     autoretry_for=(TransientError, OperationalError, ConnectionError),
@@ -32,7 +34,7 @@ def runtime() -> Runtime:
 )
 def ingest_shard(self, shard_id: int) -> dict:
     """Retries ride out short outages; after the last one the shard is pending or under an expiring lease, and the
-    sweeper (app/leases.py) sends it again once the database is back."""
+    sweeper (app/sweeper.py) sends it again once the database is back."""
     from app.ingest import run_shard
     from app.leases import holder_name
 
@@ -40,7 +42,7 @@ def ingest_shard(self, shard_id: int) -> dict:
 
 
 @app.task(
-    name="reco.train",
+    name=TASKS["train"].name,
     bind=True,
     acks_late=True,
     autoretry_for=(TransientError, OperationalError, ConnectionError),

@@ -1,1 +1,1 @@
-"""`reco` subcommands that have a module of their own, one per noun (the rest are still in app/cli.py)."""
+"""`reco` subcommands, one module per noun (a long noun across two); app/cli.py registers them."""

@@ -81,7 +81,7 @@ class Database:
 
     def _operational_error(self, exc: Exception) -> RecoError:
         """A full disk under an SQLite file is no outage to wait out: say where and what to free."""
-        from ..runtime import disk_full_error, is_disk_full
+        from ..errors import disk_full_error, is_disk_full
 
         if self.url.startswith("sqlite") and is_disk_full(exc):
             return disk_full_error(Path(self.url.split("///", 1)[-1]), 64)
@@ -137,7 +137,7 @@ class Database:
         return engine
 
     def _upgrade_error(self, exc: Exception) -> RecoError:
-        from ..runtime import disk_full_error, is_disk_full
+        from ..errors import disk_full_error, is_disk_full
 
         if self.url.startswith("sqlite") and is_disk_full(exc):
             return disk_full_error(Path(self.url.split("///", 1)[-1]), 64)

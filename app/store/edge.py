@@ -43,7 +43,7 @@ def _disk_full_as_error(path: Path, need_mb: float = 2 * WAL_MB) -> Iterator[Non
     except RecoError:
         raise
     except Exception as exc:
-        from ..runtime import disk_full_error, is_disk_full
+        from ..errors import disk_full_error, is_disk_full
 
         if is_disk_full(exc):
             raise disk_full_error(path, need_mb) from exc
