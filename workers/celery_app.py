@@ -24,18 +24,3 @@ app.conf.update(dispatch.celery_config(settings))
 def check_broker(timeout: float = 3.0) -> None:
     """Fail fast with one line when the broker does not answer (app.dispatch.check_broker, on this app)."""
     dispatch.check_broker(settings, timeout, app=app)
-
-
-def queue_depths(queues, timeout: float = 2.0) -> dict[str, int]:
-    """Messages waiting on each queue; raises when the broker cannot be reached (app.dispatch.queue_depths)."""
-    return dispatch.queue_depths(settings, queues, timeout, app=app)
-
-
-def queue_depth(queue: str, timeout: float = 2.0) -> int | None:
-    """Messages waiting on `queue`, or None when the broker cannot say (app.dispatch.queue_depth)."""
-    return dispatch.queue_depth(settings, queue, timeout, app=app)
-
-
-def workers_alive(timeout: float = 1.0) -> list[str]:
-    """Names of the workers that answer a ping within `timeout` seconds (app.dispatch.workers_alive)."""
-    return dispatch.workers_alive(settings, timeout, app=app)
