@@ -10,6 +10,12 @@ Two starting points (`init`): "identity" zeroes the embeddings and output projec
 returns the frozen embedding unchanged; "retrieval" starts as score-weighted retrieval fusion,
 q + α·Σ softmax(score/τ)·neighbour (query projection zero, value and output projections scaled identities), the
 prior that generalised to unseen concepts in shared/research/emoji-feasibility.md; training moves on from there.
+
+The per-query gate (`gate=True`) decides, for each query, how far to trust the memory: y = 2(1−g)·q + 2g·m, where
+m is the layer's fused memory term and g ∈ [0, 1] a logistic function of the signals in `GATE_FEATURES` (how sure
+and how consistent the retrieval is for this query). Its weights start at zero, so g = 0.5 and the gated layer at
+step 0 is exactly the ungated one (its untrained start). Trained, g rises where the neighbours agree with each
+other and with the query (the memory is then likely right) and falls where they scatter (tests/test_fusion_gate.py).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class FusionConfig:
     # False: every retrieved token is masked, in training and at inference. The paper's Figure 3-left control:
     # the same layers trained the same way, so "more training" is told apart from "retrieval"
     retrieval: bool = True
+    gate: bool = False  # a per-query weight between the query and the memory term (see GATE_FEATURES)
 
     def __post_init__(self):
         if self.heads is None:
@@ -49,6 +56,36 @@ class FusionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# What the gate sees, per query, from its present neighbours only (absent ones are masked out): the retrieval scores
+# (top-1, margin to the last, spread), how much the neighbours' fused vectors agree with each other (mean pairwise
+# cosine) and with the top-1's (mean cosine to it), the query's cosine to their mean, and the share present
+GATE_FEATURES = ("top1_score", "margin", "score_std", "agreement", "top1_agreement", "query_to_mean", "present")
+
+
+def gate_features(query, retrieved, scores, mask) -> torch.Tensor:
+    """[B, len(GATE_FEATURES)]; zeros where a query has no neighbour."""
+    b, k, _ = retrieved.shape
+    m = mask.to(retrieved.dtype)
+    n = m.sum(1)
+    safe = n.clamp(min=1)
+    s = scores.to(retrieved.dtype) if scores is not None else torch.zeros(b, k, dtype=retrieved.dtype,
+                                                                            device=retrieved.device)
+    low, high = torch.finfo(s.dtype).min, torch.finfo(s.dtype).max
+    top1 = torch.where(n > 0, s.masked_fill(~mask, low).amax(1), torch.zeros_like(n))
+    last = torch.where(n > 0, s.masked_fill(~mask, high).amin(1), torch.zeros_like(n))
+    mean = (s * m).sum(1) / safe
+    std = (((s - mean[:, None]) ** 2 * m).sum(1) / safe).sqrt()
+    r = F.normalize(retrieved, dim=-1) * m[..., None]
+    total = r.sum(1)  # [B, D]
+    pairs = (n * (n - 1)).clamp(min=1)
+    agreement = ((total * total).sum(1) - n) / pairs
+    first = r[torch.arange(b, device=r.device), s.masked_fill(~mask, low).argmax(1)]  # the top-1's vector
+    top1_agreement = ((first * total).sum(1) - (n > 0).to(r.dtype)) / (n - 1).clamp(min=1)
+    query_to_mean = (F.normalize(query, dim=-1) * F.normalize(total, dim=-1)).sum(1)
+    feats = torch.stack([top1, top1 - last, std, agreement, top1_agreement, query_to_mean, n / k], dim=1)
+    return feats * (n > 0).to(feats.dtype)[:, None]
 
 
 class FusionLayer(nn.Module):
@@ -81,6 +118,22 @@ class FusionLayer(nn.Module):
                 self.kv.weight[d:].copy_(torch.eye(d))
                 self.kv.bias[d:].zero_()
                 self.out.weight.copy_(torch.eye(d) * cfg.alpha_init / math.sqrt(d))
+        self.gate = None
+        if cfg.gate:  # drawn outside the global generator: every other parameter starts as without the gate
+            with torch.random.fork_rng(devices=[]):
+                self.gate = nn.Linear(len(GATE_FEATURES), 1)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+
+    def gate_value(self, query, retrieved, scores=None, mask=None) -> torch.Tensor:
+        """g ∈ [0, 1] per query [B]: the memory term's share (0.5 at step 0)."""
+        if self.gate is None:
+            raise ValueError("this layer has no gate (FusionConfig.gate is False)")
+        if mask is None:
+            mask = torch.ones(retrieved.shape[:2], dtype=torch.bool, device=retrieved.device)
+        if not self.cfg.retrieval:
+            mask = torch.zeros_like(mask)
+        return torch.sigmoid(self.gate(gate_features(query, retrieved, scores, mask)))[:, 0]
 
     def forward(self, query, retrieved, scores=None, mask=None):
         b, k, d = retrieved.shape
@@ -108,7 +161,12 @@ class FusionLayer(nn.Module):
         bias[:, 1:] = bias[:, 1:].masked_fill(~mask, float("-inf"))
         attn = torch.softmax(logits + bias[:, None, None, :], dim=-1)
         ctx = (self.drop(attn) @ vh).transpose(1, 2).reshape(b, d)
-        y = q_tok + self.drop(self.out(ctx))
+        memory = self.drop(self.out(ctx))
+        if self.gate is None:
+            y = q_tok + memory
+        else:  # at g = 0.5 both factors are exactly 1: the ungated sum
+            g = torch.sigmoid(self.gate(gate_features(query, retrieved, scores, mask)))
+            y = 2 * (1 - g) * q_tok + 2 * g * memory
         y = y + self.drop(self.mlp(self.ln2(y)))
         return F.normalize(y, dim=-1)
 
@@ -141,8 +199,10 @@ def param_groups(model: RecoFusion, tune: str, weight_decay: float) -> list[dict
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
     if tune == "scalars":
         return _scalar_groups(model)
+    if tune == "gate":
+        return _gate_groups(model)
     if tune != "attention":
-        raise ValueError(f"tune must be all, attention or scalars, not {tune!r}")
+        raise ValueError(f"tune must be all, attention, scalars or gate, not {tune!r}")
     decay, keep = [], [model.logit_scale]
     for layer in (model.image, model.text):
         for p in (*layer.out.parameters(), *layer.mlp.parameters(), *layer.ln1.parameters(), *layer.ln2.parameters()):
@@ -185,4 +245,17 @@ def _scalar_groups(model: RecoFusion) -> list[dict]:
         if layer.score_scale is not None:
             layer.score_scale.requires_grad_(True)
             keep.append(layer.score_scale)
+    return [{"params": keep, "weight_decay": 0.0}]
+
+
+def _gate_groups(model: RecoFusion) -> list[dict]:
+    """tune="gate": only each side's per-query gate (and the loss temperature) learns; the retrieval prior itself
+    stays as it started, so training can only choose, query by query, how far to trust it."""
+    if model.image.gate is None:
+        raise ValueError("--tune gate needs the gated fusion (--gate)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    keep = [model.logit_scale, *model.image.gate.parameters(), *model.text.gate.parameters()]
+    for p in keep:
+        p.requires_grad_(True)
     return [{"params": keep, "weight_decay": 0.0}]

@@ -29,7 +29,8 @@ from .retrieval import modes, search_hits
 
 SELECT_RULES = ("1se", "best")
 BATCHING = ("random", "similar")
-TUNE = ("all", "attention", "scalars")
+VAL_BATCHING = (*BATCHING, "shard")
+TUNE = ("all", "attention", "scalars", "gate")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -71,7 +72,12 @@ class TrainConfig:
     # the in-batch negatives are near neighbours (flags with flags) and telling them apart takes the one right
     # neighbour; "random" batches are told apart by coarse kind, which averaging many neighbours already gives
     batching: str = "random"
-    tune: str = "all"  # which parameters learn: all, attention or scalars (see app/fusion.py param_groups)
+    tune: str = "all"  # which parameters learn: all, attention, scalars or gate (see app/fusion.py param_groups)
+    gate: bool = False  # a learned per-query weight between the query and the memory term (app/fusion.py)
+    # validation batches: None as `batching`; "shard": one batch per shard of the validation pairs, so each image
+    # is told apart among its own group's captions (a fine-grained set per shard, as targets are classified among
+    # their own names) instead of among unrelated concepts that coarse kind already separates
+    val_batching: str | None = None
     dedup_threshold: float | None = 0.98
     score_threshold: float | None = None
     device: str | None = None
@@ -88,6 +94,10 @@ class TrainConfig:
             raise RecoError(f"--tune must be one of {', '.join(TUNE)}, not {self.tune!r}")
         if self.batching not in BATCHING:
             raise RecoError(f"--batching must be one of {', '.join(BATCHING)}, not {self.batching!r}")
+        if self.val_batching is not None and self.val_batching not in VAL_BATCHING:
+            raise RecoError(f"--val-batching must be one of {', '.join(VAL_BATCHING)}, not {self.val_batching!r}")
+        if self.tune == "gate" and not self.gate:
+            raise RecoError("--tune gate trains only the per-query gate: add --gate")
         if self.precision not in PRECISIONS:
             raise RecoError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.query_noise < 0:
@@ -176,6 +186,7 @@ class Pairs:
     captions: list[str]
     image: np.ndarray  # [N, D] frozen image embeddings
     text: np.ndarray  # [N, D] frozen text embeddings
+    shards: list[str] = field(default_factory=list)  # the source shard of each pair (--val-batching shard)
 
 
 @dataclass
@@ -194,23 +205,24 @@ def _cache_dir(rt, kind: str, key: dict) -> Path:
 
 def load_pairs(rt, collection: str, created: str) -> Pairs:
     d = _cache_dir(rt, "pairs", {"collection": collection, "created": created})
-    if (d / "meta.json").is_file():
-        meta = json.loads((d / "meta.json").read_text())
+    meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").is_file() else {}
+    if "shards" in meta:  # (a cache written before shards were kept is read again)
         return Pairs(meta["ids"], meta["captions"], np.load(d / "image.npy", allow_pickle=False),
-                     np.load(d / "text.npy", allow_pickle=False))
-    ids, caps, imgs, txts = [], [], [], []
+                     np.load(d / "text.npy", allow_pickle=False), meta["shards"])
+    ids, caps, shards, imgs, txts = [], [], [], [], []
     for b_ids, b_img, b_txt, b_pay in rt.store.scan(collection):
         ids += b_ids
         caps += [p.get("caption", "") for p in b_pay]
+        shards += [str(p.get("shard", "")) for p in b_pay]
         imgs.append(b_img)
         txts.append(b_txt)
     order = np.argsort(ids)  # a stable order, whatever the store's scroll order
     pairs = Pairs([ids[i] for i in order], [caps[i] for i in order], np.concatenate(imgs)[order],
-                  np.concatenate(txts)[order])
+                  np.concatenate(txts)[order], [shards[i] for i in order])
     d.mkdir(parents=True, exist_ok=True)
     np.save(d / "image.npy", pairs.image)
     np.save(d / "text.npy", pairs.text)
-    (d / "meta.json").write_text(json.dumps({"ids": pairs.ids, "captions": pairs.captions}))
+    (d / "meta.json").write_text(json.dumps({"ids": pairs.ids, "captions": pairs.captions, "shards": pairs.shards}))
     return pairs
 
 
@@ -611,9 +623,14 @@ def similar_groups(x: np.ndarray, rows: np.ndarray, size: int) -> list[np.ndarra
 
 
 def _batches(pairs: Pairs, rows: np.ndarray, batch_size: int, batching: str) -> list[np.ndarray]:
-    """Fixed batches of `rows`: equal chunks, or groups of similar captions (batching=similar)."""
+    """Fixed batches of `rows`: equal chunks, groups of similar captions (batching=similar) or each source shard
+    in equal chunks (batching=shard)."""
     if batching == "similar":
         return similar_groups(pairs.text, rows, batch_size)
+    if batching == "shard":
+        shard = np.array(pairs.shards, dtype=object)[rows]
+        return [c for name in sorted(set(shard)) for part in [rows[shard == name]]
+                for c in np.array_split(part, -(-len(part) // batch_size))]
     # equal chunks: in-batch accuracy depends on the batch size, so a short last batch (259 rows at 256: a batch
     # of 3, nearly always right) would swing the mean
     return np.array_split(rows, -(-len(rows) // batch_size))
@@ -725,7 +742,7 @@ def run_training(rt, name: str, progress: bool = True,
 
     fcfg = FusionConfig(dim=dim, k=cfg.k, heads=cfg.heads, dropout=cfg.dropout,
                         neighbour_dropout=cfg.neighbour_dropout, use_rank=cfg.use_rank, use_score=cfg.use_score,
-                        init=cfg.init, score_scale_init=cfg.score_scale, retrieval=cfg.retrieval)
+                        init=cfg.init, score_scale_init=cfg.score_scale, retrieval=cfg.retrieval, gate=cfg.gate)
     model = build(fcfg, cfg.seed).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.tune, cfg.weight_decay), lr=cfg.lr)
     step, best, history = 0, None, []
@@ -758,7 +775,8 @@ def run_training(rt, name: str, progress: bool = True,
         """Validate, keep the checkpoint the selection rule picks (held-out concepts catch memorisation), save the
         last one."""
         nonlocal best
-        val = evaluate(model, val_data, val_nbrs, val_rows, bs, device, cfg.batching, data=val_placed)
+        val = evaluate(model, val_data, val_nbrs, val_rows, bs, device, cfg.val_batching or cfg.batching,
+                       data=val_placed)
         entry = {"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss, "train_acc": train_acc,
                  "val": val, "lr": opt.param_groups[0]["lr"]}
         history.append(entry)

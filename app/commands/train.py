@@ -27,6 +27,9 @@ from .common import val_line, warn_without_workers
               help="Hold out whole concepts (pairs sharing a caption) or single items.")
 @click.option("--val-pairs", default=None, help="Validate on this memory's pairs (NAME or NAME@VERSION) instead "
               "of held-out training pairs, e.g. concepts the backbone never saw; trains on all of --pairs.")
+@click.option("--val-batching", type=click.Choice(["random", "similar", "shard"]), default=None,
+              help="Validation batches (default: as --batching). shard: one batch per shard of the validation pairs, "
+              "so each image is told apart among its own group's captions (one fine-grained set per shard).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--checkpoint-every", default=200, show_default=True, help="Steps between checkpoints.")
 @click.option("--select", type=click.Choice(["best", "1se"]), default="best", show_default=True,
@@ -44,9 +47,13 @@ from .common import val_line, warn_without_workers
 @click.option("--query-noise", default=0.0, show_default=True,
               help="Training only: noise of this norm on each frozen query the layers refine, so the base is unsure "
               "of every pair and the memory pays (try 0.5-1 when the pairs are concepts the backbone knows well).")
-@click.option("--tune", type=click.Choice(["all", "attention", "scalars"]), default="all", show_default=True,
+@click.option("--tune", type=click.Choice(["all", "attention", "scalars", "gate"]), default="all", show_default=True,
               help="attention: only where each side looks learns; values, output projection and MLP keep their start. "
-              "scalars: only the memory's weight against the query and the score scale learn.")
+              "scalars: only the memory's weight against the query and the score scale learn. gate: only the "
+              "per-query gate learns (needs --gate).")
+@click.option("--gate/--no-gate", default=False, show_default=True,
+              help="A learned per-query weight between the query and the memory term, from how sure and how "
+              "consistent its neighbours are; at step 0 the model equals the ungated start.")
 @click.option("--batching", type=click.Choice(["random", "similar"]), default="random", show_default=True,
               help="similar: each batch is a group of pairs with near captions, so in-batch negatives are hard.")
 @click.option("--retrieval/--no-retrieval", default=True, show_default=True,

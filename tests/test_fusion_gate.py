@@ -1,0 +1,148 @@
+"""The per-query gate (`reco train --gate`): at step 0 it is the ungated untrained start exactly, what it sees, and
+that trained it trusts the memory where the neighbours agree and the query where they scatter (app/fusion.py)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.fusion import GATE_FEATURES, FusionConfig, build, gate_features, info_nce, param_groups
+from tests.test_train import memory  # noqa: F401 (the fixture)
+
+D, K = 32, 6
+
+
+def _inputs(b=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(b, D, generator=g), dim=-1)
+    r = F.normalize(torch.randn(b, K, D, generator=g), dim=-1)
+    s = torch.rand(b, K, generator=g).sort(dim=1, descending=True).values
+    mask = torch.rand(b, K, generator=g) > 0.2
+    mask[0] = False  # a query with no neighbour at all
+    mask[1, 1:] = False  # and one with a single neighbour
+    return q, r, s, mask
+
+
+@pytest.mark.parametrize("init", ["retrieval", "identity"])
+def test_a_gated_model_at_step_0_is_the_ungated_untrained_start_exactly(init):
+    plain, gated = (build(FusionConfig(dim=D, k=K, init=init, gate=g), 7) for g in (False, True))
+    for key, value in plain.state_dict().items():  # the gate takes nothing from the others' random start
+        assert torch.equal(value, gated.state_dict()[key]), key
+    q, r, s, mask = _inputs()
+    for side in ("image", "text"):
+        a, b = getattr(plain, side), getattr(gated, side)
+        a.eval(), b.eval()
+        assert torch.equal(a(q, r, s, mask), b(q, r, s, mask))
+        assert torch.equal(b.gate_value(q, r, s, mask), torch.full((16,), 0.5))
+
+
+def test_gate_features_see_scores_and_agreement_of_present_neighbours_only():
+    q, r, s, mask = _inputs()
+    f = gate_features(q, r, s, mask)
+    assert f.shape == (16, len(GATE_FEATURES))
+    assert torch.equal(f[0], torch.zeros(len(GATE_FEATURES)))  # no neighbour: nothing to trust
+    col = {name: i for i, name in enumerate(GATE_FEATURES)}
+    assert f[1, col["top1_score"]] == s[1, 0] and f[1, col["margin"]] == 0 and f[1, col["present"]] == 1 / K
+    same = F.normalize(torch.randn(1, D), dim=-1).expand(K, D)[None] + 0.01 * torch.randn(1, K, D)
+    scattered = F.normalize(torch.randn(1, K, D), dim=-1)
+    full = torch.ones(1, K, dtype=torch.bool)
+    agree = gate_features(q[:1], same, s[2:3], full)[0]
+    scatter = gate_features(q[:1], scattered, s[2:3], full)[0]
+    for name in ("agreement", "top1_agreement"):
+        assert agree[col[name]] > 0.95 and abs(scatter[col[name]]) < 0.6, name
+    # a masked neighbour changes nothing, whatever it holds
+    r2 = r.clone()
+    r2[~mask] = 100.0
+    torch.testing.assert_close(gate_features(q, r2, s, mask), f)
+
+
+def _task(n, gen):
+    """Queries that are noisy copies of their targets. Half of them ("agreeing") retrieve k noisy copies of the
+    right target, which agree with each other; the others retrieve k scattered wrong vectors."""
+    target = F.normalize(torch.randn(n, D, generator=gen), dim=-1)
+    query = F.normalize(target + 2.0 * torch.randn(n, D, generator=gen) / D ** 0.5, dim=-1)
+    agree = torch.arange(n) % 2 == 0
+    right = F.normalize(target[:, None] + 0.3 * torch.randn(n, K, D, generator=gen) / D ** 0.5, dim=-1)
+    wrong = F.normalize(torch.randn(n, K, D, generator=gen), dim=-1)
+    retrieved = torch.where(agree[:, None, None], right, wrong)
+    scores = (0.6 + 0.1 * torch.rand(n, K, generator=gen)).sort(dim=1, descending=True).values  # uninformative
+    return query, retrieved, scores, target, agree
+
+
+def test_trained_gate_trusts_the_memory_where_neighbours_agree():
+    """The documented direction: after training, g is higher for queries whose neighbours agree (the memory then
+    holds the answer) than for queries whose neighbours scatter, and only the gate learned (--tune gate)."""
+    model = build(FusionConfig(dim=D, k=K, gate=True, init="retrieval", score_scale_init=100.0), 0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(param_groups(model, "gate", 0.0), lr=5e-2)
+    gen = torch.Generator().manual_seed(0)
+    layer = model.image
+    for _ in range(60):
+        q, r, s, target, _ = _task(64, gen)
+        loss = info_nce(layer(q, r, s), target, model.logit_scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layer.eval()
+    q, r, s, target, agree = _task(256, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        g = layer.gate_value(q, r, s)
+        assert g[agree].mean() > 0.5 > g[~agree].mean()  # the start is 0.5 for every query
+        assert g[agree].mean() > g[~agree].mean() + 0.3
+        col = GATE_FEATURES.index("agreement")
+        assert layer.gate.weight[0, col] > 0  # more agreement, more memory
+        # and the gate pays: top-1 against the targets beats the ungated start on the same queries
+        start_model = build(FusionConfig(dim=D, k=K, gate=True, init="retrieval", score_scale_init=100.0), 0)
+        start_model.eval()
+        acc = lambda y: float(((y @ target.T).argmax(1) == torch.arange(256)).float().mean())  # noqa: E731
+        assert acc(layer(q, r, s)) > acc(start_model.image(q, r, s)) + 0.05
+    for key, value in model.state_dict().items():
+        if "gate" not in key and key != "logit_scale":
+            assert torch.equal(value, start[key]), key
+
+
+def test_tune_gate_needs_the_gate():
+    from app.errors import RecoError
+    from app.train import TrainConfig
+
+    with pytest.raises(ValueError, match="needs the gated fusion"):
+        param_groups(build(FusionConfig(dim=D, k=K), 0), "gate", 0.0)
+    with pytest.raises(RecoError, match="add --gate"):
+        TrainConfig(tune="gate").check()
+    with pytest.raises(RecoError, match="--val-batching must be"):
+        TrainConfig(val_batching="groups").check()
+
+
+def test_train_cli_gate_and_shard_validation(cli_run, rt, memory, tmp_path, tiny_config):
+    """`reco train --gate --tune gate --val-batching shard`: the model records the gate, its untrained start equals
+    the ungated one's, and validation is told apart within each shard of the validation pairs."""
+    from app.encoder import RecoEncoder
+    from app.train import _batches, load_pairs
+    from app import synthetic
+    from tests.test_train import JITTER, build as build_memory
+
+    synthetic.write_wds(tmp_path / "val", 3, 12, seed=2, jitter=JITTER, prefix="v")
+    build_memory(rt, "val", tmp_path / "val", tiny_config)
+    common = ["--pairs", "mem", "--memory", "mem", "-k", "5", "--epochs", "2", "--batch-size", "64",
+              "--val-pairs", "val", "--select", "1se", "--val-batching", "shard"]
+    cli_run("train", "gated", *common, "--gate", "--tune", "gate")
+    cli_run("train", "plain", *common)
+    shown = json.loads(cli_run("model", "show", "gated", "--json").stdout)
+    assert shown["train"]["gate"] is True and shown["train"]["tune"] == "gate"
+    assert shown["train"]["val_batching"] == "shard" and shown["metrics"]["val_pairs"] == 36
+    gated = RecoEncoder.load("gated", runtime=rt, load_backbone=False, checkpoint="start")
+    plain = RecoEncoder.load("plain", runtime=rt, load_backbone=False, checkpoint="start")
+    assert gated.fusion.image.gate is not None and plain.fusion.image.gate is None
+    for key, value in plain.fusion.state_dict().items():
+        assert torch.equal(value, gated.fusion.state_dict()[key]), key
+    with rt.db.session() as s:
+        from app.db.models import FusionModel
+
+        job = s.query(FusionModel).filter_by(name="gated").one().config["job"]
+    val = load_pairs(rt, job["val_pairs"][2], job["val_pairs"][3])
+    batches = _batches(val, __import__("numpy").arange(36), 64, "shard")
+    assert sorted(len(b) for b in batches) == [12, 12, 12]
+    assert all(len({val.shards[i] for i in b}) == 1 for b in batches)
+    bad = cli_run("train", "bad", "--pairs", "mem", "--memory", "mem", "--tune", "gate", ok=False)
+    assert bad.exit_code != 0 and "add --gate" in bad.output
