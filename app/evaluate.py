@@ -182,6 +182,7 @@ def _rank_dense(enc, collection, ds, v, labels, groups, ks, img_side, excluded, 
                                         groups), "reco": {}}
     txt_side = _Side(enc, collection, "text", t, ks[-1], excluded, timing) if text_refined else None
     pred = None
+    hits = {"baseline": top1_hits(base_logits.argmax(1), labels), "reco": {}}
     for k in ks:
         vk = img_side.refined(k) if img_side else v
         tk = txt_side.refined(k) if txt_side else t
@@ -190,9 +191,10 @@ def _rank_dense(enc, collection, ds, v, labels, groups, ks, img_side, excluded, 
         timing["rank"] += time.perf_counter() - t0
         pred = logits.argmax(1)
         results["reco"][str(k)] = _with_groups(classification_metrics(logits, labels), pred, labels, groups)
+        hits["reco"][str(k)] = top1_hits(pred, labels)
     names = ds.classnames
     return (results, [names[i] for i in base_logits.argmax(1)], [names[i] for i in pred],
-            {"templates": ds.templates})
+            {"templates": ds.templates, "top1_hits": hits})
 
 
 def _rank_class_set(index, ranking, ds, v, labels, groups, ks, img_side, text_refined, timing):
@@ -204,6 +206,7 @@ def _rank_class_set(index, ranking, ds, v, labels, groups, ks, img_side, text_re
     base, _ = index.top_k(v, "frozen", 5, ranking)
     timing["rank"] += time.perf_counter() - t0
     results = {"baseline": _with_groups(ranked_metrics(base, truth), base[:, 0], truth, groups), "reco": {}}
+    hits = {"baseline": top1_hits(base[:, 0], truth), "reco": {}}
     reco = base
     for k in ks:
         vk = img_side.refined(k) if img_side else v
@@ -211,9 +214,10 @@ def _rank_class_set(index, ranking, ds, v, labels, groups, ks, img_side, text_re
         reco, _ = index.top_k(vk, "refined" if text_refined else "frozen", 5, ranking)
         timing["rank"] += time.perf_counter() - t0
         results["reco"][str(k)] = _with_groups(ranked_metrics(reco, truth), reco[:, 0], truth, groups)
+        hits["reco"][str(k)] = top1_hits(reco[:, 0], truth)
     shown = min(len(truth), DETAILS_LIMIT)
     names = index.names(list({c for c in np.concatenate([base[:shown, 0], reco[:shown, 0]])}))
-    extra = {"templates": index.details.get("templates"),
+    extra = {"templates": index.details.get("templates"), "top1_hits": hits,
              "classes": {"name": index.name, "version": index.version, "count": index.count, "ranking": ranking,
                          "ef": index.ef if ranking == "search" else None, "refined": index.refined}}
     return results, [names.get(c, c) for c in base[:shown, 0]], [names.get(c, c) for c in reco[:shown, 0]], extra
@@ -244,6 +248,12 @@ def _check_class_set(index, enc, ds, ks, text_refined) -> list[int] | None:
         raise RecoError(f"class set {index.name} v{index.version} was refined with k={refined['k']}: RECO's "
                         f"text side cannot be evaluated at another k (-k {refined['k']}, or --retrieval image)")
     return [refined["k"]]
+
+
+def top1_hits(pred, truth) -> str:
+    """Each query's top-1 as "1" (right) or "0", in dataset order: the run file keeps them so that two runs on
+    the same images can be compared query by query (a paired bootstrap), not only by their means."""
+    return "".join("1" if a == b else "0" for a, b in zip(np.asarray(pred).tolist(), np.asarray(truth).tolist()))
 
 
 def _with_groups(metrics: dict, pred, labels, groups) -> dict:

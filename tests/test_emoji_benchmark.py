@@ -54,6 +54,14 @@ def test_reduced_protocol_training_keeps_the_untrained_start(npm_cache, tmp_path
     assert h["t2i_r1_reco"] > h["t2i_r1_baseline"]
     assert first["training"]["reco"]["start"]["acc"] <= first["training"]["reco"]["best"]["score"]
     assert all(r["leakage_guard"]["enabled"] for r in [first["groups"]["country-flag"]["eval_run"]])
+    # validation: whole subcategories of non-target emoji, reported; the gated fusion, only its gate trained
+    val = first["validation_subcategories"]
+    assert val and sum(val.values()) == first["n_unseen_val_pairs"] and "country-flag" not in val
+    assert first["groups"]["dev"]["subcategories"] == sorted(val)
+    assert first["protocol"]["gate"] is True and first["protocol"]["tune"] == "gate"
+    hits = first["groups"]["country-flag"]["top1_hits"]
+    assert {len(v) for v in hits.values()} == {30}  # one per facebook drawing, the pooled summary's input
+    assert 100 * hits["reco"].count("1") / 30 == pytest.approx(h["reco_top1"])
 
     # the same seed again (base model from the cache, the ablations left out): the same numbers
     p.ablations = False
@@ -115,16 +123,68 @@ def test_summary_means_over_seeds_per_regime_and_group():
     assert "| country-flag | 7 | 11.0 | 20.0 | **40.0** ± 8.2 | +20.0 |" in md
 
 
-def test_concept_split_is_seeded_disjoint_and_keeps_validation_when_novel_changes():
-    from benchmarks.emoji.protocol import split_concepts
+def test_pooled_rows_pool_every_target_image_with_a_paired_bootstrap():
+    import numpy as np
 
-    rest = list(range(100))
+    from benchmarks.emoji.report import SUMMARY_KEYS, pooled, summarize
+
+    rng = np.random.default_rng(0)
+    sizes = {"country-flag": 60, "clothing": 40}
+
+    def run(seed, lift):
+        groups = {}
+        for g, n in sizes.items():
+            base = rng.random(n) < 0.2
+            start = base | (rng.random(n) < 0.4)
+            reco = start | (rng.random(n) < lift)  # RECO keeps every hit of its start and adds some
+            bits = {m: "".join("1" if h else "0" for h in v) for m, v in
+                    (("baseline", base), ("untrained", start), ("reco", reco))}
+            head = {k: 0.0 for k in SUMMARY_KEYS} | {"classes": n, "reco_top1": 100 * reco.mean(),
+                                                     "untrained_top1": 100 * start.mean()}
+            groups[g] = {"headline": head, "top1_hits": bits}
+        groups["dev"] = {"headline": {k: 0.0 for k in SUMMARY_KEYS} | {"classes": 5}, "top1_hits": {"baseline": "0", "untrained": "1", "reco": "1"}}
+        return {"protocol": {"seed": seed, "regime": "rare"}, "groups": groups}
+
+    runs = [run(s, 0.1) for s in range(3)]
+    pool = pooled(runs)
+    assert pool["classes"] == 100 and pool["images"] == 100 and pool["groups"] == ["country-flag", "clothing"]
+    assert pool["reco_top1"] >= pool["untrained_top1"] >= pool["baseline_top1"]
+    assert pool["reco_minus_untrained"] == pytest.approx(np.mean(pool["reco_minus_untrained_per_seed"]))
+    assert 0 < pool["ci95_low"] < pool["reco_minus_untrained"] < pool["ci95_high"]  # a gain that never loses
+    assert pool["ci95_low_vs_baseline"] < pool["reco_minus_baseline"] < pool["ci95_high_vs_baseline"]
+    # nothing gained: the interval straddles zero
+    same = [run(s, 0.0) for s in range(3)]
+    flat = pooled(same)
+    assert flat["reco_minus_untrained"] == 0 and flat["ci95_low"] == flat["ci95_high"] == 0
+    summary, md = summarize({"rare": runs})
+    assert summary["regimes"]["rare"]["pooled"]["reco_top1"] == pool["reco_top1"]
+    assert md.splitlines()[0].startswith("### pooled") and "| rare | 100 | 100 |" in md
+    # runs from before the per-image hits: no pooled row rather than a wrong one
+    for r in runs:
+        del r["groups"]["clothing"]["top1_hits"]
+    assert pooled(runs) is None and "pooled" not in summarize({"rare": runs})[0]["regimes"]["rare"]
+
+
+def test_concept_split_holds_whole_seeded_subcategories_for_validation():
+    from types import SimpleNamespace
+
+    from benchmarks.emoji.protocol import split_concepts, val_subcategories
+
+    sizes = {"a": 20, "b": 18, "c": 16, "d": 15, "e": 10, "f": 8, "g": 6, "h": 4, "i": 3}
+    rest = [SimpleNamespace(subcategory=sub, name=f"{sub}{i}") for sub, n in sizes.items() for i in range(n)]
     base, novel, unseen = split_concepts(rest, 0.15, 0.2, seed=0)
-    assert (len(base), len(novel), len(unseen)) == (65, 20, 15)
-    assert sorted(base + novel + unseen) == rest
+    assert sorted(e.name for e in base + novel + unseen) == sorted(e.name for e in rest)
+    held = val_subcategories(unseen)
+    # whole subcategories of >= 15 look-alikes, as many as it takes to hold 15 % of the others
+    assert held and all(sizes[s] >= 15 for s in held) and len(unseen) == sum(sizes[s] for s in held) >= 15
+    assert not {e.subcategory for e in base + novel} & set(held)
+    assert len(novel) == 20
     assert split_concepts(rest, 0.15, 0.2, seed=0) == (base, novel, unseen)
     assert split_concepts(rest, 0.15, 0.0, seed=0)[2] == unseen  # the validation concepts stay put
-    assert split_concepts(rest, 0.15, 0.2, seed=1)[2] != unseen
+    assert len({tuple(val_subcategories(split_concepts(rest, 0.15, 0.2, seed=s)[2])) for s in range(6)}) > 1
+    # a reduced catalogue whose subcategories are all small still validates on its largest
+    small = [e for e in rest if sizes[e.subcategory] < 15]
+    assert val_subcategories(split_concepts(small, 0.15, 0.2, seed=0)[2]) == ["e"]
 
 
 def test_a_run_with_other_settings_never_overwrites_a_default_result():

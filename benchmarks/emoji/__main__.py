@@ -29,7 +29,8 @@ from benchmarks.common import log, version, write_result  # noqa: E402
 from benchmarks.emoji import data  # noqa: E402
 from benchmarks.emoji.base import BaseConfig  # noqa: E402
 from app.train import BATCHING, TUNE  # noqa: E402
-from benchmarks.emoji.protocol import DEFAULT_TARGETS, REGIMES, TRAIN_ON, Protocol, run  # noqa: E402
+from benchmarks.emoji.protocol import (DEFAULT_TARGETS, REGIMES, TRAIN_ON, Protocol, base_model,  # noqa: E402
+                                       concepts, run)
 from benchmarks.emoji.report import markdown, plot, summarize  # noqa: E402
 
 RESULTS = Path("benchmarks/results")
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-on", choices=TRAIN_ON, default=Protocol.train_on,
                     help="RECO training pairs: base and novel concepts, base only, or novel only")
     ap.add_argument("--tune", choices=TUNE, default=Protocol.tune, help="reco train --tune")
+    ap.add_argument("--gate", action=argparse.BooleanOptionalAction, default=Protocol.gate,
+                    help="reco train --gate: the per-query gate between query and memory")
     ap.add_argument("--batching", choices=BATCHING, default=Protocol.batching,
                     help="reco train --batching")
     ap.add_argument("--query-noise", type=float, default=Protocol.query_noise, help="reco train --query-noise")
@@ -67,6 +70,8 @@ def main(argv=None) -> int:
                     help="share of non-target emoji kept from the base and the fusion; RECO validates on them")
     ap.add_argument("--max-targets", type=int, default=None, help="keep the first N target emoji (reduced run)")
     ap.add_argument("--max-others", type=int, default=None, help="keep N non-target emoji (reduced run)")
+    ap.add_argument("--base-only", action="store_true",
+                    help="only pretrain (or find cached) the base model of each seed, e.g. to warm the cache")
     ap.add_argument("--home", default=os.environ.get("RECO_BENCH_HOME", ".reco-bench"),
                     help="where the base model cache and the run's RECO_HOME live")
     ap.add_argument("--cache", default=str(data.DEFAULT_CACHE), help="npm package cache")
@@ -83,11 +88,14 @@ def main(argv=None) -> int:
     for seed in seeds:
         p = Protocol(targets=[t.strip() for t in args.targets.split(",") if t.strip()], regime=args.regime,
                      seed=seed, epochs=args.epochs, unseen_val=args.unseen_val, novel_pairs=args.novel_pairs,
-                     query_noise=args.query_noise, batching=args.batching, tune=args.tune,
+                     query_noise=args.query_noise, batching=args.batching, tune=args.tune, gate=args.gate,
                      val_vendor=args.val_vendor, train_on=args.train_on, max_targets=args.max_targets,
                      max_rest=args.max_others,
                      ablations=args.ablations,
                      base=BaseConfig(steps=args.pretrain_steps, augment=args.augment, rare_weight=args.rare_weight))
+        if args.base_only:
+            base_model(p, Path(args.home).resolve(), concepts(p, Path(args.cache)), log)
+            continue
         started = dt.datetime.now(dt.timezone.utc)
         result = run(p, Path(args.home).resolve(), Path(args.cache), log)
         result = {"benchmark": "emoji: RECO vs the frozen base on held-out fine-grained emoji",
@@ -100,7 +108,7 @@ def main(argv=None) -> int:
         plot(result, out.with_suffix(".png"))
         log(markdown(result))
         log(f"-> {out} (+ .md, .png)")
-    if args.targets == ",".join(DEFAULT_TARGETS) and not (args.max_targets or args.max_others):
+    if args.targets == ",".join(DEFAULT_TARGETS) and not (args.max_targets or args.max_others or args.base_only):
         _summary(["--dir", args.out_dir])
     return 0
 

@@ -110,12 +110,15 @@ def pair_caption(e: Emoji, seed: int) -> str:
     return random.Random(f"{seed}:{e.key}").choice(PAIR_CAPTIONS).format(name=e.name)
 
 
-def write_wds(root: Path, rows: list[tuple[str, bytes, str]], per_shard: int = 512) -> Path:
-    """img2dataset-style shards of (key, png bytes, caption): what `reco memory build` reads."""
+def write_wds(root: Path, rows: list[tuple[str, bytes, str]], per_shard: int = 512,
+              groups: list[list[tuple[str, bytes, str]]] | None = None) -> Path:
+    """img2dataset-style shards of (key, png bytes, caption): what `reco memory build` reads. `groups`: one shard
+    per group instead (e.g. a validation set told apart group by group, `reco train --val-batching shard`)."""
     root.mkdir(parents=True, exist_ok=True)
-    for i in range(0, len(rows), per_shard):
-        with tarfile.open(root / f"{i // per_shard:05d}.tar", "w") as tar:
-            for key, png, caption in rows[i : i + per_shard]:
+    shards = groups if groups is not None else [rows[i : i + per_shard] for i in range(0, len(rows), per_shard)]
+    for i, shard in enumerate(shards):
+        with tarfile.open(root / f"{i:05d}.tar", "w") as tar:
+            for key, png, caption in shard:
                 for suffix, data in (("png", png), ("txt", caption.encode())):
                     info = tarfile.TarInfo(f"{key}.{suffix}")
                     info.size = len(data)

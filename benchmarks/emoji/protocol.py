@@ -5,8 +5,10 @@ group), and the other emoji, split into
   base      concepts the frozen base is pretrained on (apple + google drawings)
   novel     `novel_pairs` of the others: RECO training pairs the base knows as it knows the targets (absent from
             its pretraining, or rare there), so that the training loss rewards using the memory
-  unseen    `unseen_val` of the others, held like the targets too: RECO validates and picks its checkpoint on them,
-            and the `dev` rows classify their facebook drawings (non-target data to choose settings on)
+  unseen    whole subcategories of the others (>= VAL_MIN_CLASSES emoji each, `unseen_val` of them in all, drawn
+            per seed), held like the targets too: RECO validates and picks its checkpoint on them, each subcategory
+            told apart among its own names (`reco train --val-batching shard`), and the `dev` rows classify their
+            facebook drawings among all their names (non-target data to choose settings on)
 Regimes: `absent` keeps the targets, novel and unseen concepts out of the base's pretraining; `rare` shows each of
 them to the base rarely (one vendor's drawing, `base.rare_weight` of a common emoji's chance per batch).
 
@@ -40,6 +42,7 @@ REGIMES = ("absent", "rare")
 TRAIN_ON = ("all", "base", "novel")
 DEFAULT_TARGETS = ("country-flag", "animal-mammal", "food-prepared", "clothing")
 DEV = "dev"  # the group of unseen non-target concepts: settings are chosen on it, never on a target
+VAL_MIN_CLASSES = 15  # a validation subcategory holds at least this many emoji, as a target group does
 
 
 @dataclass
@@ -59,7 +62,10 @@ class Protocol:
     novel_pairs: float = 0.2  # share of the non-target emoji held like the targets and used as training pairs
     query_noise: float = 0.0  # reco train --query-noise
     batching: str = "random"  # reco train --batching
-    tune: str = "all"  # reco train --tune
+    # the per-query gate, and only it learns: the retrieval prior stays, training chooses per query how far to
+    # trust it (chosen before any run of this protocol, not on target accuracy)
+    gate: bool = True
+    tune: str = "gate"  # reco train --tune
     # RECO's training pairs: "all" (base and novel concepts), "base" (only concepts the base was pretrained on, the
     # protocol before novel concepts existed) or "novel"; the base model is the same for all three
     train_on: str = "all"
@@ -88,17 +94,42 @@ def _train_cfg(p: Protocol, **over):
                           "seed": p.seed, "checkpoint_every": 10_000, "val_pairs": "unseen",
                           # the earliest checkpoint within one standard error of the best on the unseen concepts
                           "select": "1se", "init": p.fusion_init, "score_scale": p.score_scale,
-                          "query_noise": p.query_noise, "batching": p.batching, "tune": p.tune, **over})
+                          "query_noise": p.query_noise, "batching": p.batching, "tune": p.tune, "gate": p.gate,
+                          # each validation subcategory is its own shard, told apart among its own names
+                          "val_batching": "shard", **over})
 
 
-def split_concepts(rest: list, unseen: float, novel: float, seed: int) -> tuple[list, list, list]:
-    """(base, novel, unseen): seeded shares of the non-target emoji. The unseen ones are the first of one seeded
-    order, so changing `novel` leaves the validation concepts as they are."""
-    order = np.random.default_rng(seed).permutation(len(rest))
-    n_u = max(2, round(unseen * len(rest)))
-    n_n = round(novel * len(rest))
-    part = {int(i): 2 if j < n_u else 1 if j < n_u + n_n else 0 for j, i in enumerate(order)}
-    return tuple([e for i, e in enumerate(rest) if part[i] == which] for which in (0, 1, 2))
+def split_concepts(rest: list, unseen: float, novel: float, seed: int,
+                   min_classes: int = VAL_MIN_CLASSES) -> tuple[list, list, list]:
+    """(base, novel, unseen): seeded shares of the non-target emoji.
+
+    The unseen (validation) concepts are whole fine-grained subcategories of at least `min_classes` emoji, drawn
+    in a seeded order until they hold `unseen` of the others: validation is then shaped like the targets (a group
+    of look-alikes told apart among their own names), not a scatter of unrelated emoji told apart by coarse kind.
+    A reduced run whose subcategories are all smaller takes the largest ones. The novel pairs are a seeded share of
+    what remains, so changing `novel` leaves the validation concepts as they are."""
+    rng = np.random.default_rng(seed)
+    sizes: dict[str, int] = {}
+    for e in rest:
+        sizes[e.subcategory] = sizes.get(e.subcategory, 0) + 1
+    floor = min(min_classes, max(sizes.values(), default=0))
+    eligible = sorted(s for s, n in sizes.items() if n >= max(floor, 2))
+    want = max(2, round(unseen * len(rest)))
+    held: set[str] = set()
+    for i in rng.permutation(len(eligible)):
+        if sum(sizes[s] for s in held) >= want:
+            break
+        held.add(eligible[i])
+    others = [i for i, e in enumerate(rest) if e.subcategory not in held]
+    order = rng.permutation(len(others))
+    novel_rows = {others[j] for j in order[: round(novel * len(rest))]}
+    return ([e for i, e in enumerate(rest) if e.subcategory not in held and i not in novel_rows],
+            [e for i, e in enumerate(rest) if i in novel_rows],
+            [e for e in rest if e.subcategory in held])
+
+
+def val_subcategories(unseen: list) -> list[str]:
+    return sorted({e.subcategory for e in unseen})
 
 
 def _top(run: dict, k: int | None) -> dict:
@@ -124,35 +155,50 @@ class _Timer(dict):
         return _T()
 
 
+def concepts(p: Protocol, cache: Path) -> dict:
+    """The seeded concept split: target groups, the others' base / novel / unseen shares, the dev group."""
+    emojis = data.catalogue(cache)
+    subcats = p.group_subcategories()
+    targets_all, rest = data.split_targets(emojis, sorted({s for ss in subcats.values() for s in ss}))
+    groups = {g: [e for e in targets_all if e.subcategory in ss][: p.max_targets] for g, ss in subcats.items()}
+    targets = [e for e in targets_all if any(e in g for g in groups.values())]
+    if p.max_rest:
+        rest = rest[:: max(1, len(rest) // p.max_rest)][: p.max_rest]
+    base_c, novel, unseen = split_concepts(rest, p.unseen_val, p.novel_pairs, p.seed)
+    groups[DEV] = unseen
+    return {"subcats": subcats, "targets": targets, "rest": rest, "base": base_c, "novel": novel,
+            "unseen": unseen, "groups": groups}
+
+
+def base_model(p: Protocol, home: Path, c: dict, log=print) -> tuple[str, dict]:
+    """The frozen base of this regime and seed (pretrained once, then from the cache)."""
+    rare = c["targets"] + c["novel"] + c["unseen"] if p.regime == "rare" else []
+    return build_base(home, p.base, c["base"], p.seed, log, rare=rare)
+
+
 def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
     t_start = time.perf_counter()
     timed = _Timer()
 
     with timed("data"):
-        emojis = data.catalogue(cache)
-        subcats = p.group_subcategories()
-        targets_all, rest = data.split_targets(emojis, sorted({s for ss in subcats.values() for s in ss}))
-        groups = {g: [e for e in targets_all if e.subcategory in ss][: p.max_targets] for g, ss in subcats.items()}
-        targets = [e for e in targets_all if any(e in g for g in groups.values())]
-        if p.max_rest:
-            rest = rest[:: max(1, len(rest) // p.max_rest)][: p.max_rest]
-        base_c, novel, unseen = split_concepts(rest, p.unseen_val, p.novel_pairs, p.seed)
-        groups[DEV] = unseen
+        c = concepts(p, cache)
+        subcats, targets, rest, groups = c["subcats"], c["targets"], c["rest"], c["groups"]
+        base_c, novel, unseen = c["base"], c["novel"], c["unseen"]
         log(f"{p.regime} regime: {len(targets)} target emoji in {len(groups) - 1} groups; {len(rest)} others: "
-            f"{len(base_c)} base, {len(novel)} novel training pairs, {len(unseen)} unseen (validation, dev)")
+            f"{len(base_c)} base, {len(novel)} novel training pairs, {len(unseen)} unseen in "
+            f"{len({e.subcategory for e in unseen})} subcategories (validation, dev)")
     with timed("base_model"):
-        rare = targets + novel + unseen if p.regime == "rare" else []
-        backbone, base_info = build_base(home, p.base, base_c, p.seed, log, rare=rare)
+        backbone, base_info = base_model(p, home, c, log)
 
     work = home / "runs" / f"{p.regime}-{'+'.join(p.targets)}-s{p.seed}-t{len(targets)}"
     shutil.rmtree(work, ignore_errors=True)
     corpora = work / "corpora"
     with timed("corpora"):
         pairs = {"all": base_c + novel, "base": base_c, "novel": novel}[p.train_on]
-        pairs_src, unseen_src = (data.write_wds(corpora / name, [(e.key, data.rgb_png(e.images[vendor]),
-                                                                  data.pair_caption(e, p.seed)) for e in group])
-                                 for name, group, vendor in (("pairs", pairs, "google"),
-                                                             ("unseen", unseen, p.val_vendor)))
+        row = lambda e, vendor: (e.key, data.rgb_png(e.images[vendor]), data.pair_caption(e, p.seed))  # noqa: E731
+        pairs_src = data.write_wds(corpora / "pairs", [row(e, "google") for e in pairs])
+        unseen_src = data.write_wds(corpora / "unseen", [], groups=[
+            [row(e, p.val_vendor) for e in unseen if e.subcategory == sub] for sub in val_subcategories(unseen)])
         mem_rows = {e.key: (e.key, data.rgb_png(e.images["twitter"]), data.memory_caption(e)) for e in rest + targets}
         v1_src = data.write_wds(corpora / "twitter-v1", [mem_rows[e.key] for e in rest])
         v2_src = data.write_wds(corpora / "twitter-v2", [mem_rows[e.key] for e in rest + targets])
@@ -179,7 +225,8 @@ def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
     trained: dict[str, dict] = {}
     models = {"reco": ("twitter@2", {}),
               # the paper's Figure 3-left control: the same layers and training, every neighbour masked
-              "reco-retrieval-off": ("twitter@2", {"retrieval": False})}
+              # (every parameter learns there: with --tune gate alone it could not move from the base at all)
+              "reco-retrieval-off": ("twitter@2", {"retrieval": False, "tune": "all"})}
     if p.ablations:
         models.update({
             "reco-plain": ("twitter@2", {"use_rank": False, "use_score": False, "init": "identity"}),  # the paper's
@@ -217,11 +264,13 @@ def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
                                            "text_to_text_hit_rate": results[g]["ceilings"]["text_to_text"]})
     return {
         "protocol": {**asdict(p), "base": asdict(p.base)},
-        "groups": {g: {"subcategories": subcats.get(g, ["(unseen non-target concepts)"]),
+        "groups": {g: {"subcategories": subcats.get(g, val_subcategories(unseen)),
                        "targets": [e.name for e in groups[g]], **results[g]} for g in groups},
         "n_base_concepts": len(base_c),
         "n_novel_pairs": sum(e in novel for e in pairs), "n_train_pairs": len(pairs),
-        "n_unseen_val_pairs": len(unseen), "n_memory_v1": len(rest), "n_memory_v2": len(rest) + len(targets),
+        "n_unseen_val_pairs": len(unseen),
+        "validation_subcategories": {sub: sum(e.subcategory == sub for e in unseen) for sub in val_subcategories(unseen)},
+        "n_memory_v1": len(rest), "n_memory_v2": len(rest) + len(targets),
         "base_model": base_info, "backbone": backbone, "training": trained,
         "timings_s": {**timed, "total": round(time.perf_counter() - t_start, 1)},
     }
@@ -260,9 +309,12 @@ def _evaluate_group(rt, p: Protocol, es: dict, templates: Path, ablations: bool)
     without the targets (and the ablations); image-text retrieval for baseline, untrained start and RECO."""
     hk = p.headline_k
     main = _classify(rt, p, "reco", "twitter@2", es, templates, ks=p.ks, full=True)
+    start = _classify(rt, p, "reco", "twitter@2", es, templates, checkpoint="start", full=True)
     baseline = _top(main, None)
-    table = {"frozen baseline": baseline,
-             "untrained start (step 0)": _classify(rt, p, "reco", "twitter@2", es, templates, checkpoint="start"),
+    # each image's top-1, right or not, in image order: the summary's paired bootstrap pools them over groups
+    hits = {"baseline": main["top1_hits"]["baseline"], "untrained": start["top1_hits"]["reco"][str(hk)],
+            "reco": main["top1_hits"]["reco"][str(hk)]}
+    table = {"frozen baseline": baseline, "untrained start (step 0)": _top(start, hk),
              **{f"RECO k={k}": _top(main, k) for k in p.ks},
              "retrieval-off training control": _classify(rt, p, "reco-retrieval-off", "twitter@2", es, templates)}
     if ablations:
@@ -291,7 +343,7 @@ def _evaluate_group(rt, p: Protocol, es: dict, templates: Path, ablations: bool)
         "t2i_r1_reco": trained["reco"]["t2i_r1"], "k": hk,
         "classes": len(Path(es["classnames"]).read_text().splitlines()),
     }
-    return {"headline": headline, "table": table, "retrieval": retrieval,
+    return {"headline": headline, "table": table, "retrieval": retrieval, "top1_hits": hits,
             "eval_run": {key: main.get(key) for key in ("run", "model", "memory", "retrieval", "leakage_guard")}}
 
 

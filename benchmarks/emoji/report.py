@@ -68,11 +68,59 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+BOOTSTRAP = 10_000  # resamples of the paired bootstrap
+DEV = "dev"
+
+
+def pooled(rs: list[dict]) -> dict | None:
+    """Top-1 over every target image of a regime, each group still classified among its own names, averaged over
+    seeds; and the 95 % interval of a paired bootstrap for RECO − untrained start and RECO − baseline: images and
+    seeds are resampled with replacement, the same images (they are the same drawings in every seed) for all three
+    models, so what varies between models stays paired. None when a run lacks the per-image hits."""
+    groups = [g for g in rs[0]["groups"] if g != DEV]
+    if not groups or any("top1_hits" not in r["groups"].get(g, {}) for r in rs for g in groups):
+        return None
+    hits = {m: np.array([[c == "1" for g in groups for c in r["groups"][g]["top1_hits"][m]] for r in rs], float)
+            for m in ("baseline", "untrained", "reco")}
+    n_seeds, n_images = hits["reco"].shape
+    rng = np.random.default_rng(0)
+    diffs = {"untrained": hits["reco"] - hits["untrained"], "baseline": hits["reco"] - hits["baseline"]}
+    boot = {m: [] for m in diffs}
+    for start in range(0, BOOTSTRAP, 500):
+        b = min(500, BOOTSTRAP - start)
+        si = rng.integers(n_seeds, size=(b, n_seeds))
+        ii = rng.integers(n_images, size=(b, n_images))
+        for m, d in diffs.items():
+            boot[m].append(d[si[:, :, None], ii[:, None, :]].mean(axis=(1, 2)))
+    ci = {m: 100 * np.percentile(np.concatenate(v), [2.5, 97.5]) for m, v in boot.items()}
+    top = {m: 100 * float(h.mean()) for m, h in hits.items()}
+    return {"classes": int(sum(rs[0]["groups"][g]["headline"]["classes"] for g in groups)), "images": n_images,
+            "groups": groups, "baseline_top1": top["baseline"], "untrained_top1": top["untrained"],
+            "reco_top1": top["reco"], "reco_minus_untrained": top["reco"] - top["untrained"],
+            "ci95_low": float(ci["untrained"][0]), "ci95_high": float(ci["untrained"][1]),
+            "reco_minus_baseline": top["reco"] - top["baseline"],
+            "ci95_low_vs_baseline": float(ci["baseline"][0]), "ci95_high_vs_baseline": float(ci["baseline"][1]),
+            "reco_minus_untrained_per_seed": [100 * float(d.mean()) for d in diffs["untrained"]],
+            "seeds": [r["protocol"]["seed"] for r in rs], "bootstrap": BOOTSTRAP}
+
+
 def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
-    """(emoji-summary.json, its markdown): per regime and group, the mean over seeds of SUMMARY_KEYS, the standard
-    deviation of RECO's top-1 and of its gain over the untrained start, and the seeds."""
+    """(emoji-summary.json, its markdown): per regime, the pooled rows with their paired bootstrap intervals
+    (`pooled`), then per group the mean over seeds of SUMMARY_KEYS, the standard deviation of RECO's top-1 and of
+    its gain over the untrained start, and the seeds."""
     out: dict = {"regimes": {}}
-    lines = []
+    lines = ["### pooled over every target image (mean over seeds; 95 % paired bootstrap over images and seeds)", "",
+             "| regime | classes | images | baseline | untrained start | RECO | RECO − untrained [95 % CI] | "
+             "RECO − baseline [95 % CI] | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    for regime, rs in runs.items():
+        pool = pooled(rs) if rs else None
+        if pool is not None:
+            lines.append(f"| {regime} | {pool['classes']} | {pool['images']} | {pool['baseline_top1']:.1f} | "
+                         f"{pool['untrained_top1']:.1f} | **{pool['reco_top1']:.1f}** | "
+                         f"**{pool['reco_minus_untrained']:+.1f}** [{pool['ci95_low']:+.1f}, {pool['ci95_high']:+.1f}] | "
+                         f"{pool['reco_minus_baseline']:+.1f} [{pool['ci95_low_vs_baseline']:+.1f}, "
+                         f"{pool['ci95_high_vs_baseline']:+.1f}] | {', '.join(map(str, pool['seeds']))} |")
+    lines.append("")
     for regime, rs in runs.items():
         if not rs:
             continue
@@ -85,7 +133,8 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
                       "reco_top1_std": float(np.std(vals["reco_top1"])),
                       "reco_minus_untrained_std": float(np.std(gain)),
                       "classes": hs[0]["classes"], "seeds": [r["protocol"]["seed"] for r in rs if g in r["groups"]]}
-        out["regimes"][regime] = per
+        pool = pooled(rs)
+        out["regimes"][regime] = {**per, **({"pooled": pool} if pool is not None else {})}
         lines += [f"### {regime} regime (mean over seeds {', '.join(map(str, next(iter(per.values()))['seeds']))})",
                   "", "| group | classes | baseline | untrained start | RECO (± std) | RECO − untrained | "
                       "retrieval-off control | memory without targets | text→image R@1 baseline → RECO |",
