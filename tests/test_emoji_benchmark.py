@@ -10,6 +10,7 @@ import pytest
 from benchmarks.emoji import data
 from benchmarks.emoji.base import BaseConfig
 from benchmarks.emoji.protocol import Protocol, run
+from benchmarks.emoji.report import markdown
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,7 @@ def test_reduced_protocol_training_keeps_the_untrained_start(npm_cache, tmp_path
     val = first["validation_subcategories"]
     assert val and sum(val.values()) == first["n_unseen_val_pairs"] and "country-flag" not in val
     assert first["groups"]["dev"]["subcategories"] == sorted(val)
+    assert f"in {len(val)} whole subcategories ({', '.join(f'{s} {n}' for s, n in val.items())})" in markdown(first)
     assert first["protocol"]["gate"] is True and first["protocol"]["tune"] == "gate"
     hits = first["groups"]["country-flag"]["top1_hits"]
     assert {len(v) for v in hits.values()} == {30}  # one per facebook drawing, the pooled summary's input
@@ -156,8 +158,12 @@ def test_pooled_rows_pool_every_target_image_with_a_paired_bootstrap():
     same = [run(s, 0.0) for s in range(3)]
     flat = pooled(same)
     assert flat["reco_minus_untrained"] == 0 and flat["ci95_low"] == flat["ci95_high"] == 0
+    for r in runs:  # each seed's validation subcategories are reported beside the tables
+        r["validation_subcategories"] = {f"tool-{r['protocol']['seed']}": 15, "arrow": 21}
     summary, md = summarize({"rare": runs})
     assert summary["regimes"]["rare"]["pooled"]["reco_top1"] == pool["reco_top1"]
+    assert summary["regimes"]["rare"]["validation_subcategories"]["2"] == {"tool-2": 15, "arrow": 21}
+    assert "seed 1: tool-1 15, arrow 21; seed 2: tool-2 15, arrow 21." in md
     assert md.splitlines()[0].startswith("### pooled") and "| rare | 100 | 100 |" in md
     # runs from before the per-image hits: no pooled row rather than a wrong one
     for r in runs:

@@ -15,7 +15,9 @@ def markdown(r: dict) -> str:
     p = r["protocol"]
     lines = [f"Regime **{p['regime']}**, seed {p['seed']}; memory: twitter ({r['n_memory_v2']} emoji); "
              f"RECO training pairs: {r['n_train_pairs']} ({r['n_novel_pairs']} of them concepts the base knows as "
-             f"it knows the targets); validation: {r['n_unseen_val_pairs']} unseen concepts.", ""]
+             f"it knows the targets); validation: {r['n_unseen_val_pairs']} unseen concepts"
+             + (f" in {len(subs)} whole subcategories ({', '.join(f'{s} {n}' for s, n in subs.items())})"
+                if (subs := r.get("validation_subcategories")) else "") + ".", ""]
     for name, m in r["training"].items():
         lines.append(f"- {name}: validation {m['start']['acc']:.3f} untrained → {m['best']['score']:.3f} at step "
                      f"{m['best']['step']} of {m['steps']} (frozen {m['best']['val']['baseline_acc']:.3f})")
@@ -144,5 +146,10 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
                          f"**{m['reco_top1']:.1f}** ± {m['reco_top1_std']:.1f} | "
                          f"{m['reco_top1'] - m['untrained_top1']:+.1f} | {m['retrieval_off_top1']:.1f} | "
                          f"{m['no_target_memory_top1']:.1f} | {m['t2i_r1_baseline']:.1f} → {m['t2i_r1_reco']:.1f} |")
+        val = {r["protocol"]["seed"]: r["validation_subcategories"] for r in rs if "validation_subcategories" in r}
+        if val:
+            out["regimes"][regime]["validation_subcategories"] = {str(k): v for k, v in val.items()}
+            lines += ["", "Validation (whole subcategories): " + "; ".join(
+                f"seed {seed}: {', '.join(f'{s} {n}' for s, n in subs.items())}" for seed, subs in val.items()) + "."]
         lines.append("")
     return out, "\n".join(lines)
