@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 DEMO    ?= .reco-demo
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-fast venv bench-data bench-ingest bench-search bench-quality bench-gpu clean
+.PHONY: demo test test-fast venv bench-data bench-ingest bench-search bench-delta bench-quality bench-gpu clean
 
 $(BIN)/reco: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -69,6 +69,10 @@ bench-ingest: venv
 
 bench-search: venv
 	$(BIN)/python benchmarks/search.py
+
+# A delta of 10k new items onto a 1M-item version vs the full build of that version -> benchmarks/results/delta.json
+bench-delta: venv
+	$(BIN)/python benchmarks/delta.py
 
 # On a CUDA machine: ingest, training, the drop-in model's encode and the fast tests under RECO_DEVICE=cuda ->
 # benchmarks/results/gpu.json (refused elsewhere). A GPU machine without network: benchmarks/gpu_wheels.sh here

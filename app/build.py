@@ -4,6 +4,11 @@ name through app/dispatch.py; the sweeper that sends lost shards again is app/sw
 
 Everything that can be checked up front is checked before the version row exists (source, columns, backbone,
 dimensions, store and broker reachable), so a bad command leaves nothing behind.
+
+A delta (`--from VERSION`, `--remove-keys FILE`) is a version whose first shard copies its parent inside the store
+(app/ingest.py): only the new source is encoded, and the seal indexes only what the delta added. It runs that copy
+before anything else, in this process in both profiles (the embedded engine copies the parent's files whole only
+into a collection that does not exist yet); a copy lost with its process goes to the workers like any shard.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from .db.models import IngestShard, MemoryVersion, ShardStatus, VersionStatus, u
 from .dispatch import dispatcher
 from .errors import RecoError
 from .leases import holder_gone
-from .memory import create_version, storage_of
+from .memory import ONE_VERSION, create_version, get_version, is_copy, storage_of
 from .names import check_name
 from .store.base import Storage
 from .sweeper import sweep, sweep_queued  # noqa: F401 - sweep: the sweeper's rules, imported from here by tests
@@ -28,30 +33,70 @@ from .sweeper import sweep, sweep_queued  # noqa: F401 - sweep: the sweeper's ru
 log = logging.getLogger(__name__)
 
 
-def start_build(rt, name: str, source: str, *, backbone: str, fmt: str | None = None, activate: bool = False,
-                storage: Storage | None = None, **reader_options) -> MemoryVersion:
+def start_build(rt, name: str, source: str | None, *, backbone: str | None = None, fmt: str | None = None,
+                activate: bool = False, storage: Storage | None = None, parent: int | str | None = None,
+                remove_keys: list[str] | None = None, reason: str = "", **reader_options) -> MemoryVersion:
+    """Register the next version of NAME. With `parent` (a version number, or "active"): a delta of that version
+    minus `remove_keys` (recorded as a takedown of scope `version`) plus SOURCE's items (None: nothing added); it
+    keeps the parent's backbone and storage."""
     check_name(name)
-    # the source first: a wrong path or format fails before torch and open_clip are imported (seconds)
-    fmt, shards = plan_shards(source, fmt, **reader_options)
-    spec = BackboneSpec.parse(backbone)
+    base = _parent(rt, name, parent) if parent is not None else None
+    if base is None and (source is None or backbone is None):
+        raise RecoError("a new version needs a SOURCE and --backbone (or --from VERSION for a delta)")
+    if remove_keys and base is None:
+        raise RecoError("--remove-keys removes items from a parent version: give --from VERSION")
+    if base is not None:
+        if storage is not None and storage != storage_of(base):
+            raise RecoError(f"a delta keeps its parent's storage ({storage_of(base).quantization}"
+                            f"{', on disk' if base.on_disk else ''}): leave out --quantization and --on-disk")
+        storage = storage_of(base)
+    spec = BackboneSpec.parse(backbone or base.backbone)
+    if base is not None and spec.fingerprint != base.backbone_hash:
+        raise RecoError(f"{name} v{base.version} was embedded with {base.backbone}, not {spec.canonical}: a delta "
+                        "must use its parent's backbone (leave out --backbone)")
     dim = spec.dim
-    if fmt == "embeddings":  # their dimension against the backbone's
-        fmt, shards = plan_shards(source, fmt, dim=dim, **reader_options)
+    if source is None:
+        fmt, shards = "delta", []
+    else:
+        # the source first: a wrong path or format fails before torch and open_clip are imported (seconds)
+        fmt, shards = plan_shards(source, fmt, **reader_options)
+        if fmt == "embeddings":  # their dimension against the backbone's
+            fmt, shards = plan_shards(source, fmt, dim=dim, **reader_options)
     rt.store.ping()
-    if rt.settings.in_process_tasks and fmt != "embeddings":
+    if rt.settings.in_process_tasks and shards and fmt != "embeddings":
         from .backbone import get_backbone
 
         # the embedded build encodes in this process: a backbone that cannot load fails here, before a version
         # row exists (it is cached, so ingestion does not load it again)
         get_backbone(spec.canonical, rt.settings.device, rt.settings.offline)
-    if not rt.settings.in_process_tasks:
+    if not rt.settings.in_process_tasks and shards:
         dispatcher(rt).check()
-    if Path(source).exists():
+    if source is None:
+        source = f"{name} v{base.version}"
+    elif Path(source).exists():
         source = str(Path(source).resolve())
-    return create_version(
+    takedown_id = None
+    if remove_keys:
+        from . import takedown
+
+        takedown_id = takedown.record(rt, name, remove_keys, ONE_VERSION, reason)
+    v = create_version(
         rt, name, source=source, fmt=fmt, backbone=spec.canonical, backbone_hash=spec.fingerprint, dim=dim,
-        shard_specs=shards, activate=activate, storage=storage,
+        shard_specs=shards, activate=activate, storage=storage or Storage(), parent=base, takedown_id=takedown_id,
     )
+    if takedown_id is not None:
+        from . import takedown
+
+        takedown.built(rt, takedown_id, v.version)
+    return v
+
+
+def _parent(rt, name: str, parent: int | str) -> MemoryVersion:
+    with rt.db.session() as s:
+        base = get_version(s, name, None if parent == "active" else int(parent), active=parent == "active")
+        if base.status not in VersionStatus.ACTIVATABLE:
+            raise RecoError(f"{name} v{base.version} is {base.status}: a delta builds on a ready version")
+        return base
 
 
 def build_in_process(rt, name: str, source: str, *, backbone: str, activate: bool = False,
@@ -62,18 +107,39 @@ def build_in_process(rt, name: str, source: str, *, backbone: str, activate: boo
     return v
 
 
-def shard_ids(rt, version_id: int, pending_only: bool = True) -> list[int]:
+def shard_ids(rt, version_id: int, pending_only: bool = True, copies: bool | None = None) -> list[int]:
+    """The version's shards (not done yet, with pending_only); copies: only the parent's copy (True), only the
+    others (False)."""
     with rt.db.session() as s:
         v = s.get(MemoryVersion, version_id)
-        return [sh.id for sh in v.shards if not pending_only or sh.status != ShardStatus.DONE]
+        return [sh.id for sh in v.shards if (not pending_only or sh.status != ShardStatus.DONE)
+                and (copies is None or is_copy(sh) == copies)]
+
+
+def copy_here(rt, version_id: int, progress=None, retries: int = 3) -> None:
+    """A delta's parent copy, in this process (both profiles), before its other shards start."""
+    for sid in shard_ids(rt, version_id, copies=True):
+        _with_retries(rt, sid, progress, retries)
+
+
+def _with_retries(rt, shard_id: int, progress, retries: int) -> None:
+    from .errors import TransientError
+    from .ingest import run_shard
+
+    for attempt in range(retries + 1):
+        try:
+            run_shard(rt, shard_id, progress=progress, finalize=False)
+            return
+        except TransientError:
+            if attempt == retries:
+                raise
+            time.sleep(2**attempt)
 
 
 def run_in_process(rt, version_id: int, show_progress: bool = True, retries: int = 3) -> None:
     """The embedded profile: the same task body, in this process, shard after shard, one progress bar."""
     from tqdm import tqdm
 
-    from .errors import TransientError
-    from .ingest import run_shard
     from .memory import finalize_if_complete
 
     with rt.db.session() as s:
@@ -83,18 +149,12 @@ def run_in_process(rt, version_id: int, show_progress: bool = True, retries: int
         collection, dim, storage = v.collection, v.dim, storage_of(v)
     bar = tqdm(total=total, unit="item", desc=f"ingest {label}", disable=not show_progress, dynamic_ncols=True)
     try:
+        copy_here(rt, version_id, bar.update, retries)
         # one open of the new collection for every shard (the embedded engine loads and flushes a shard on
         # each open); nobody else reads a version that is still building, and it is released before sealing
         with rt.store.hold(collection, create_dim=dim, storage=storage):
             for sid in shard_ids(rt, version_id):
-                for attempt in range(retries + 1):
-                    try:
-                        run_shard(rt, sid, progress=bar.update, finalize=False)
-                        break
-                    except TransientError:
-                        if attempt == retries:
-                            raise
-                        time.sleep(2**attempt)
+                _with_retries(rt, sid, bar.update, retries)
     finally:
         bar.close()
     finalize_if_complete(rt, version_id)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -329,6 +330,12 @@ class _Slot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     index: DeviceIndex | None = None
     declined: bool = False  # use_device_search said no for this version: ask the store, without recounting
+    checked_at: float = 0.0  # when the index's size was last compared with the store's
+
+
+# A takedown deletes points from a sealed version in place, perhaps from another process: a loaded index whose size
+# no longer matches the store's is read again, checked at most this often
+RECHECK_S = 5.0
 
 
 _lock = threading.Lock()
@@ -363,11 +370,17 @@ def index_for(store: VectorStore, collection: str, device: str | None, settings,
     with slot.lock:
         if slot.declined:
             return None
+        now = time.monotonic()
+        if slot.index is not None and now - slot.checked_at > RECHECK_S:
+            slot.checked_at = now
+            if store.count(collection) != slot.index.n:  # a takedown took points out
+                slot.index = None
         if slot.index is None or slot.index.device != str(device):
             if not use_device_search(settings, device, store.count(collection), dim):
                 slot.declined = True
                 return None
             slot.index = DeviceIndex.load(store, collection, names, device)
+            slot.checked_at = now
         index = slot.index
     index.ensure(store, names)
     return index

@@ -3,6 +3,9 @@ workers/tasks.py and the embedded profile's in-process runner both call `run_sha
 
 Idempotent: point ids are UUIDv5(memory, version, key), so a shard that runs twice (a redelivered message, a
 worker killed half-way) overwrites its own points and the memory ends with each item exactly once.
+
+A delta version's first shard is its parent's copy (`spec.copy_from`): the parent's points, vectors and index
+copied inside the store, never encoded, minus the removed and forgotten keys.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import Counter, deque
+from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -20,7 +24,7 @@ from . import decode
 from .db.models import IngestShard, Memory, ShardStatus, utcnow
 from .errors import RecoError, TransientError
 from .leases import Heartbeat, claim, holder_name, release
-from .memory import fail_shard, finalize_if_complete, storage_of
+from .memory import fail_shard, finalize_if_complete, forgotten_keys, removed_keys, storage_of
 from .store.base import point_id
 
 BATCH_SIZE = 128  # items per backbone call on the CPU
@@ -83,18 +87,26 @@ def _overlap(backbone) -> bool:
     return backbone is None or not str(backbone.device).startswith("cpu")
 
 
+def _read(fmt: str, spec: dict, forgotten: frozenset) -> Iterator[Item]:
+    """The shard's items, a forgotten key skipped as such before anything is decoded."""
+    for it in read_shard(fmt, spec):
+        if not it.skip and it.key in forgotten:
+            it.skip = SkipReason.FORGOTTEN
+        yield it
+
+
 def _prepared(fmt: str, spec: dict, backbone, counts: Counter, batch_size: int,
-              pool: "decode.DecodePool | None" = None) -> Iterator[tuple]:
+              pool: "decode.DecodePool | None" = None, forgotten: frozenset = frozenset()) -> Iterator[tuple]:
     """Batches of (keys, captions, sources, pixels or image vectors, caption tokens or text vectors), in source
     order, skips counted. The pool decodes, preprocesses and tokenizes up to `pool.lookahead` batches ahead of the
     one handed out (None: inline); the first occurrence of a key that decodes wins, as without a pool."""
     if backbone is None:
-        yield from _precomputed(fmt, spec, counts, batch_size)
+        yield from _precomputed(fmt, spec, counts, batch_size, forgotten)
         return
     pool = pool or decode.DecodePool(backbone.preprocess, backbone.tokenizer)
     seen: set[str] = set()
     pending: deque = deque()
-    for batch in _batches(read_shard(fmt, spec), batch_size):
+    for batch in _batches(_read(fmt, spec, forgotten), batch_size):
         todo = []
         for it in batch:
             if it.skip:
@@ -136,10 +148,11 @@ def _collect(todo: list[Item], future, seen: set[str], counts: Counter) -> Itera
     yield keys, caps, srcs, pixels, tokens
 
 
-def _precomputed(fmt: str, spec: dict, counts: Counter, batch_size: int) -> Iterator[tuple]:
+def _precomputed(fmt: str, spec: dict, counts: Counter, batch_size: int,
+                 forgotten: frozenset = frozenset()) -> Iterator[tuple]:
     """Batches of an embeddings corpus: (keys, captions, sources, image vectors, text vectors)."""
     seen: set[str] = set()
-    for batch in _batches(read_shard(fmt, spec), batch_size):
+    for batch in _batches(_read(fmt, spec, forgotten), batch_size):
         keys, caps, srcs, img_embs, txt_embs = [], [], [], [], []
         for it in batch:
             if it.skip:
@@ -174,14 +187,17 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
         mem = s.get(Memory, v.memory_id)
         job = {"fmt": v.source_format, "spec": dict(shard.spec), "collection": v.collection, "dim": v.dim,
                "backbone": v.backbone, "memory": mem.name, "version": v.version, "index": shard.index,
-               "storage": storage_of(v)}
+               "storage": storage_of(v), "forgotten": forgotten_keys(s, mem.id)}
+        if "copy_from" in job["spec"]:
+            job["forgotten"] |= removed_keys(s, job["spec"].get("takedown"))
         version_id = v.id
     if not claim(rt, shard_id, holder):  # done, failed, no longer building, or held by a live worker
         with rt.db.session() as s:
             shard = s.get(IngestShard, shard_id)
             return {"shard": shard_id, "status": shard.status, "held_by": shard.worker, "skipped_run": True}
     with Heartbeat(rt, shard_id, holder):
-        stored, counts = _encode_and_store(rt, shard_id, holder, job, progress, batch_size)
+        work = _copy_parent if "copy_from" in job["spec"] else _encode_and_store
+        stored, counts = work(rt, shard_id, holder, job, progress, batch_size)
         with rt.db.session() as s:
             shard = s.get(IngestShard, shard_id)
             shard.status = ShardStatus.DONE
@@ -195,14 +211,41 @@ def run_shard(rt, shard_id: int, progress: Callable[[int], None] | None = None, 
     return {"shard": shard_id, "status": ShardStatus.DONE, "stored": stored, "skipped": dict(counts)}
 
 
+def _copy_parent(rt, shard_id: int, holder: str, job: dict, progress, batch_size: int | None) -> tuple[int, Counter]:
+    """A delta's first shard: the parent version's points copied inside the store (app/store: the embedded engine
+    copies its sealed files, graph included), then the removed and forgotten keys deleted. Nothing is encoded.
+    Returns (points copied, {"removed": parent points left out})."""
+    source = job["spec"]["copy_from"]
+    with _failing_the_shard(rt, shard_id, holder), rt.store.hold(source):  # one open of the parent for all of it
+        parent = rt.store.count(source)
+        stored = rt.store.copy(source, job["collection"], exclude_keys=sorted(job["forgotten"]))
+        if progress:
+            progress(parent)
+    removed = parent - stored
+    return stored, Counter({SkipReason.REMOVED: removed} if removed else {})
+
+
+@contextmanager
+def _failing_the_shard(rt, shard_id: int, holder: str) -> Iterator[None]:
+    """A transient failure gives the lease back (the task retries, maybe on another worker); any other fails the
+    shard and its version."""
+    try:
+        yield
+    except (TransientError, OperationalError, ConnectionError):
+        release(rt, shard_id, holder)
+        raise
+    except Exception as exc:
+        fail_shard(rt, shard_id, str(exc) if isinstance(exc, RecoError) else f"{type(exc).__name__}: {exc}")
+        raise
+
+
 def _encode_and_store(rt, shard_id: int, holder: str, job: dict, progress,
                       batch_size: int | None) -> tuple[int, Counter]:
-    """The shard's work under its lease: (items stored, skip counts). A transient failure gives the lease back;
-    any other fails the shard and its version."""
+    """The shard's work under its lease: (items stored, skip counts)."""
     from .backbone import get_backbone
 
     fmt, spec, dim = job["fmt"], job["spec"], job["dim"]
-    try:
+    with _failing_the_shard(rt, shard_id, holder):
         backbone = None if fmt == "embeddings" else get_backbone(job["backbone"], rt.settings.device, rt.settings.offline)
         counts: Counter = Counter()
         chunks, stored, reported = [], 0, 0
@@ -212,7 +255,7 @@ def _encode_and_store(rt, shard_id: int, holder: str, job: dict, progress,
         batch_size = batch_size or encode_batch(rt.settings.encode_batch, device)
         pool = None if backbone is None else decode.decode_pool(
             backbone, decode.decode_workers(rt.settings.decode_workers, device))
-        batches = _prepared(fmt, spec, backbone, counts, batch_size, pool)
+        batches = _prepared(fmt, spec, backbone, counts, batch_size, pool, job["forgotten"])
         if _overlap(backbone):
             batches = _prefetch(batches)
         for keys, caps, srcs, images, texts in batches:
@@ -224,7 +267,7 @@ def _encode_and_store(rt, shard_id: int, holder: str, job: dict, progress,
             ids = [point_id(job["memory"], job["version"], k) for k in keys]
             shard_name = spec.get("name", str(shard_id))
             payloads = [{"key": k, "caption": c, "shard": shard_name, "shard_index": job["index"],
-                         **({"src": src} if src else {})}
+                         "version": job["version"], **({"src": src} if src else {})}
                         for k, c, src in zip(keys, caps, srcs)]
             chunks.append((ids, images, texts, payloads))
             stored += len(ids)
@@ -238,12 +281,6 @@ def _encode_and_store(rt, shard_id: int, holder: str, job: dict, progress,
                 if dup:
                     counts[SkipReason.DUPLICATE_KEY] += dup
                     stored -= dup
-    except (TransientError, OperationalError, ConnectionError):
-        release(rt, shard_id, holder)  # the task retries, maybe on another worker
-        raise
-    except Exception as exc:
-        fail_shard(rt, shard_id, str(exc) if isinstance(exc, RecoError) else f"{type(exc).__name__}: {exc}")
-        raise
     return stored, counts
 
 

@@ -10,12 +10,14 @@ share one namespace, and every lookup names the kind it wants, so one is never r
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from .db.models import IngestShard, Memory, MemoryVersion, ShardStatus, VersionStatus, utcnow
+from .db.models import (IngestShard, Memory, MemoryVersion, ShardStatus, Takedown, TakedownKey, TakedownStatus,
+                        VersionStatus, utcnow)
 from .errors import NotFound, RecoError
 from .leases import STALE, shard_state
 from .names import check_name
@@ -23,6 +25,7 @@ from .store.base import Storage, collection_name
 
 
 MEMORY, CLASSES = "memory", "classes"
+ALL_VERSIONS, ONE_VERSION = "all-versions", "version"  # takedown scopes
 _NOUN = {MEMORY: ("memory", "reco memory"), CLASSES: ("class set", "reco classes")}  # kind -> (word, command)
 
 
@@ -32,8 +35,10 @@ def alias_name(memory: str) -> str:
 
 def create_version(rt, name: str, *, source: str, fmt: str, backbone: str, backbone_hash: str | None, dim: int,
                    shard_specs: list[dict], activate: bool = False, storage: Storage | None = None,
-                   kind: str = MEMORY, details: dict | None = None) -> MemoryVersion:
-    """Register the next version of NAME with its shards. Concurrent builds get distinct numbers."""
+                   kind: str = MEMORY, details: dict | None = None, parent: MemoryVersion | None = None,
+                   takedown_id: int | None = None) -> MemoryVersion:
+    """Register the next version of NAME with its shards. Concurrent builds get distinct numbers. With `parent`,
+    a delta: shard 0 copies the parent's points (minus the keys of takedown `takedown_id`), the rest add."""
     check_name(name)
     for attempt in range(20):
         try:
@@ -50,10 +55,14 @@ def create_version(rt, name: str, *, source: str, fmt: str, backbone: str, backb
                     backbone_hash=backbone_hash, dim=dim, source=source, source_format=fmt,
                     collection=collection_name(name, number), activate_when_ready=int(activate),
                     items_stored=0, items_skipped=0, quantization=(storage or Storage()).quantization,
-                    on_disk=(storage or Storage()).on_disk, details=details,
+                    on_disk=(storage or Storage()).on_disk, details=details, items_forgotten=0,
+                    parent_version=parent.version if parent is not None else None,
                 )
                 s.add(v)
                 s.flush()
+                if parent is not None:
+                    shard_specs = [{"name": f"v{parent.version} (copy)", "copy_from": parent.collection,
+                                    "rows": parent.items_stored, "takedown": takedown_id}, *shard_specs]
                 for i, spec in enumerate(shard_specs):
                     s.add(IngestShard(version_id=v.id, index=i, spec=spec, status=ShardStatus.PENDING,
                                       items_stored=0, items_skipped=0, skip_reasons={}, attempts=0))
@@ -61,6 +70,28 @@ def create_version(rt, name: str, *, source: str, fmt: str, backbone: str, backb
         except IntegrityError:
             continue  # another build took this number (or created the memory) first: take the next one
     raise RecoError(f"could not allocate a new version of {name}: too many concurrent builds")
+
+
+def forgotten_keys(s, memory_id: int) -> frozenset:
+    """Keys taken down from every version of a memory: no later build, copy or export of it holds them."""
+    return frozenset(s.scalars(select(TakedownKey.key).join(Takedown).where(
+        Takedown.memory_id == memory_id, Takedown.scope == ALL_VERSIONS)).all())
+
+
+def removed_keys(s, takedown_id: int | None) -> frozenset:
+    """The keys of one takedown (a delta's `--remove-keys`)."""
+    if takedown_id is None:
+        return frozenset()
+    return frozenset(s.scalars(select(TakedownKey.key).where(TakedownKey.takedown_id == takedown_id)).all())
+
+
+def unfinished_takedowns(s, memory_id: int) -> list[Takedown]:
+    return list(s.scalars(select(Takedown).where(Takedown.memory_id == memory_id,
+                                                 Takedown.status != TakedownStatus.DONE).order_by(Takedown.id)))
+
+
+def is_copy(shard: IngestShard) -> bool:
+    return "copy_from" in (shard.spec or {})
 
 
 def storage_of(v: MemoryVersion) -> Storage:
@@ -160,8 +191,11 @@ def verify(rt, name: str, version: int | None = None, kind: str = MEMORY) -> Ver
         shards = list(v.shards)
         mem = get_memory(s, name, kind)
         is_active = mem.active_version_id == v.id
-    problems = []
-    shard_sum = sum(sh.items_stored or 0 for sh in shards)
+        problems = [f"takedown #{t.id} ({t.keys_count} keys) is {t.status}"
+                    f"{': ' + t.error if t.error else ''}; `reco memory forget {name} --resume` finishes it"
+                    for t in unfinished_takedowns(s, mem.id)]
+    # the store holds what the shards stored minus what takedowns deleted in place since
+    shard_sum = sum(sh.items_stored or 0 for sh in shards) - (v.items_forgotten or 0)
     done = sum(sh.status == ShardStatus.DONE for sh in shards)
     store_count = _store_count(rt, v)
     if v.status == VersionStatus.FAILED:
@@ -179,7 +213,8 @@ def verify(rt, name: str, version: int | None = None, kind: str = MEMORY) -> Ver
     if done != len(shards) and v.status in VersionStatus.ACTIVATABLE:
         problems.append(f"{len(shards) - done} shard(s) not done in a {v.status} version")
     if v.status in VersionStatus.ACTIVATABLE and (v.items_stored or 0) != shard_sum:
-        problems.append(f"version row says {v.items_stored} items, its shards add up to {shard_sum}")
+        problems.append(f"version row says {v.items_stored} items, its shards (less {v.items_forgotten or 0} taken "
+                        f"down) add up to {shard_sum}")
     if store_count != shard_sum and v.status != VersionStatus.BUILDING:
         problems.append(f"the vector store holds {store_count} points, the metadata {shard_sum}")
     if is_active and hasattr(rt.store, "alias_target"):
@@ -268,6 +303,8 @@ def summary(s, v: MemoryVersion, active_id: int | None) -> dict:
         "shards_done": sum(sh.status == ShardStatus.DONE for sh in v.shards),
         "shards_total": len(v.shards),
         "error": v.error,
+        "parent_version": v.parent_version,
+        "items_forgotten": v.items_forgotten or 0,
         **({"details": v.details} if v.details else {}),
         "created_at": v.created_at.isoformat() if v.created_at else None,
         "ready_at": v.ready_at.isoformat() if v.ready_at else None,
@@ -333,15 +370,21 @@ def finalize_if_complete(rt, version_id: int) -> str | None:
         return None
     with rt.db.session() as s:
         v = s.get(MemoryVersion, version_id)
-        shards = list(v.shards)
-        expected = sum(sh.items_stored for sh in shards)
-        skipped = sum(sh.items_skipped for sh in shards)
         collection, activate_after = v.collection, bool(v.activate_when_ready)
         storage = storage_of(v)
         name, number, kind = v.memory.name, v.version, v.memory.kind or MEMORY
+        delta = v.parent_version is not None
+    # one open for the checks before the seal (the embedded engine loads a whole shard on each open: seconds at 1M)
+    with rt.store.hold(collection) if rt.store.exists(collection) else nullcontext():
+        if delta:
+            _apply_updates(rt, version_id, collection, number)
+        with rt.db.session() as s:
+            shards = s.scalars(select(IngestShard).where(IngestShard.version_id == version_id)).all()
+            expected = sum(sh.items_stored for sh in shards)
+            skipped = sum(sh.items_skipped for sh in shards)
+        if expected and rt.store.count(collection) < expected:
+            expected, skipped = _move_overwritten_to_duplicates(rt, version_id, collection, number, delta)
     error = None
-    if expected and rt.store.count(collection) < expected:
-        expected, skipped = _move_overwritten_to_duplicates(rt, version_id, collection)
     if expected == 0:
         error = "no item could be stored (see the skip reasons with `reco memory show`)"
     else:
@@ -360,16 +403,58 @@ def finalize_if_complete(rt, version_id: int) -> str | None:
     return VersionStatus.FAILED if error else VersionStatus.READY
 
 
-def _move_overwritten_to_duplicates(rt, version_id: int, collection: str) -> tuple[int, int]:
+def _apply_updates(rt, version_id: int, collection: str, number: int) -> None:
+    """A delta's items replace its parent's copies of the same keys (an update): delete those copies and move
+    their count from the copy shard's stored to its `updated`, then record the lineage. Safe to run again."""
+    from .corpus import SkipReason
+
+    own = rt.store.keys_of_version(collection, number)
+    rt.store.delete_keys(collection, own, keep_version=number)
+    kept = rt.store.count(collection) - len(own)  # the parent's points still here
+    with rt.db.session() as s:
+        v = s.get(MemoryVersion, version_id)
+        shards = list(v.shards)
+        copy = next(sh for sh in shards if is_copy(sh))
+        reasons = dict(copy.skip_reasons or {})
+        copied = (copy.items_stored or 0) + reasons.get(SkipReason.UPDATED, 0)  # as the copy left it
+        updated = copied - kept
+        if updated:
+            reasons[SkipReason.UPDATED] = updated
+        else:
+            reasons.pop(SkipReason.UPDATED, None)
+        copy.items_stored, copy.items_skipped, copy.skip_reasons = kept, sum(reasons.values()), reasons
+        removed = reasons.get(SkipReason.REMOVED, 0)
+        v.details = {**(v.details or {}), "lineage": {
+            "parent": v.parent_version, "parent_items": copied + removed, "added": len(own) - updated,
+            "updated": updated, "removed": removed}}
+        if copy.spec.get("takedown") is not None:  # the `--remove-keys` takedown this delta carries out
+            t = s.get(Takedown, copy.spec["takedown"])
+            t.points_removed, t.finished_at = removed, utcnow()
+
+
+def lineage_line(v: dict) -> str | None:
+    """`v3 = v2 + 1,200 − 35 (12 updated)`: what a delta version added to and removed from its parent."""
+    d = (v.get("details") or {}).get("lineage")
+    if not d:
+        return f"v{v['version']} = v{v['parent_version']} (delta, not sealed yet)" if v.get("parent_version") else None
+    return (f"v{v['version']} = v{d['parent']} + {d['added']:,} − {d['removed']:,} ({d['updated']:,} updated; "
+            f"v{d['parent']} had {d['parent_items']:,})")
+
+
+def _move_overwritten_to_duplicates(rt, version_id: int, collection: str, number: int,
+                                    delta: bool = False) -> tuple[int, int]:
     """A key stored by two shards is one point, the earliest shard's (app/ingest.py): where a later shard wrote
     it first and was overwritten, count it as that shard's duplicate. Reads the payloads once, only when the
-    store holds fewer points than the shards reported. Returns the version's (stored, skipped)."""
+    store holds fewer points than the shards reported. Returns the version's (stored, skipped). In a delta only
+    the delta's own points count (the copied ones keep their parent's shard numbers)."""
     owned: Counter = Counter()
     for _ids, _img, _txt, payloads in rt.store.scan(collection):
-        owned.update(p.get("shard_index") for p in payloads)
+        owned.update(p.get("shard_index") for p in payloads if not delta or p.get("version") == number)
     with rt.db.session() as s:
         shards = s.scalars(select(IngestShard).where(IngestShard.version_id == version_id)).all()
         for sh in shards:
+            if is_copy(sh):
+                continue
             lost = (sh.items_stored or 0) - owned.get(sh.index, 0)
             if lost > 0 and None not in owned:
                 sh.items_stored -= lost

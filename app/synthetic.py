@@ -127,8 +127,9 @@ def write_manifest(root: str | Path, n: int, kind: str = "csv", seed: int = 0) -
     return path
 
 
-def write_embeddings(root: str | Path, parts: int, per_part: int, dim: int, seed: int = 0) -> Path:
-    """clip-retrieval's output layout with random unit vectors (float16, as clip-retrieval writes)."""
+def write_embeddings(root: str | Path, parts: int, per_part: int, dim: int, seed: int = 0, prefix: str = "") -> Path:
+    """clip-retrieval's output layout with random unit vectors (float16, as clip-retrieval writes); keys
+    `{prefix}{part:04d}{row:05d}`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -142,7 +143,7 @@ def write_embeddings(root: str | Path, parts: int, per_part: int, dim: int, seed
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             np.save(root / sub / f"{name}_{p}.npy", x.astype(np.float16))
         caps = [f"a {' '.join(concept(p * per_part + i))}" for i in range(per_part)]
-        keys = [f"{p:04d}{i:05d}" for i in range(per_part)]
+        keys = [f"{prefix}{p:04d}{i:05d}" for i in range(per_part)]
         pq.write_table(pa.table({"key": keys, "caption": caps}), root / "metadata" / f"metadata_{p}.parquet")
     return root
 

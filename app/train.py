@@ -10,7 +10,6 @@ last one; the checkpoint that does best on a held-out validation slice is the on
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
@@ -21,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__, checkpoint, device_search
+from .caches import cache_dir, open_dir
 from .db.models import FusionModel, ModelStatus, VersionStatus, utcnow
 from .errors import NotFound, RecoError
 from .names import check_name, parse_memory_ref  # noqa: F401 (train.parse_memory_ref: used by others)
@@ -198,13 +198,9 @@ class SideNeighbours:
     ids: list[str] = field(default_factory=list)  # point id of each table row
 
 
-def _cache_dir(rt, kind: str, key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return rt.settings.home / "cache" / kind / digest
-
-
 def load_pairs(rt, collection: str, created: str) -> Pairs:
-    d = _cache_dir(rt, "pairs", {"collection": collection, "created": created})
+    key = {"collection": collection, "created": created}
+    d = cache_dir(rt.settings.home, "pairs", key)
     meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").is_file() else {}
     if "shards" in meta:  # (a cache written before shards were kept is read again)
         return Pairs(meta["ids"], meta["captions"], np.load(d / "image.npy", allow_pickle=False),
@@ -219,7 +215,7 @@ def load_pairs(rt, collection: str, created: str) -> Pairs:
     order = np.argsort(ids)  # a stable order, whatever the store's scroll order
     pairs = Pairs([ids[i] for i in order], [caps[i] for i in order], np.concatenate(imgs)[order],
                   np.concatenate(txts)[order], [shards[i] for i in order])
-    d.mkdir(parents=True, exist_ok=True)
+    open_dir(d, key)
     np.save(d / "image.npy", pairs.image)
     np.save(d / "text.npy", pairs.text)
     (d / "meta.json").write_text(json.dumps({"ids": pairs.ids, "captions": pairs.captions, "shards": pairs.shards}))
@@ -233,9 +229,9 @@ class NeighbourCache:
         """device: the training device; the neighbour pull searches a copy of the memory there where
         RECO_DEVICE_SEARCH allows it (app/device_search.py), the same neighbours as the store's exact search."""
         self.rt, self.job, self.cfg, self.dim, self.device = rt, job, cfg, dim, device
-        self.dir = _cache_dir(rt, "neighbours", {
-            "pairs": job["pairs"], "memory": job["memory"], "k": cfg.k, "search": cfg.search,
-            "fusion": cfg.fusion, "dedup": cfg.dedup_threshold, "score": cfg.score_threshold})
+        self.key = {"pairs": job["pairs"], "memory": job["memory"], "k": cfg.k, "search": cfg.search,
+                    "fusion": cfg.fusion, "dedup": cfg.dedup_threshold, "score": cfg.score_threshold}
+        self.dir = cache_dir(rt.settings.home, "neighbours", self.key)
         self.store_queries = 0
 
     def get(self, pairs: Pairs, batch: int | None = None, progress: bool = False) -> dict[str, SideNeighbours]:
@@ -305,7 +301,7 @@ class NeighbourCache:
         return table
 
     def _save(self, side: str, nb: SideNeighbours) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        open_dir(self.dir, self.key)
         for part in ("idx", "scores", "mask", "table"):
             np.save(self.dir / f"{side}_{part}.npy", getattr(nb, part))
         (self.dir / f"{side}_ids.json").write_text(json.dumps(nb.ids))

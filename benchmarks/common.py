@@ -53,15 +53,16 @@ def write_result(path, result: dict):
     return path
 
 
-def build_ready(rt, name: str, source, spec: str) -> tuple[float, dict]:
+def build_ready(rt, name: str, source, spec: str | None, activate: bool = True, **options) -> tuple[float, dict]:
     """Build a version of NAME from `source` through the product (`start_build` + `run_in_process`, as `reco
-    memory build` does), activate it, and return (wall seconds, its row's figures); any other end than ready
-    stops the benchmark."""
+    memory build` does), activate it unless told not to, and return (wall seconds, its row's figures); any other end
+    than ready stops the benchmark. `options` go to start_build (`parent=` and `remove_keys=` make a delta)."""
     from app.build import run_in_process, start_build
     from app.db.models import MemoryVersion, VersionStatus
 
     t0 = time.perf_counter()
-    v = start_build(rt, name, str(source), backbone=spec, activate=True)
+    v = start_build(rt, name, str(source) if source is not None else None, backbone=spec, activate=activate,
+                    **options)
     run_in_process(rt, v.id, show_progress=False)
     wall = time.perf_counter() - t0
     with rt.db.session() as s:
@@ -69,4 +70,5 @@ def build_ready(rt, name: str, source, spec: str) -> tuple[float, dict]:
         if row.status != VersionStatus.READY:
             raise SystemExit(f"memory {name} build ended {row.status}: {row.error}")
         return wall, {"items": row.items_stored, "skipped": row.items_skipped, "collection": row.collection,
-                      "backbone": row.backbone}
+                      "backbone": row.backbone, "version": row.version, "details": row.details,
+                      "skip_reasons": {r: n for sh in row.shards for r, n in (sh.skip_reasons or {}).items()}}

@@ -266,3 +266,16 @@ def test_training_pulls_the_same_neighbours_on_the_device(trained, rt, tmp_path)
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
         np.testing.assert_allclose(a.table, b.table, atol=1e-6)
     device_search.drop(rt.store)
+
+
+def test_a_takedown_in_place_reaches_a_loaded_device_index(store, monkeypatch):
+    """Points deleted from the sealed version (`reco memory forget --all-versions`, maybe in another process)
+    leave the device copy at its next size check: the forgotten point is never answered again."""
+    name, ids, img, _ = _fill(store, n=50)
+    index = index_for(store, name, "cpu", ON, DIM, ("image",))
+    assert index.n == 50
+    assert store.delete_keys(name, ["k3"]) == 1
+    monkeypatch.setattr(device_search, "RECHECK_S", 0.0)
+    hits = search_hits(store, name, img[3:4], "image", 5, device="cpu", settings=ON)[0]
+    assert ids[3] not in {h.id for h in hits}
+    assert index_for(store, name, "cpu", ON, DIM, ("image",)).n == 49

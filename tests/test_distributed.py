@@ -102,6 +102,23 @@ def test_worker_build_on_postgres_and_redis(dist_env, tmp_path, tiny_config):
         assert reco(dist_env, "memory", "verify", "dist").returncode == 0
         hits = json.loads(reco(dist_env, "memory", "query", "dist", "--text", "a blue square", "--json").stdout)
         assert hits[0]["caption"] == "a blue square"
+
+        # a delta on the workers: the parent copied here, the new shard encoded there; then a takedown everywhere
+        more = synthetic.write_wds(tmp_path / "more", n_shards=1, per_shard=5, seed=7, prefix="more-")[0].parent
+        (tmp_path / "rm.txt").write_text("00000001\n00000012\n")
+        r = reco(dist_env, "memory", "build", "dist", more, "--from", "1", "--remove-keys", tmp_path / "rm.txt",
+                 "--timeout", "240")
+        assert "dist v2 ready: 33 items stored" in r.stdout and "v2 = v1 + 5 − 2 (0 updated; v1 had 30)" in r.stdout
+        (tmp_path / "gone.txt").write_text("00000003\n")
+        r = reco(dist_env, "memory", "forget", "dist", "--keys", tmp_path / "gone.txt", "--all-versions")
+        assert "v1: 1, v2: 1" in r.stdout
+        (tmp_path / "one.txt").write_text("00000004\n")
+        r = reco(dist_env, "memory", "forget", "dist", "--keys", tmp_path / "one.txt")  # a delta with nothing to add
+        assert "takedown #2 (version) done: 1 keys, -> v3" in r.stdout
+        for v in (1, 2, 3):
+            assert reco(dist_env, "memory", "verify", "dist", "--version", v).returncode == 0
+        assert version_status(dist_env, "dist", 2)["items_stored"] == 32
+        assert version_status(dist_env, "dist", 3)["items_stored"] == 28
     finally:
         w.kill()
         w.wait()

@@ -338,3 +338,47 @@ def test_embedded_seal_builds_a_graph_only_where_search_consults_one(tmp_path, m
     assert _graph_degrees(tmp_path / "large") == {edge.HNSW_M}
     hits = store.search(name, img, using="image", k=1)  # through the graph
     assert np.mean([row[0].id == ids[i] for i, row in enumerate(hits)]) >= 0.99
+
+
+def _versioned(store, name="reco-m-v1", n=30, version=1, seed=0):
+    ids, img, txt, payloads = _data(n, seed)
+    store.create(name, DIM)
+    store.upsert(name, ids, img, txt, [{**p, "version": version} for p in payloads])
+    return ids, img, txt
+
+
+def test_keys_are_counted_and_deleted_by_payload_even_in_a_sealed_collection(store):
+    """A takedown deletes by key (whatever version wrote the point's id), in a sealed collection too; deleting
+    again deletes nothing; `keep_version` spares the points a given version wrote."""
+    ids, img, _ = _versioned(store)
+    store.seal("reco-m-v1")
+    gone = ["k3", "k7", "absent"]
+    assert store.count_keys("reco-m-v1", gone) == 2
+    assert store.delete_keys("reco-m-v1", gone) == 2
+    assert store.delete_keys("reco-m-v1", gone) == 0
+    assert store.count("reco-m-v1") == 28
+    keys = {p["key"] for _i, _v, ps in store.scan_vectors("reco-m-v1", ["image"]) for p in ps}
+    assert "k3" not in keys and "k7" not in keys and len(keys) == 28
+    hits = store.search("reco-m-v1", img[3], "image", 5)[0]
+    assert ids[3] not in {h.id for h in hits}
+    store.put("reco-m-v1", [point_id("m", 2, "k1")], {"image": img[:1], "text": img[:1]},
+              [{"key": "k1", "caption": "new", "version": 2}])
+    assert store.keys_of_version("reco-m-v1", 2) == ["k1"]
+    assert store.count_keys("reco-m-v1", ["k1"]) == 2
+    assert store.delete_keys("reco-m-v1", ["k1"], keep_version=2) == 1  # the older copy goes, the update stays
+    assert [h.payload["caption"] for h in store.retrieve("reco-m-v1", [point_id("m", 2, "k1")])] == ["new"]
+
+
+def test_copy_holds_the_source_minus_excluded_keys_with_its_storage(store):
+    ids, img, _ = _versioned(store)
+    store.seal("reco-m-v1")
+    assert store.copy("reco-m-v1", "reco-m-v2", exclude_keys=["k0", "k1"]) == 28
+    assert store.storage("reco-m-v2") == store.storage("reco-m-v1")
+    assert store.dim("reco-m-v2") == DIM and sorted(store.vector_names("reco-m-v2")) == ["image", "text"]
+    assert store.count("reco-m-v1") == 30  # the source is untouched
+    got = store.retrieve("reco-m-v2", ids[2:4], with_vector="image")
+    assert [h.id for h in got] == ids[2:4] and np.allclose(got[0].vector, img[2], atol=1e-5)
+    assert store.retrieve("reco-m-v2", ids[:2]) == []
+    # a copy into a target that exists already (a rerun) stores each point once
+    assert store.copy("reco-m-v1", "reco-m-v2", exclude_keys=["k0", "k1"]) == 28
+    assert store.seal("reco-m-v2") == 28

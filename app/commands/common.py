@@ -10,12 +10,16 @@ from ..errors import RecoError
 
 def run_build(rt, name: str, v, wait: bool, timeout: float | None) -> str | None:
     """Ingest a registered version: in this process (embedded), or on the workers, waiting unless --no-wait."""
-    from ..build import enqueue, wait_for
+    from ..build import copy_here, enqueue, wait_for
 
     if rt.settings.in_process_tasks:
         ingest_here(rt, name, v)
         status = version_status(rt, v.id)
     else:
+        from ..memory import finalize_if_complete
+
+        copy_here(rt, v.id)  # a delta's parent copy first, here: its shards then add to the copy
+        finalize_if_complete(rt, v.id)  # a delta with nothing to add is complete now
         ids = enqueue(rt, v.id)
         click.echo(f"queued {len(ids)} shard task(s) on 'ingest'", err=True)
         warn_without_workers(rt, "ingest")
@@ -65,7 +69,7 @@ def version_status(rt, version_id: int) -> str:
 
 
 def report_build(rt, name: str, version: int, status: str) -> None:
-    from ..memory import get_memory, get_version, summary
+    from ..memory import get_memory, get_version, lineage_line, summary
 
     with rt.db.session() as s:
         mem = get_memory(s, name)
@@ -73,6 +77,8 @@ def report_build(rt, name: str, version: int, status: str) -> None:
     skipped = ", ".join(f"{k}={n}" for k, n in sorted(d["skip_reasons"].items())) or "none"
     click.echo(f"{name} v{version} {status}{' (active)' if d['active'] else ''}: "
                f"{d['items_stored']} items stored, {d['items_skipped']} skipped ({skipped})")
+    if d["parent_version"] is not None and status == "ready":
+        click.echo(lineage_line(d))
     if status != "ready":
         why = d["error"] or f"{d['shards_done']}/{d['shards_total']} shards done; a shard may be held by another " \
             f"process's lease (`reco memory show {name} --version {version}`)"

@@ -19,10 +19,18 @@ def memory() -> None:
 
 @memory.command("build")
 @click.argument("name")
-@click.argument("source")
+@click.argument("source", required=False)
 @click.option("--format", "fmt", type=click.Choice(["wds", "manifest", "embeddings"]), default=None,
               help="Corpus layout (default: detected from SOURCE).")
-@click.option("--backbone", required=True, help="MODEL:TAG, MODEL:/path/weights, MODEL, or /path/config.json[:/path/weights].")
+@click.option("--backbone", default=None, help="MODEL:TAG, MODEL:/path/weights, MODEL, or /path/config.json[:/path/weights]"
+                                               " (required, except with --from: a delta keeps its parent's).")
+@click.option("--from", "parent", default=None, metavar="VERSION",
+              help="Build a delta: VERSION's items (a number, or `active`) copied inside the store, never re-encoded, "
+                   "plus SOURCE's; a key in both is updated (SOURCE's wins).")
+@click.option("--remove-keys", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="With --from: leave out the items with these keys (a text file, one key per line; recorded as a "
+                   "takedown).")
+@click.option("--reason", default="", help="Why --remove-keys removes them (kept with the takedown).")
 @click.option("--activate", is_flag=True, help="Make the version active as soon as it is ready.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the version is ready (distributed profile).")
 @click.option("--image-column", default="image", show_default=True, help="Manifest column with image paths.")
@@ -30,23 +38,83 @@ def memory() -> None:
 @click.option("--key-column", default=None, help="Manifest column with item keys (default: the row number).")
 @click.option("--shard-size", default=10_000, show_default=True, help="Manifest rows per shard (one task each).")
 @click.option("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
-@click.option("--quantization", type=click.Choice(["auto", "none", "int8", "binary"]), default="auto",
-              show_default=True, help="Quantized vectors, searched with rescoring from the originals; auto: int8 "
-                                      "once the version is big enough for an HNSW graph.")
-@click.option("--on-disk", is_flag=True, help="Keep the original vectors memory-mapped on disk (RAM: only the "
-                                              "quantized vectors and the graph).")
+@click.option("--quantization", type=click.Choice(["auto", "none", "int8", "binary"]), default=None,
+              help="Quantized vectors, searched with rescoring from the originals; auto (the default): int8 once the "
+                   "version is big enough for an HNSW graph. A delta keeps its parent's.")
+@click.option("--on-disk", is_flag=True, default=None, help="Keep the original vectors memory-mapped on disk (RAM: "
+                                                            "only the quantized vectors and the graph).")
 @click.pass_obj
-def memory_build(rt, name, source, fmt, backbone, activate, wait, image_column, caption_column, key_column,
-                 shard_size, timeout, quantization, on_disk) -> None:
-    """Create the next version of NAME from SOURCE: one ingest task per shard."""
+def memory_build(rt, name, source, fmt, backbone, parent, remove_keys, reason, activate, wait, image_column,
+                 caption_column, key_column, shard_size, timeout, quantization, on_disk) -> None:
+    """Create the next version of NAME from SOURCE (one ingest task per shard), or a delta of an existing version
+    (--from): only what is new is encoded."""
     from ..build import start_build
     from ..store.base import Storage
 
+    if source is None and not (parent and remove_keys):
+        raise click.UsageError("give SOURCE (or --from VERSION with --remove-keys FILE to only remove items)")
+    keys = None
+    if remove_keys:
+        from ..takedown import read_keys
+
+        keys = read_keys(remove_keys)
+    storage = None
+    if quantization is not None or on_disk:
+        storage = Storage(quantization or "auto", bool(on_disk))
+    elif parent is None:
+        storage = Storage()
     v = start_build(rt, name, source, backbone=backbone, fmt=fmt, activate=activate, image_column=image_column,
-                    caption_column=caption_column, key_column=key_column, shard_size=shard_size,
-                    storage=Storage(quantization, on_disk))
-    click.echo(f"{name} v{v.version}: building from {source}", err=True)
+                    caption_column=caption_column, key_column=key_column, shard_size=shard_size, storage=storage,
+                    parent=parent, remove_keys=keys, reason=reason)
+    what = f"v{v.parent_version} + {source or 'nothing'}" + (f" − {len(keys)} keys" if keys else "") \
+        if v.parent_version else f"building from {source}"
+    click.echo(f"{name} v{v.version}: {what}", err=True)
     run_build(rt, name, v, wait, timeout)
+
+
+@memory.command("forget")
+@click.argument("name")
+@click.option("--keys", "keys_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The keys to take down: a text file, one item key per line.")
+@click.option("--all-versions", is_flag=True,
+              help="Delete them in place from every existing version of NAME (and drop the training caches built "
+                   "from those versions); later builds and exports of NAME leave them out too.")
+@click.option("--reason", default="", help="Why (a licence withdrawn, a privacy request): kept with the takedown.")
+@click.option("--activate", is_flag=True, help="Without --all-versions: activate the new version once ready.")
+@click.option("--resume", is_flag=True, help="Finish NAME's unfinished takedowns (after a store failure).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def memory_forget(rt, name, keys_file, all_versions, reason, activate, resume, as_json) -> None:
+    """Take items out of NAME by key. By default: a new version of NAME built from the active one without them (a
+    delta: nothing is re-encoded), to activate as usual; the versions already built keep them. --all-versions:
+    out of every version, in place."""
+    from .. import takedown
+
+    if resume:
+        out = takedown.resume(rt, name)
+    else:
+        if keys_file is None:
+            raise click.UsageError("give --keys FILE (or --resume)")
+        keys = takedown.read_keys(keys_file)
+        if all_versions:
+            out = [takedown.forget_everywhere(rt, name, keys, reason)]
+        else:
+            from ..build import start_build
+
+            v = start_build(rt, name, None, parent="active", remove_keys=keys, reason=reason, activate=activate)
+            click.echo(f"{name} v{v.version}: v{v.parent_version} − {len(keys)} keys", err=True)
+            run_build(rt, name, v, True, None)
+            out = [t for t in takedown.takedowns(rt, name) if t["new_version"] == v.version]
+            if not activate:
+                click.echo(f"activate it with `reco memory activate {name} {v.version}`; v{v.parent_version} and "
+                           f"older versions still hold the keys (`--all-versions` removes them there)")
+    if as_json:
+        echo_json(out)
+        return
+    for t in out:
+        where = (f"-> v{t['new_version']}" if t["scope"] == "version" else
+                 ", ".join(f"v{n}: {m}" for n, m in t["versions"].items()) + f"; {t['caches_dropped']} cache(s) dropped")
+        click.echo(f"takedown #{t['id']} ({t['scope']}) {t['status']}: {t['keys']} keys, {where}")
 
 
 @memory.command("list")
@@ -76,7 +144,7 @@ def memory_list(rt, as_json) -> None:
 def memory_show(rt, name, version, as_json) -> None:
     """Status, counts, skip reasons and per-shard progress of one version."""
     from ..leases import lease_info
-    from ..memory import get_memory, get_version, summary
+    from ..memory import get_memory, get_version, lineage_line, summary
 
     with rt.db.session() as s:
         mem = get_memory(s, name)
@@ -88,6 +156,10 @@ def memory_show(rt, name, version, as_json) -> None:
                         "items_stored": sh.items_stored, "items_skipped": sh.items_skipped,
                         "skip_reasons": sh.skip_reasons, "attempts": sh.attempts, "error": sh.error}
                        for sh in v.shards]
+    from ..takedown import takedowns
+
+    d["lineage"] = lineage_line(d)
+    d["takedowns"] = takedowns(rt, name)
     d["storage"] = _applied_storage(rt, d)
     d["search_runs"] = None
     if d["status"] in ("ready", "retired"):  # where a model on this machine would search it (settings, device, size)
@@ -97,9 +169,10 @@ def memory_show(rt, name, version, as_json) -> None:
     if as_json:
         echo_json(d)
         return
-    for k in ("name", "version", "status", "active", "backbone", "dim", "source", "format", "collection",
-              "items_stored", "items_skipped", "created_at", "ready_at", "activated_at", "error", "search_runs"):
-        if d.get(k) is not None:
+    for k in ("name", "version", "status", "active", "lineage", "backbone", "dim", "source", "format", "collection",
+              "items_stored", "items_skipped", "items_forgotten", "created_at", "ready_at", "activated_at", "error",
+              "search_runs"):
+        if d.get(k) is not None and (k != "items_forgotten" or d[k]):
             click.echo(f"{k:14} {d[k]}")
     applied = d["storage"] or {"quantization": "-", "on_disk": d["on_disk"]}
     click.echo(f"{'storage':14} {applied['quantization']} vectors (asked: {d['quantization']}), originals "
@@ -110,6 +183,12 @@ def memory_show(rt, name, version, as_json) -> None:
             sh["attempts"], sh["error"] or (f"lease expired {sh['stale_since'][:19]}" if sh["stale_since"] else "")]
            for sh in d["shards"]],
           ["SHARD", "NAME", "STATE", "WORKER", "STORED", "SKIPPED", "ATTEMPTS", "ERROR"])
+    if d["takedowns"]:
+        click.echo(f"takedowns of {name}:")
+        table([[t["id"], t["created_at"][:19], t["scope"], t["status"], t["keys"],
+                f"v{t['new_version']}" if t["new_version"] else
+                " ".join(f"v{n}:{m}" for n, m in t["versions"].items()), t["reason"] or t["error"] or ""]
+               for t in d["takedowns"]], ["ID", "AT", "SCOPE", "STATUS", "KEYS", "REMOVED (VERSION:POINTS)", "REASON"])
 
 
 def _applied_storage(rt, d: dict) -> dict | None:

@@ -16,6 +16,9 @@ class SkipReason:
     BAD_EMBEDDING = "bad_embedding"  # non-finite or zero vector
     MISSING_KEY = "missing_key"  # --key-column given, the row has no value there (null, absent or blank)
     CAPTION_TOO_LONG = "caption_too_long"  # over MAX_CAPTION_CHARS
+    FORGOTTEN = "forgotten"  # taken down from every version of the memory (`reco memory forget --all-versions`)
+    REMOVED = "removed"  # a delta's parent item whose key the delta removes (`--remove-keys`)
+    UPDATED = "updated"  # a delta's parent item replaced by the delta's item of the same key
 
 
 # CLIP reads a caption's first 77 tokens (about 300 characters); the memory keeps the whole caption for queries

@@ -80,6 +80,11 @@ class MemoryVersion(Base):
     # a class set's provenance: templates, the model and memory version that refined it, the names file's hash
     details: Mapped[dict | None] = mapped_column(JSON)
     activate_when_ready: Mapped[int] = mapped_column(Integer, default=0)
+    # a delta version: the version it copied (its lineage: what it added, removed and updated is in `details`)
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    # points deleted in place by takedowns (`reco memory forget --all-versions`) since the version was built: the
+    # store holds its shards' items minus these
+    items_forgotten: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -116,6 +121,46 @@ class IngestShard(Base):
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     version: Mapped[MemoryVersion] = relationship(back_populates="shards")
+
+
+class TakedownStatus:
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Takedown(Base):
+    """Keys taken out of a memory (`reco memory forget`): into a new delta version (scope `version`), or also
+    deleted in place from every existing version (scope `all-versions`; later builds and exports of the memory
+    leave them out). `progress` records, per version number, the points matched and whether they are gone, so an
+    interrupted takedown resumes where it stopped."""
+
+    __tablename__ = "takedowns"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    memory_id: Mapped[int] = mapped_column(ForeignKey("memories.id", ondelete="CASCADE"), nullable=False)
+    scope: Mapped[str] = mapped_column(String(16), nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    keys_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    keys_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=TakedownStatus.RUNNING)
+    progress: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    new_version: Mapped[int | None] = mapped_column(Integer)  # the delta version it built (scope `version`)
+    points_removed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    caches_dropped: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    keys: Mapped[list["TakedownKey"]] = relationship(cascade="all, delete-orphan")
+
+
+class TakedownKey(Base):
+    __tablename__ = "takedown_keys"
+    __table_args__ = (Index("ix_takedown_keys_key", "key"),)
+
+    takedown_id: Mapped[int] = mapped_column(ForeignKey("takedowns.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(512), primary_key=True)
 
 
 class Worker(Base):

@@ -1,9 +1,11 @@
 """The store contract. Both backends pass tests/test_store_contract.py unchanged.
 
 A collection holds one memory version: a point per image-text pair, named vectors `image` and `text` (cosine,
-L2-normalised float32), payload `key`, `caption`, `shard`. A class set version is a collection too: a point per
+L2-normalised float32), payload `key`, `caption`, `shard`, and `version`: the version that encoded the point (a
+delta version also holds points copied from its parent, which keep theirs). A class set version is a collection too: a point per
 class, named vectors `frozen` (and `refined` when a model refined it), payload `key` (the class id) and `name`.
-Collections are written while building and sealed (indexed, then read-only) when the version becomes ready.
+Collections are written while building and sealed (indexed, then read-only) when the version becomes ready. The
+one write a sealed collection takes is a takedown: `delete_keys`.
 """
 
 from __future__ import annotations
@@ -162,6 +164,45 @@ class VectorStore(ABC):
 
     @abstractmethod
     def drop(self, collection: str) -> None: ...
+
+    @abstractmethod
+    def count_keys(self, collection: str, keys: Sequence[str], keep_version: int | None = None) -> int:
+        """How many points have a payload `key` among `keys` (those whose payload `version` is `keep_version`
+        left out)."""
+
+    @abstractmethod
+    def delete_keys(self, collection: str, keys: Sequence[str], keep_version: int | None = None) -> int:
+        """Delete the points whose payload `key` is among `keys`, except those whose payload `version` is
+        `keep_version` (a delta's own points, which replace their parent's copies). Works on sealed collections
+        (a takedown). Idempotent; returns how many points it deleted."""
+
+    @abstractmethod
+    def keys_of_version(self, collection: str, version: int) -> list[str]:
+        """The payload `key` of every point whose payload `version` is `version` (what a delta encoded)."""
+
+    def copy(self, source: str, target: str, exclude_keys: Sequence[str] = (), batch: int = 2048) -> int:
+        """Make `target` hold `source`'s points (same ids, vectors, payloads, storage) minus those whose key is in
+        `exclude_keys`, without encoding anything; returns how many of the source's points it copied. `target` may
+        already exist (a rerun after a crash, other points written meanwhile): points are written by id, so a
+        second copy stores each once. A backend may copy
+        faster than this generic scan-and-write (the embedded engine copies the sealed files, graph included)."""
+        names = self.vector_names(source)
+        self.create(target, self.dim(source), Storage(**self.storage(source)), names)
+        skip = set(exclude_keys)
+        with self.hold(source), self.hold(target):
+            for ids, vectors, payloads in self.scan_vectors(source, names, batch):
+                keep = [i for i, p in enumerate(payloads) if p.get("key") not in skip]
+                if keep:
+                    self.put(target, [ids[i] for i in keep], {n: x[keep] for n, x in vectors.items()},
+                             [payloads[i] for i in keep])
+            self.delete_keys(target, list(skip))
+            return self.count(source) - self.count_keys(source, list(skip))
+
+    @abstractmethod
+    def dim(self, collection: str) -> int: ...
+
+    @abstractmethod
+    def vector_names(self, collection: str) -> list[str]: ...
 
     def point_alias(self, alias: str, collection: str) -> None:
         """Atomically point `alias` at `collection` (a no-op where the metadata DB is the only pointer)."""

@@ -310,6 +310,63 @@ class EdgeStore(VectorStore):
                     self._applied.pop(collection, None)  # the reload changed what the collection applies
         return points
 
+    def dim(self, collection: str) -> int:
+        return next(iter(self._vector_configs(collection).values()))["size"]
+
+    def vector_names(self, collection: str) -> list[str]:
+        return list(self._vector_configs(collection))
+
+    def count_keys(self, collection, keys, keep_version=None) -> int:
+        e = _edge()
+        with self._open(collection) as shard:
+            return sum(shard.count(e.CountRequest(exact=True, filter=f)) for f in _key_filters(keys, keep_version))
+
+    def delete_keys(self, collection, keys, keep_version=None) -> int:
+        e = _edge()
+        deleted = 0
+        with self._open(collection) as shard, _disk_full_as_error(self._dir(collection)):
+            for f in _key_filters(keys, keep_version):
+                n = shard.count(e.CountRequest(exact=True, filter=f))
+                if n:
+                    shard.update(e.UpdateOperation.delete_points_by_filter(f))
+                    deleted += n
+        return deleted
+
+    def keys_of_version(self, collection, version) -> list[str]:
+        e = _edge()
+        flt = e.Filter(must=[e.FieldCondition(key="version", match=e.MatchValue(int(version)))])
+        keys, offset = [], None
+        with self._open(collection) as shard:
+            while True:
+                recs, offset = shard.scroll(e.ScrollRequest(offset=offset, limit=4096, filter=flt, with_payload=True,
+                                                            with_vector=False))
+                keys += [str((r.payload or {}).get("key")) for r in recs]
+                if offset is None:
+                    return keys
+
+    def copy(self, source, target, exclude_keys=(), batch=2048) -> int:
+        """The sealed files themselves, HNSW graph and quantized vectors included, copied under the source's lock
+        into a scratch directory renamed into place (a crash leaves no half copy): nothing is re-indexed, and the
+        seal of a delta only indexes what the delta adds. A target that exists already takes the generic path."""
+        if self.exists(target):
+            return super().copy(source, target, exclude_keys, batch)
+        src, dst = self._dir(source), self._dir(target)
+        scratch = dst.with_name(dst.name + ".copying")
+        shutil.rmtree(scratch, ignore_errors=True)
+        with self._open(source) as shard:
+            with _disk_full_as_error(dst, _size_mb(src) + WAL_MB):
+                shard.flush()
+                shutil.copytree(src, scratch)
+            with self._registry_lock:
+                with FileLock(str(dst) + ".lock", timeout=self.lock_timeout, thread_local=False):
+                    if dst.exists():
+                        shutil.rmtree(dst)  # an empty directory a failed create left
+                    scratch.rename(dst)
+            self._applied.pop(target, None)
+            if exclude_keys:
+                self.delete_keys(target, list(exclude_keys))
+            return self.count(source) - self.count_keys(source, list(exclude_keys))
+
     def drop(self, collection: str) -> None:
         self._applied.pop(collection, None)
         path = self._dir(collection)
@@ -319,6 +376,20 @@ class EdgeStore(VectorStore):
             with FileLock(str(path) + ".lock", timeout=self.lock_timeout, thread_local=False):
                 shutil.rmtree(path, ignore_errors=True)
         Path(str(path) + ".lock").unlink(missing_ok=True)
+
+
+KEYS_PER_FILTER = 20_000
+
+
+def _key_filters(keys, keep_version: int | None):
+    """Filters matching payload `key` among `keys` (in chunks, so a long takedown list stays a modest filter),
+    leaving out points whose `version` is keep_version."""
+    e = _edge()
+    keys = sorted({str(k) for k in keys})
+    keep = [e.FieldCondition(key="version", match=e.MatchValue(int(keep_version)))] if keep_version is not None else None
+    for a in range(0, len(keys), KEYS_PER_FILTER):
+        yield e.Filter(must=[e.FieldCondition(key="key", match=e.MatchAny(keys[a:a + KEYS_PER_FILTER]))],
+                       must_not=keep)
 
 
 def _unpack(recs, names) -> tuple[list[str], dict[str, np.ndarray], list[dict]]:

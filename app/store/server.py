@@ -169,7 +169,7 @@ class ServerStore(VectorStore):
 
         points = self.count(collection)
         applied = self.storage(collection)
-        kind = (storage.at_seal(points, self._dim(collection)) if storage else applied["quantization"])
+        kind = (storage.at_seal(points, self.dim(collection)) if storage else applied["quantization"])
         self._call(
             self.client.update_collection,
             collection_name=collection,
@@ -182,7 +182,7 @@ class ServerStore(VectorStore):
             self._applied[collection] = {**applied, "quantization": kind}
         return points
 
-    def _dim(self, collection: str) -> int:
+    def dim(self, collection: str) -> int:
         return self._first_vector(self._call(self.client.get_collection, collection).config.params).size
 
     @staticmethod
@@ -202,6 +202,36 @@ class ServerStore(VectorStore):
                 kind = "binary"
             self._applied[collection] = {"quantization": kind, "on_disk": bool(image.on_disk)}
         return self._applied[collection]
+
+    def vector_names(self, collection: str) -> list[str]:
+        return list(self._call(self.client.get_collection, collection).config.params.vectors)
+
+    def count_keys(self, collection, keys, keep_version=None) -> int:
+        return sum(self._call(self.client.count, collection, count_filter=f, exact=True).count
+                   for f in _key_filters(keys, keep_version))
+
+    def delete_keys(self, collection, keys, keep_version=None) -> int:
+        from qdrant_client import models
+
+        deleted = 0
+        for f in _key_filters(keys, keep_version):
+            n = self._call(self.client.count, collection, count_filter=f, exact=True).count
+            if n:
+                self._call(self.client.delete, collection, points_selector=models.FilterSelector(filter=f), wait=True)
+                deleted += n
+        return deleted
+
+    def keys_of_version(self, collection, version) -> list[str]:
+        from qdrant_client import models
+
+        flt = models.Filter(must=[models.FieldCondition(key="version", match=models.MatchValue(value=int(version)))])
+        keys, offset = [], None
+        while True:
+            recs, offset = self._call(self.client.scroll, collection, scroll_filter=flt, limit=4096, offset=offset,
+                                      with_payload=["key"], with_vectors=False)
+            keys += [str((r.payload or {}).get("key")) for r in recs]
+            if offset is None:
+                return keys
 
     def drop(self, collection: str) -> None:
         self._applied.pop(collection, None)
@@ -243,6 +273,21 @@ def _hit(p, with_vector: str | None, score: float | None = None) -> Hit:
     if with_vector and isinstance(p.vector, dict) and p.vector.get(with_vector) is not None:
         vec = np.asarray(p.vector[with_vector], dtype=np.float32)
     return Hit(id=str(p.id), score=float(p.score if score is None else score), payload=dict(p.payload or {}), vector=vec)
+
+
+KEYS_PER_FILTER = 20_000
+
+
+def _key_filters(keys, keep_version: int | None):
+    """Filters matching payload `key` among `keys`, in chunks, leaving out points whose `version` is keep_version."""
+    from qdrant_client import models
+
+    keys = sorted({str(k) for k in keys})
+    keep = ([models.FieldCondition(key="version", match=models.MatchValue(value=int(keep_version)))]
+            if keep_version is not None else None)
+    for a in range(0, len(keys), KEYS_PER_FILTER):
+        yield models.Filter(must=[models.FieldCondition(key="key", match=models.MatchAny(any=keys[a:a + KEYS_PER_FILTER]))],
+                            must_not=keep)
 
 
 def _quantization(kind: str):

@@ -94,7 +94,7 @@ def export_version(rt, ref: str, out: str | Path, part_rows: int = PART_ROWS, pr
     from tqdm import tqdm
 
     from ..db.models import VersionStatus
-    from ..memory import check_complete, get_version, storage_of
+    from ..memory import check_complete, forgotten_keys, get_version, storage_of, unfinished_takedowns
 
     name, number = parse_memory_ref(ref)
     if part_rows < 1:
@@ -105,23 +105,33 @@ def export_version(rt, ref: str, out: str | Path, part_rows: int = PART_ROWS, pr
         if v.status not in VersionStatus.ACTIVATABLE:
             raise RecoError(f"{name} v{v.version} is {v.status}: only a ready version can be exported (wait for the "
                             "build, or `reco memory resume`)")
+        pending = unfinished_takedowns(s, v.memory_id)
+        if pending:
+            raise RecoError(f"takedown #{pending[0].id} of {name} is {pending[0].status}: finish it with "
+                            f"`reco memory forget {name} --resume` before exporting")
         info = {"memory": name, "version": v.version, "backbone": v.backbone, "backbone_hash": v.backbone_hash,
                 "dim": v.dim, "count": v.items_stored, "source": v.source, "source_format": v.source_format}
         storage, collection = storage_of(v), v.collection
+        # taken down from every version: never exported, even from a copy that holds them (defence in depth)
+        forgotten = forgotten_keys(s, v.memory_id)
     check_complete(rt, name, collection, v)
     out.mkdir(parents=True, exist_ok=True)
     writer = _PartWriter(out, part_rows)
     bar = tqdm(total=info["count"], unit="item", desc=f"export {name} v{info['version']}", disable=not progress)
-    seen = 0
+    seen = withheld = 0
     for _ids, image, text, payloads in rt.store.scan(collection, batch=2048):
-        writer.add(image, text, payloads)
         seen += len(payloads)
         bar.update(len(payloads))
+        keep = [i for i, p in enumerate(payloads) if p.get("key") not in forgotten]
+        withheld += len(payloads) - len(keep)
+        if keep:
+            writer.add(image[keep], text[keep], [payloads[i] for i in keep])
     writer.close()
     bar.close()
     if seen != info["count"]:
         raise RecoError(f"the store returned {seen} points of {name} v{info['version']}, which records "
                         f"{info['count']}: the export in {out} is incomplete (no manifest written)")
+    info["count"] = seen - withheld
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **info,
                 "storage": {"quantization": storage.quantization, "on_disk": storage.on_disk},
                 "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
