@@ -13,7 +13,6 @@ version of the memory and `reco memory forget NAME --resume` finishes, with exac
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 
 from sqlalchemy import select
@@ -23,7 +22,6 @@ from .errors import RecoError
 from .memory import ALL_VERSIONS, get_memory, removed_keys, unfinished_takedowns
 from .textfile import lines
 
-log = logging.getLogger(__name__)
 MAX_KEY_CHARS = 512  # the metadata DB's column
 
 
@@ -105,7 +103,6 @@ def run(rt, takedown_id: int) -> dict:
                               .order_by(MemoryVersion.version))]
         keys = sorted(removed_keys(s, takedown_id))
         t.status, t.error = TakedownStatus.RUNNING, None
-    touched = []
     try:
         for version_id, number, collection in versions:
             state = progress.get(str(number))
@@ -120,7 +117,6 @@ def run(rt, takedown_id: int) -> dict:
             if state["matched"]:
                 rt.store.delete_keys(collection, keys)
                 device_search.drop(rt.store, collection)
-                touched.append(collection)
             with rt.db.session() as s:
                 v = s.get(MemoryVersion, version_id)
                 v.items_forgotten = (v.items_forgotten or 0) + state["matched"]
@@ -137,9 +133,10 @@ def run(rt, takedown_id: int) -> dict:
         raise RecoError(f"takedown #{takedown_id} of {name} stopped after {done} of {len(versions)} versions: "
                         f"{reason}. Nothing is hidden: `reco memory verify` reports it on every version; fix the "
                         f"cause and run `reco memory forget {name} --resume`") from exc
-    dropped = drop_built_from(rt.settings.home, [c for _i, _n, c in versions])
     with rt.db.session() as s:
         t = s.get(Takedown, takedown_id)
+        changed = {str(n) for n, p in (t.progress or {}).items() if p["matched"]}  # in this run or an earlier one
+        dropped = drop_built_from(rt.settings.home, [c for _i, n, c in versions if str(n) in changed]) if changed else 0
         t.status, t.finished_at, t.caches_dropped = TakedownStatus.DONE, utcnow(), (t.caches_dropped or 0) + dropped
         return describe(t)
 

@@ -114,7 +114,7 @@ def test_worker_build_on_postgres_and_redis(dist_env, tmp_path, tiny_config):
         assert "v1: 1, v2: 1" in r.stdout
         (tmp_path / "one.txt").write_text("00000004\n")
         r = reco(dist_env, "memory", "forget", "dist", "--keys", tmp_path / "one.txt")  # a delta with nothing to add
-        assert "takedown #2 (version) done: 1 keys, -> v3" in r.stdout
+        assert "takedown #3 (version) done: 1 keys, -> v3" in r.stdout
         for v in (1, 2, 3):
             assert reco(dist_env, "memory", "verify", "dist", "--version", v).returncode == 0
         assert version_status(dist_env, "dist", 2)["items_stored"] == 32

@@ -22,8 +22,9 @@ def memory() -> None:
 @click.argument("source", required=False)
 @click.option("--format", "fmt", type=click.Choice(["wds", "manifest", "embeddings"]), default=None,
               help="Corpus layout (default: detected from SOURCE).")
-@click.option("--backbone", default=None, help="MODEL:TAG, MODEL:/path/weights, MODEL, or /path/config.json[:/path/weights]"
-                                               " (required, except with --from: a delta keeps its parent's).")
+@click.option("--backbone", default=None,
+              help="MODEL:TAG, MODEL:/path/weights, MODEL, or /path/config.json[:/path/weights] (required, except "
+                   "with --from: a delta keeps its parent's).")
 @click.option("--from", "parent", default=None, metavar="VERSION",
               help="Build a delta: VERSION's items (a number, or `active`) copied inside the store, never re-encoded, "
                    "plus SOURCE's; a key in both is updated (SOURCE's wins).")
@@ -112,8 +113,10 @@ def memory_forget(rt, name, keys_file, all_versions, reason, activate, resume, a
         echo_json(out)
         return
     for t in out:
-        where = (f"-> v{t['new_version']}" if t["scope"] == "version" else
-                 ", ".join(f"v{n}: {m}" for n, m in t["versions"].items()) + f"; {t['caches_dropped']} cache(s) dropped")
+        where = f"-> v{t['new_version']}"
+        if t["scope"] != "version":
+            where = (", ".join(f"v{n}: {m}" for n, m in t["versions"].items())
+                     + f"; {t['caches_dropped']} cache(s) dropped")
         click.echo(f"takedown #{t['id']} ({t['scope']}) {t['status']}: {t['keys']} keys, {where}")
 
 

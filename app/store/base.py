@@ -2,8 +2,9 @@
 
 A collection holds one memory version: a point per image-text pair, named vectors `image` and `text` (cosine,
 L2-normalised float32), payload `key`, `caption`, `shard`, and `version`: the version that encoded the point (a
-delta version also holds points copied from its parent, which keep theirs). A class set version is a collection too: a point per
-class, named vectors `frozen` (and `refined` when a model refined it), payload `key` (the class id) and `name`.
+delta version also holds points copied from its parent, which keep theirs). A class set version is a collection
+too: a point per class, named vectors `frozen` (and `refined` when a model refined it), payload `key` (the class
+id) and `name`.
 Collections are written while building and sealed (indexed, then read-only) when the version becomes ready. The
 one write a sealed collection takes is a takedown: `delete_keys`.
 """

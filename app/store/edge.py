@@ -386,7 +386,9 @@ def _key_filters(keys, keep_version: int | None):
     leaving out points whose `version` is keep_version."""
     e = _edge()
     keys = sorted({str(k) for k in keys})
-    keep = [e.FieldCondition(key="version", match=e.MatchValue(int(keep_version)))] if keep_version is not None else None
+    keep = None
+    if keep_version is not None:
+        keep = [e.FieldCondition(key="version", match=e.MatchValue(int(keep_version)))]
     for a in range(0, len(keys), KEYS_PER_FILTER):
         yield e.Filter(must=[e.FieldCondition(key="key", match=e.MatchAny(keys[a:a + KEYS_PER_FILTER]))],
                        must_not=keep)

@@ -286,8 +286,8 @@ def _key_filters(keys, keep_version: int | None):
     keep = ([models.FieldCondition(key="version", match=models.MatchValue(value=int(keep_version)))]
             if keep_version is not None else None)
     for a in range(0, len(keys), KEYS_PER_FILTER):
-        yield models.Filter(must=[models.FieldCondition(key="key", match=models.MatchAny(any=keys[a:a + KEYS_PER_FILTER]))],
-                            must_not=keep)
+        chunk = models.MatchAny(any=keys[a:a + KEYS_PER_FILTER])
+        yield models.Filter(must=[models.FieldCondition(key="key", match=chunk)], must_not=keep)
 
 
 def _quantization(kind: str):
