@@ -370,13 +370,14 @@ def index_for(store: VectorStore, collection: str, device: str | None, settings,
     with slot.lock:
         if slot.declined:
             return None
-        now = time.monotonic()
+        now, points = time.monotonic(), None
         if slot.index is not None and now - slot.checked_at > RECHECK_S:
-            slot.checked_at = now
-            if store.count(collection) != slot.index.n:  # a takedown took points out
+            slot.checked_at, points = now, store.count(collection)
+            if points != slot.index.n:  # a takedown took points out
                 slot.index = None
         if slot.index is None or slot.index.device != str(device):
-            if not use_device_search(settings, device, store.count(collection), dim):
+            points = store.count(collection) if points is None else points
+            if not use_device_search(settings, device, points, dim):
                 slot.declined = True
                 return None
             slot.index = DeviceIndex.load(store, collection, names, device)

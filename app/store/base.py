@@ -185,8 +185,8 @@ class VectorStore(ABC):
         """Make `target` hold `source`'s points (same ids, vectors, payloads, storage) minus those whose key is in
         `exclude_keys`, without encoding anything; returns how many of the source's points it copied. `target` may
         already exist (a rerun after a crash, other points written meanwhile): points are written by id, so a
-        second copy stores each once. A backend may copy
-        faster than this generic scan-and-write (the embedded engine copies the sealed files, graph included)."""
+        second copy stores each once. A backend may copy faster than this generic scan-and-write (the embedded
+        engine copies the sealed files, graph included)."""
         names = self.vector_names(source)
         self.create(target, self.dim(source), Storage(**self.storage(source)), names)
         skip = set(exclude_keys)
@@ -254,6 +254,16 @@ class VectorStore(ABC):
             futures = [pool.submit(search_one, q[a:b], exclude[a:b] if exclude is not None else None)
                        for a, b in zip(bounds[:-1], bounds[1:])]
             return [row for f in futures for row in f.result()]
+
+
+KEYS_PER_FILTER = 20_000  # a long takedown list becomes several modest filters
+
+
+def key_chunks(keys: Iterable[str]) -> Iterator[list[str]]:
+    """`keys` deduplicated and sorted, in chunks of KEYS_PER_FILTER: the `key` filters of count_keys/delete_keys."""
+    keys = sorted({str(k) for k in keys})
+    for a in range(0, len(keys), KEYS_PER_FILTER):
+        yield keys[a:a + KEYS_PER_FILTER]
 
 
 def as_matrix(x: np.ndarray, dim: int | None = None) -> np.ndarray:

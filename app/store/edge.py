@@ -378,20 +378,14 @@ class EdgeStore(VectorStore):
         Path(str(path) + ".lock").unlink(missing_ok=True)
 
 
-KEYS_PER_FILTER = 20_000
-
-
 def _key_filters(keys, keep_version: int | None):
-    """Filters matching payload `key` among `keys` (in chunks, so a long takedown list stays a modest filter),
-    leaving out points whose `version` is keep_version."""
+    """Filters matching payload `key` among `keys`, leaving out points whose `version` is keep_version."""
     e = _edge()
-    keys = sorted({str(k) for k in keys})
     keep = None
     if keep_version is not None:
         keep = [e.FieldCondition(key="version", match=e.MatchValue(int(keep_version)))]
-    for a in range(0, len(keys), KEYS_PER_FILTER):
-        yield e.Filter(must=[e.FieldCondition(key="key", match=e.MatchAny(keys[a:a + KEYS_PER_FILTER]))],
-                       must_not=keep)
+    for chunk in base.key_chunks(keys):
+        yield e.Filter(must=[e.FieldCondition(key="key", match=e.MatchAny(chunk))], must_not=keep)
 
 
 def _unpack(recs, names) -> tuple[list[str], dict[str, np.ndarray], list[dict]]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import RecoError, TransientError
 from ..settings import mask_url, scrub
-from .base import MODALITIES, Hit, Storage, VectorStore, as_matrix, check_vector_name
+from .base import MODALITIES, Hit, Storage, VectorStore, as_matrix, check_vector_name, key_chunks
 
 DEFAULT_EF = 128
 
@@ -275,19 +275,14 @@ def _hit(p, with_vector: str | None, score: float | None = None) -> Hit:
     return Hit(id=str(p.id), score=float(p.score if score is None else score), payload=dict(p.payload or {}), vector=vec)
 
 
-KEYS_PER_FILTER = 20_000
-
-
 def _key_filters(keys, keep_version: int | None):
-    """Filters matching payload `key` among `keys`, in chunks, leaving out points whose `version` is keep_version."""
+    """Filters matching payload `key` among `keys`, leaving out points whose `version` is keep_version."""
     from qdrant_client import models
 
-    keys = sorted({str(k) for k in keys})
     keep = ([models.FieldCondition(key="version", match=models.MatchValue(value=int(keep_version)))]
             if keep_version is not None else None)
-    for a in range(0, len(keys), KEYS_PER_FILTER):
-        chunk = models.MatchAny(any=keys[a:a + KEYS_PER_FILTER])
-        yield models.Filter(must=[models.FieldCondition(key="key", match=chunk)], must_not=keep)
+    for chunk in key_chunks(keys):
+        yield models.Filter(must=[models.FieldCondition(key="key", match=models.MatchAny(any=chunk))], must_not=keep)
 
 
 def _quantization(kind: str):

@@ -11,12 +11,17 @@ SUMMARY_KEYS = ("baseline_top1", "untrained_top1", "reco_top1", "retrieval_off_t
                 "t2i_r1_baseline", "t2i_r1_untrained", "t2i_r1_reco")
 
 
+def _subcategories(subs: dict) -> str:
+    """`arrow 21, office 23`: validation subcategories and their sizes."""
+    return ", ".join(f"{s} {n}" for s, n in subs.items())
+
+
 def markdown(r: dict) -> str:
     p = r["protocol"]
     lines = [f"Regime **{p['regime']}**, seed {p['seed']}; memory: twitter ({r['n_memory_v2']} emoji); "
              f"RECO training pairs: {r['n_train_pairs']} ({r['n_novel_pairs']} of them concepts the base knows as "
              f"it knows the targets); validation: {r['n_unseen_val_pairs']} unseen concepts"
-             + (f" in {len(subs)} whole subcategories ({', '.join(f'{s} {n}' for s, n in subs.items())})"
+             + (f" in {len(subs)} whole subcategories ({_subcategories(subs)})"
                 if (subs := r.get("validation_subcategories")) else "") + ".", ""]
     for name, m in r["training"].items():
         lines.append(f"- {name}: validation {m['start']['acc']:.3f} untrained → {m['best']['score']:.3f} at step "
@@ -150,6 +155,6 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
         if val:
             out["regimes"][regime]["validation_subcategories"] = {str(k): v for k, v in val.items()}
             lines += ["", "Validation (whole subcategories): " + "; ".join(
-                f"seed {seed}: {', '.join(f'{s} {n}' for s, n in subs.items())}" for seed, subs in val.items()) + "."]
+                f"seed {seed}: {_subcategories(subs)}" for seed, subs in val.items()) + "."]
         lines.append("")
     return out, "\n".join(lines)
