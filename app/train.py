@@ -28,8 +28,7 @@ from .retrieval import modes, search_hits
 
 
 SELECT_RULES = ("1se", "best")
-BATCHING = ("random", "similar")
-VAL_BATCHING = (*BATCHING, "shard")
+BATCHING = ("random", "similar", "shard")  # training and validation batches alike
 TUNE = ("all", "attention", "scalars", "gate")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -70,7 +69,9 @@ class TrainConfig:
     retrieval: bool = True  # False: neighbours masked everywhere (the retrieval-off control)
     # "similar": each batch (training and validation) is a group of pairs whose captions are near each other, so
     # the in-batch negatives are near neighbours (flags with flags) and telling them apart takes the one right
-    # neighbour; "random" batches are told apart by coarse kind, which averaging many neighbours already gives
+    # neighbour; "random" batches are told apart by coarse kind, which averaging many neighbours already gives;
+    # "shard": each batch is one source shard of the pairs (in chunks of at most batch_size), for pairs written
+    # one fine-grained group per shard
     batching: str = "random"
     tune: str = "all"  # which parameters learn: all, attention, scalars or gate (see app/fusion.py param_groups)
     gate: bool = False  # a learned per-query weight between the query and the memory term (app/fusion.py)
@@ -94,8 +95,8 @@ class TrainConfig:
             raise RecoError(f"--tune must be one of {', '.join(TUNE)}, not {self.tune!r}")
         if self.batching not in BATCHING:
             raise RecoError(f"--batching must be one of {', '.join(BATCHING)}, not {self.batching!r}")
-        if self.val_batching is not None and self.val_batching not in VAL_BATCHING:
-            raise RecoError(f"--val-batching must be one of {', '.join(VAL_BATCHING)}, not {self.val_batching!r}")
+        if self.val_batching is not None and self.val_batching not in BATCHING:
+            raise RecoError(f"--val-batching must be one of {', '.join(BATCHING)}, not {self.val_batching!r}")
         if self.tune == "gate" and not self.gate:
             raise RecoError("--tune gate trains only the per-query gate: add --gate")
         if self.precision not in PRECISIONS:
@@ -186,7 +187,7 @@ class Pairs:
     captions: list[str]
     image: np.ndarray  # [N, D] frozen image embeddings
     text: np.ndarray  # [N, D] frozen text embeddings
-    shards: list[str] = field(default_factory=list)  # the source shard of each pair (--val-batching shard)
+    shards: list[str] = field(default_factory=list)  # each pair's source shard (--batching, --val-batching shard)
 
 
 @dataclass
@@ -633,10 +634,12 @@ def _batches(pairs: Pairs, rows: np.ndarray, batch_size: int, batching: str) -> 
 
 
 def evaluate(model, pairs: Pairs, nbrs, rows: np.ndarray, batch_size: int, device, batching: str = "random",
-             data: TrainData | None = None) -> dict:
+             data: TrainData | None = None, hits: bool = False) -> dict:
     """Loss and in-batch image->text accuracy, refined and frozen, on fixed batches of `rows`, each weighed by its
     size. `data`: the pairs as `place_data` placed them (training passes its own, so nothing is uploaded twice).
-    Float32 as inference runs, whatever the training precision (tf32 excepted: it holds for the whole job)."""
+    `hits`: also whether each row's image found its own caption, refined, as a bool array in the order of `rows`
+    (for paired comparisons of two models on the same rows). Float32 as inference runs, whatever the training
+    precision (tf32 excepted: it holds for the whole job)."""
     import torch
 
     from .fusion import reco_loss
@@ -645,19 +648,24 @@ def evaluate(model, pairs: Pairs, nbrs, rows: np.ndarray, batch_size: int, devic
         return {}
     data = data if data is not None else place_data(pairs, nbrs, device)
     model.eval()
-    losses, acc, base = [], [], []
+    losses, acc, base, right = [], [], [], {}
     chunks = [c for c in _batches(pairs, rows, batch_size, batching) if len(c) >= 2]
     with torch.no_grad():
         for chunk in chunks:
             b = data.batch(chunk)
             v_ref, t_ref, v, t = _forward(model, b)
             losses.append(float(reco_loss(v_ref, t_ref, v, t, model.logit_scale)))
-            acc.append(_in_batch_acc(v_ref, t_ref))
+            found = torch.argmax(v_ref @ t_ref.t(), dim=1) == torch.arange(len(chunk), device=v_ref.device)
+            acc.append(float(found.float().mean()))
             base.append(_in_batch_acc(v, t))
+            right.update(zip(np.asarray(chunk).tolist(), found.cpu().numpy().tolist()))
     model.train()
     w = [len(c) for c in chunks]
-    return {"loss": float(np.average(losses, weights=w)), "acc": float(np.average(acc, weights=w)),
-            "baseline_acc": float(np.average(base, weights=w))}
+    out = {"loss": float(np.average(losses, weights=w)), "acc": float(np.average(acc, weights=w)),
+           "baseline_acc": float(np.average(base, weights=w))}
+    if hits:  # a row in no batch of 2 or more (a shard of one) counts as a miss
+        out["hits"] = np.array([right.get(int(r), False) for r in rows])
+    return out
 
 
 def select_1se(history: list[dict], n_val: int) -> tuple[dict, set[int]]:
@@ -729,7 +737,10 @@ def run_training(rt, name: str, progress: bool = True,
     if len(train_rows) < 2:
         raise RecoError("fewer than 2 training pairs: nothing to learn from")
     bs = min(cfg.batch_size, len(train_rows))
-    groups = similar_groups(pairs.text, train_rows, bs) if cfg.batching == "similar" else None
+    groups = None if cfg.batching == "random" else \
+        [g for g in _batches(pairs, train_rows, bs, cfg.batching) if len(g) >= 2]  # a batch of 1 teaches nothing
+    if groups == []:
+        raise RecoError(f"--batching {cfg.batching} left no batch of 2 or more training pairs")
     steps_per_epoch = len(groups) if groups else max(1, len(train_rows) // bs)
     total = steps_per_epoch * cfg.epochs
     data = place_data(pairs, nbrs, device)

@@ -5,9 +5,12 @@ downloaded here. RECO must beat the frozen base clearly, the memory without the 
 run with the same seed (base model from the cache) must give the same numbers.
 """
 
+import itertools
+
 import pytest
 
 from benchmarks.emoji import data
+from benchmarks.emoji.balance import BIASES, pooled_grid, target_hits, validation_hits
 from benchmarks.emoji.base import BaseConfig
 from benchmarks.emoji.protocol import Protocol, run
 from benchmarks.emoji.report import markdown
@@ -64,6 +67,29 @@ def test_reduced_protocol_training_keeps_the_untrained_start(npm_cache, tmp_path
     hits = first["groups"]["country-flag"]["top1_hits"]
     assert {len(v) for v in hits.values()} == {30}  # one per facebook drawing, the pooled summary's input
     assert 100 * hits["reco"].count("1") / 30 == pytest.approx(h["reco_top1"])
+
+    # the balance diagnostic on the same split and base: its cell (0, 0) is this run's untrained start on
+    # validation, and every global balance is scored on the same drawings (python -m benchmarks.emoji balance)
+    hits = validation_hits(p, tmp_path / "home", npm_cache, log=lambda m: None)
+    assert set(hits) == set(itertools.product(BIASES, repeat=2))
+    assert {len(v) for v in hits.values()} == {first["n_unseen_val_pairs"]}
+    assert hits[(0.0, 0.0)].mean() == pytest.approx(first["training"]["reco"]["start"]["acc"])
+    assert hits[(-3.0, -3.0)].mean() < hits[(0.0, 0.0)].mean()  # the query alone: the memory's gain is gone
+    cells = {(c["image_bias"], c["text_bias"]): c for c in pooled_grid([hits, hits])}
+    start = cells[(0.0, 0.0)]
+    assert (start["minus_start"], start["ci95_low"], start["ci95_high"]) == (0, 0, 0)
+    for c in cells.values():
+        assert c["ci95_low"] <= c["minus_start"] <= c["ci95_high"] and c["per_seed"][0] == c["per_seed"][1]
+    # and a cell measured on the targets through the product's evaluation: the start is this run's start; the
+    # query nearly alone (the memory weighs e^-3 of it on both sides) loses what the memory gave
+    run_hits = first["groups"]["country-flag"]["top1_hits"]
+    for cell in ((0.0, 0.0), (-3.0, -3.0)):
+        t = target_hits(p, tmp_path / "home", npm_cache, cell)["country-flag"]["top1_hits"]
+        assert t["untrained"] == run_hits["untrained"] and t["baseline"] == run_hits["baseline"]
+        if cell == (0.0, 0.0):
+            assert t["reco"] == t["untrained"]
+        else:
+            assert t["reco"].count("1") < t["untrained"].count("1")
 
     # the same seed again (base model from the cache, the ablations left out): the same numbers
     p.ablations = False
@@ -200,5 +226,7 @@ def test_a_run_with_other_settings_never_overwrites_a_default_result():
     assert _result_name(Protocol(regime="rare")) == "emoji-rare-s0.json"
     other = _result_name(Protocol(query_noise=0.5, base=BaseConfig(steps=60)))
     assert other == "emoji-absent-query_noise0.5-base_steps60-s0.json"
+    assert _result_name(Protocol(regime="rare", batching="shard", pair_vendor="facebook")) == \
+        "emoji-rare-batchingshard-pair_vendorfacebook-s0.json"
     assert _result_name(Protocol(targets=["animal-mammal+animal-bird"])) == \
         "emoji-absent-animal-mammal_animal-bird-s0.json"

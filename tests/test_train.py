@@ -552,3 +552,24 @@ def test_bad_precision_is_refused_with_one_line(cli_run, memory):
         cfg(precision="fp16").check()
     r = cli_run("train", "x", "--pairs", "mem", "--memory", "mem", "--precision", "fp16", ok=False)
     assert r.exit_code == 1 and "'fp16' is not one of" in r.output and r.output.count("\n") == 1
+
+
+def test_shard_batching_trains_each_batch_within_one_source_shard(rt, memory, monkeypatch):
+    """`reco train --batching shard`: every step's batch holds pairs of one source shard only (in chunks of at most
+    --batch-size), and every training pair is seen once an epoch."""
+    import app.train
+
+    steps = []
+    real = app.train.TrainData.batch
+    monkeypatch.setattr(app.train.TrainData, "batch",
+                        lambda self, rows, key=None: steps.append(np.asarray(rows).copy()) or real(self, rows, key))
+    create_job(rt, "by-shard", "mem", "mem", cfg(epochs=2, batch_size=40, batching="shard", val_fraction=0))
+    m = run_training(rt, "by-shard", progress=False)
+    with rt.db.session() as s:
+        job = s.query(app.train.FusionModel).filter_by(name="by-shard").one().config["job"]
+    pairs = app.train.load_pairs(rt, job["pairs"][2], job["pairs"][3])
+    assert len(set(pairs.shards)) == 4
+    assert m["steps"] == 2 * 4 * 2 == len(steps)  # 4 shards of 64 pairs, each in 2 chunks of 32
+    for batch in steps:
+        assert len({pairs.shards[i] for i in batch}) == 1 and 2 <= len(batch) <= 40
+    assert sorted(np.concatenate(steps[:8]).tolist()) == list(range(256))

@@ -54,8 +54,10 @@ from .common import val_line, warn_without_workers
 @click.option("--gate/--no-gate", default=False, show_default=True,
               help="A learned per-query weight between the query and the memory term, from how sure and how "
               "consistent its neighbours are; at step 0 the model equals the ungated start.")
-@click.option("--batching", type=click.Choice(["random", "similar"]), default="random", show_default=True,
-              help="similar: each batch is a group of pairs with near captions, so in-batch negatives are hard.")
+@click.option("--batching", type=click.Choice(["random", "similar", "shard"]), default="random", show_default=True,
+              help="similar: each batch is a group of pairs with near captions, so in-batch negatives are hard. "
+              "shard: each batch is one shard of the pairs (in chunks of --batch-size), for pairs written one "
+              "fine-grained group per shard.")
 @click.option("--retrieval/--no-retrieval", default=True, show_default=True,
               help="--no-retrieval masks every neighbour: the control that trains the same layers without memory.")
 @click.option("--dedup-threshold", type=float, default=0.98, show_default=True,

@@ -2,6 +2,7 @@
 
     python -m benchmarks.emoji [--regime absent|rare] [--seeds 0,1,2] [--targets country-flag,animal-mammal,...]
     python -m benchmarks.emoji summary          # emoji-summary.{json,md} from the runs in benchmarks/results
+    python -m benchmarks.emoji balance          # can validation see a better query/memory balance than the start?
 
 Installs the emoji npm packages into a cache when missing (RECO_BENCH_CACHE, default ~/.cache/reco/bench),
 pretrains or reuses the base model (cached under --home by a hash of config, data and seed), then builds the
@@ -40,6 +41,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["summary"]:
         return _summary(argv[1:])
+    if argv[:1] == ["balance"]:
+        from benchmarks.emoji.balance import main as balance
+
+        return balance(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m benchmarks.emoji", description=__doc__.split("\n")[0])
     ap.add_argument("--regime", choices=REGIMES, default="absent",
                     help="absent: the targets are not in the base's pretraining; rare: they are, rarely")
@@ -60,6 +65,8 @@ def main(argv=None) -> int:
                     help="rare regime: a rare emoji's chance to enter a pretraining batch, relative to a common one")
     ap.add_argument("--val-vendor", choices=("facebook", "google"), default=Protocol.val_vendor,
                     help="whose drawings of the unseen concepts RECO validates on (google: the training pairs' vendor)")
+    ap.add_argument("--pair-vendor", choices=("google", "facebook"), default=Protocol.pair_vendor,
+                    help="whose drawings of the base and novel concepts RECO trains on")
     ap.add_argument("--ablations", action="store_true",
                     help="also the paper's plain layer, identity start, cross search, uni fusion and the swap")
     ap.add_argument("--epochs", type=int, default=Protocol.epochs, help="RECO training epochs")
@@ -85,11 +92,13 @@ def main(argv=None) -> int:
     import torch
 
     torch.use_deterministic_algorithms(True, warn_only=True)
+    written = []
     for seed in seeds:
         p = Protocol(targets=[t.strip() for t in args.targets.split(",") if t.strip()], regime=args.regime,
                      seed=seed, epochs=args.epochs, unseen_val=args.unseen_val, novel_pairs=args.novel_pairs,
                      query_noise=args.query_noise, batching=args.batching, tune=args.tune, gate=args.gate,
-                     val_vendor=args.val_vendor, train_on=args.train_on, max_targets=args.max_targets,
+                     val_vendor=args.val_vendor, pair_vendor=args.pair_vendor, train_on=args.train_on,
+                     max_targets=args.max_targets,
                      max_rest=args.max_others,
                      ablations=args.ablations,
                      base=BaseConfig(steps=args.pretrain_steps, augment=args.augment, rare_weight=args.rare_weight))
@@ -103,12 +112,13 @@ def main(argv=None) -> int:
                   "started": started.isoformat(), "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
                   "versions": _versions(), **result}
         out = Path(args.out_dir) / _result_name(p)
+        written.append(out.name)
         write_result(out, result)
         out.with_suffix(".md").write_text(markdown(result))
         plot(result, out.with_suffix(".png"))
         log(markdown(result))
         log(f"-> {out} (+ .md, .png)")
-    if args.targets == ",".join(DEFAULT_TARGETS) and not (args.max_targets or args.max_others or args.base_only):
+    if any(re.fullmatch(r"emoji-[a-z]+-s\d+\.json", name) for name in written):  # a default-protocol run
         _summary(["--dir", args.out_dir])
     return 0
 

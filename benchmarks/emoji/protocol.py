@@ -70,6 +70,7 @@ class Protocol:
     # protocol before novel concepts existed) or "novel"; the base model is the same for all three
     train_on: str = "all"
     val_vendor: str = "facebook"  # whose drawings of the unseen concepts RECO validates on
+    pair_vendor: str = "google"  # whose drawings of the base and novel concepts RECO trains on
     max_targets: int | None = None  # a reduced run (the test suite) keeps the first N emoji of each group
     max_rest: int | None = None  # ... and N non-target emoji
     ablations: bool = False  # also the paper's plain layer, identity start, cross search, uni fusion, the swap
@@ -196,7 +197,10 @@ def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
     with timed("corpora"):
         pairs = {"all": base_c + novel, "base": base_c, "novel": novel}[p.train_on]
         row = lambda e, vendor: (e.key, data.rgb_png(e.images[vendor]), data.pair_caption(e, p.seed))  # noqa: E731
-        pairs_src = data.write_wds(corpora / "pairs", [row(e, "google") for e in pairs])
+        # batching "shard": one shard per subcategory, so each training batch is a group of look-alikes
+        by_sub = [[row(e, p.pair_vendor) for e in pairs if e.subcategory == sub]
+                  for sub in sorted({e.subcategory for e in pairs})] if p.batching == "shard" else None
+        pairs_src = data.write_wds(corpora / "pairs", [row(e, p.pair_vendor) for e in pairs], groups=by_sub)
         unseen_src = data.write_wds(corpora / "unseen", [], groups=[
             [row(e, p.val_vendor) for e in unseen if e.subcategory == sub] for sub in val_subcategories(unseen)])
         mem_rows = {e.key: (e.key, data.rgb_png(e.images["twitter"]), data.memory_caption(e)) for e in rest + targets}
