@@ -181,7 +181,10 @@ def main(argv) -> int:
                     help="then measure validation's best cell once on the target groups (RECO = that cell)")
     ap.add_argument("--out-dir", default="benchmarks/results")
     args = ap.parse_args(argv)
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--seeds takes integers, e.g. 0,1,2, not {args.seeds!r}")
     per_seed = [validation_hits(Protocol(regime=args.regime, seed=s, max_rest=args.max_others,
                                          max_targets=args.max_targets),
                                 Path(args.home).resolve(), Path(args.cache), log) for s in seeds]
