@@ -594,10 +594,15 @@ def _noisy(x, norm: float):
     return F.normalize(x + norm * F.normalize(torch.randn_like(x), dim=-1), dim=-1)
 
 
-def _in_batch_acc(a, b) -> float:
+def _in_batch_hits(a, b):
+    """Whether each row of a finds its own row of b among the batch (bool tensor)."""
     import torch
 
-    return float((torch.argmax(a @ b.t(), dim=1) == torch.arange(len(a), device=a.device)).float().mean())
+    return torch.argmax(a @ b.t(), dim=1) == torch.arange(len(a), device=a.device)
+
+
+def _in_batch_acc(a, b) -> float:
+    return float(_in_batch_hits(a, b).float().mean())
 
 
 def similar_groups(x: np.ndarray, rows: np.ndarray, size: int) -> list[np.ndarray]:
@@ -655,7 +660,7 @@ def evaluate(model, pairs: Pairs, nbrs, rows: np.ndarray, batch_size: int, devic
             b = data.batch(chunk)
             v_ref, t_ref, v, t = _forward(model, b)
             losses.append(float(reco_loss(v_ref, t_ref, v, t, model.logit_scale)))
-            found = torch.argmax(v_ref @ t_ref.t(), dim=1) == torch.arange(len(chunk), device=v_ref.device)
+            found = _in_batch_hits(v_ref, t_ref)
             acc.append(float(found.float().mean()))
             base.append(_in_batch_acc(v, t))
             right.update(zip(np.asarray(chunk).tolist(), found.cpu().numpy().tolist()))
@@ -700,6 +705,15 @@ def _restore_opt(opt, tensors: dict, meta: dict) -> None:
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def fusion_config(cfg: TrainConfig, dim: int):
+    """The fusion layers a job with these settings trains (and starts from)."""
+    from .fusion import FusionConfig
+
+    return FusionConfig(dim=dim, k=cfg.k, heads=cfg.heads, dropout=cfg.dropout,
+                        neighbour_dropout=cfg.neighbour_dropout, use_rank=cfg.use_rank, use_score=cfg.use_score,
+                        init=cfg.init, score_scale_init=cfg.score_scale, retrieval=cfg.retrieval, gate=cfg.gate)
+
+
 def run_training(rt, name: str, progress: bool = True,
                  on_step: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) model NAME as registered by `create_job`. Returns its final metrics."""
@@ -707,7 +721,7 @@ def run_training(rt, name: str, progress: bool = True,
     from tqdm import tqdm
 
     from .backbone import pick_device
-    from .fusion import FusionConfig, build, param_groups, reco_loss
+    from .fusion import build, param_groups, reco_loss
 
     with rt.db.session() as s:
         row = s.query(FusionModel).filter_by(name=name).one_or_none()
@@ -747,9 +761,7 @@ def run_training(rt, name: str, progress: bool = True,
     val_placed = data if val_data is pairs else place_data(val_data, val_nbrs, device)
     rows_at = StepRows(train_rows, bs, steps_per_epoch, cfg.seed, groups, put=data.index)
 
-    fcfg = FusionConfig(dim=dim, k=cfg.k, heads=cfg.heads, dropout=cfg.dropout,
-                        neighbour_dropout=cfg.neighbour_dropout, use_rank=cfg.use_rank, use_score=cfg.use_score,
-                        init=cfg.init, score_scale_init=cfg.score_scale, retrieval=cfg.retrieval, gate=cfg.gate)
+    fcfg = fusion_config(cfg, dim)
     model = build(fcfg, cfg.seed).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.tune, cfg.weight_decay), lr=cfg.lr)
     step, best, history = 0, None, []

@@ -37,9 +37,9 @@ def validation_hits(p: Protocol, home: Path, cache: Path, log=print) -> dict:
 
     from app.build import build_in_process
     from app.db.models import FusionModel
-    from app.fusion import FusionConfig, build
+    from app.fusion import build
     from app.runtime import Runtime
-    from app.train import NeighbourCache, create_job, evaluate, load_pairs
+    from app.train import NeighbourCache, create_job, evaluate, fusion_config, load_pairs
 
     c = concepts(p, cache)
     backbone, _ = base_model(p, home, c, log)
@@ -64,9 +64,7 @@ def validation_hits(p: Protocol, home: Path, cache: Path, log=print) -> dict:
         job, dim = m.config["job"], m.dim
     pairs = load_pairs(rt, job["pairs"][2], job["pairs"][3])
     nbrs = NeighbourCache(rt, job, cfg, dim, "cpu").get(pairs)
-    model = build(FusionConfig(dim=dim, k=cfg.k, neighbour_dropout=cfg.neighbour_dropout, use_rank=cfg.use_rank,
-                               use_score=cfg.use_score, init=cfg.init, score_scale_init=cfg.score_scale, gate=True),
-                  cfg.seed)
+    model = build(fusion_config(cfg, dim), cfg.seed)  # the protocol's gated layers at step 0
     rows = np.arange(len(pairs.ids))
     out = {}
     for bi, bt in itertools.product(BIASES, repeat=2):
@@ -185,9 +183,10 @@ def main(argv) -> int:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
         ap.error(f"--seeds takes integers, e.g. 0,1,2, not {args.seeds!r}")
-    per_seed = [validation_hits(Protocol(regime=args.regime, seed=s, max_rest=args.max_others,
-                                         max_targets=args.max_targets),
-                                Path(args.home).resolve(), Path(args.cache), log) for s in seeds]
+    protocols = [Protocol(regime=args.regime, seed=s, max_rest=args.max_others, max_targets=args.max_targets)
+                 for s in seeds]
+    home, cache = Path(args.home).resolve(), Path(args.cache)
+    per_seed = [validation_hits(p, home, cache, log) for p in protocols]
     cells = pooled_grid(per_seed)
     start = next(c for c in cells if c["image_bias"] == 0 and c["text_bias"] == 0)
     best = max(cells, key=lambda c: c["minus_start"])
@@ -196,18 +195,17 @@ def main(argv) -> int:
         from .report import pooled
 
         cell = (best["image_bias"], best["text_bias"])
-        runs = [{"groups": target_hits(Protocol(regime=args.regime, seed=s, max_rest=args.max_others,
-                                                max_targets=args.max_targets), Path(args.home).resolve(),
-                                       Path(args.cache), cell), "protocol": {"seed": s}} for s in seeds]
+        runs = [{"groups": target_hits(p, home, cache, cell), "protocol": {"seed": p.seed}} for p in protocols]
         targets = {"cell": list(cell), **pooled(runs),
                    "per_group": {g: {m: 100 * float(np.mean([c == "1" for r in runs
                                                               for c in r["groups"][g]["top1_hits"][m]]))
                                      for m in ("baseline", "untrained", "reco")} for g in runs[0]["groups"]}}
     n = sum(len(h[(0.0, 0.0)]) for h in per_seed)
-    p = start["top1"] / 100
+    acc = start["top1"] / 100
     result = {"benchmark": "emoji balance: validation accuracy of every global query/memory balance",
-              "command": "python -m benchmarks.emoji balance " + " ".join(argv), "regime": args.regime, "seeds": seeds, "images": n, "start_top1": start["top1"],
-              "start_se": 100 * float(np.sqrt(p * (1 - p) / n)), "bootstrap": BOOTSTRAP,
+              "command": "python -m benchmarks.emoji balance " + " ".join(argv), "regime": args.regime,
+              "seeds": seeds, "images": n, "start_top1": start["top1"],
+              "start_se": 100 * float(np.sqrt(acc * (1 - acc) / n)), "bootstrap": BOOTSTRAP,
               "best": best, "cells": cells, "targets": targets}
     reduced = args.max_others or args.max_targets
     out = Path(args.out_dir) / f"emoji-balance-{args.regime}{'-reduced' if reduced else ''}.json"
