@@ -143,7 +143,8 @@ def test_status_shows_a_stale_shard_and_resume_finishes_the_build(tmp_path, own_
         out = reco(env, "status").stdout
         assert f"shard {stale['shard']} stale since" in out and "1 stale" in out, out
         v = reco(env, "memory", "verify", "stale", "--version", "1", check=False)
-        assert v.returncode == 1 and "not ready: building" in v.stdout and "1 stale" in v.stdout, v.stdout
+        assert v.returncode == 1 and "not ready: building" in v.stdout and "1 stale" in v.stdout, \
+            (v.returncode, v.stdout, v.stderr)
         time.sleep(max(0.0, killed + 2 * LEASE_S + 1 - time.monotonic()))  # its heartbeat has aged out
         r = reco(env, "memory", "build", "third", other, "--backbone", tiny_config, "--no-wait")
         assert "no worker is alive" in r.stderr, r.stderr  # now it is true
