@@ -27,7 +27,7 @@ from .names import check_name, parse_memory_ref  # noqa: F401 (train.parse_memor
 from .retrieval import modes, search_hits
 
 
-SELECT_RULES = ("1se", "best")
+SELECT_RULES = ("1se", "best", "last")
 BATCHING = ("random", "similar", "shard")  # training and validation batches alike
 TUNE = ("all", "attention", "scalars", "gate")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -53,7 +53,8 @@ class TrainConfig:
     # which checkpoint inference uses: "best" the highest validation accuracy; "1se" the earliest within one
     # standard error of it. With validation on concepts the backbone never saw (val_pairs), neighbouring
     # checkpoints differ by less than that noise while later ones drift from the retrieval start toward trusting
-    # the backbone, which is what fails on such concepts (README, quality)
+    # the backbone, which is what fails on such concepts (README, quality). "last": the final step, for a recipe
+    # (lr, epochs) fixed beforehand, e.g. by cross-fitting on held-out groups, when every pair is for training
     select: str = "best"
     heads: int | None = None
     dropout: float = 0.0
@@ -812,8 +813,8 @@ def run_training(rt, name: str, progress: bool = True,
                     "top": max((h for h in history if h["val"]), key=lambda h: h["val"]["acc"])["step"]}
         else:
             score = (val or {}).get("acc", -(train_loss if train_loss is not None else float("inf")))
-            if best is None or score > best["score"]:
-                best = {"step": step, "score": score, "val": val, "rule": "best"}
+            if best is None or score > best["score"] or cfg.select == "last":
+                best = {"step": step, "score": score, "val": val, "rule": cfg.select}
                 checkpoint.save(ckdir, "best", model.state_dict(), {**base_meta, "step": step, "val": val})
         save_last()
         with rt.db.session() as s:

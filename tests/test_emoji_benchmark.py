@@ -12,6 +12,7 @@ import pytest
 from benchmarks.emoji import data
 from benchmarks.emoji.balance import BIASES, pooled_grid, target_hits, validation_hits
 from benchmarks.emoji.base import BaseConfig
+from benchmarks.emoji.crossfit import START, fold_hits, folds, pick, recipes
 from benchmarks.emoji.protocol import Protocol, run
 from benchmarks.emoji.report import markdown
 
@@ -39,7 +40,7 @@ def test_catalogue_has_four_vendors_and_names(npm_cache):
         data.split_targets(emojis, ["no-such-thing"])
 
 
-def test_reduced_protocol_training_keeps_the_untrained_start(npm_cache, tmp_path, monkeypatch):
+def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("RECO_HOME", str(tmp_path / "unused"))
     p = Protocol(targets=["country-flag"], seed=0, epochs=10, max_targets=30, max_rest=300, ablations=True,
                  base=BaseConfig(steps=60))
@@ -48,15 +49,15 @@ def test_reduced_protocol_training_keeps_the_untrained_start(npm_cache, tmp_path
     h = first["groups"]["country-flag"]["headline"]
     assert h["classes"] == 30
     assert first["base_model"]["cached"] is False
-    # the trained layers never fall below their untrained start (before validation on the targets' vendor they
-    # lost 9-14 points on every group); beating it here, as the issue asks, is not reached yet (README, quality)
-    assert h["reco_top1"] >= h["untrained_top1"], first["groups"]["country-flag"]["table"]
     assert h["reco_top1"] >= h["baseline_top1"] + 15, first["groups"]["country-flag"]["table"]
     assert h["retrieval_off_top1"] <= h["baseline_top1"] + 7, first["groups"]["country-flag"]["table"]
     assert h["no_target_memory_top1"] <= h["baseline_top1"] + 7, first["groups"]["country-flag"]["table"]
     assert h["cross_search_top1"] < h["reco_top1"] and 0 < h["swap_recovery"]
     assert h["t2i_r1_reco"] > h["t2i_r1_baseline"]
-    assert first["training"]["reco"]["start"]["acc"] <= first["training"]["reco"]["best"]["score"]
+    # the gate trains on the held-out subcategories' facebook drawings, all of them, and keeps its last step
+    m = first["training"]["reco"]
+    assert m["start"] is None and m["best"]["rule"] == "last" and m["best"]["step"] == m["steps"] > 0
+    assert m["train_pairs"] == first["n_train_pairs"] == first["n_unseen_val_pairs"] and m["val_pairs"] == 0
     assert all(r["leakage_guard"]["enabled"] for r in [first["groups"]["country-flag"]["eval_run"]])
     # validation: whole subcategories of non-target emoji, reported; the gated fusion, only its gate trained
     val = first["validation_subcategories"]
@@ -73,7 +74,16 @@ def test_reduced_protocol_training_keeps_the_untrained_start(npm_cache, tmp_path
     hits = validation_hits(p, tmp_path / "home", npm_cache, log=lambda m: None)
     assert set(hits) == set(itertools.product(BIASES, repeat=2))
     assert {len(v) for v in hits.values()} == {first["n_unseen_val_pairs"]}
-    assert hits[(0.0, 0.0)].mean() == pytest.approx(first["training"]["reco"]["start"]["acc"])
+    # the cross-fit on the same split: every held-out drawing scored once, out of its fold, the start's hits
+    # the balance grid's (0, 0) (each drawing told apart among its own subcategory's captions in both)
+    logged = []
+    cf = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append)
+    assert set(cf) == {START, (1e-1, 3)} and {len(v) for v in cf.values()} == {first["n_unseen_val_pairs"]}
+    assert cf[START].mean() == pytest.approx(hits[(0.0, 0.0)].mean())
+    (cell,) = recipes([cf])
+    assert cell["minus_start"] == pytest.approx(100 * (cf[(1e-1, 3)].mean() - cf[START].mean()))
+    again = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append, reuse=True)
+    assert "held-out hits from" in logged[-1] and all((again[k] == cf[k]).all() for k in cf)
     assert hits[(-3.0, -3.0)].mean() < hits[(0.0, 0.0)].mean()  # the query alone: the memory's gain is gone
     cells = {(c["image_bias"], c["text_bias"]): c for c in pooled_grid([hits, hits])}
     start = cells[(0.0, 0.0)]
@@ -102,7 +112,7 @@ def test_reduced_protocol_training_keeps_the_untrained_start(npm_cache, tmp_path
     # the rare regime shows the targets to the base (one vendor, rarely): the base knows them a little
     rare = run(Protocol(targets=["country-flag"], regime="rare", seed=0, epochs=2, max_targets=30, max_rest=300,
                         base=BaseConfig(steps=60, rare_weight=1.0)), tmp_path / "home", npm_cache, log=lambda m: None)
-    assert rare["base_model"]["rare_emoji"] == 30 + rare["n_novel_pairs"] + rare["n_unseen_val_pairs"]
+    assert rare["base_model"]["rare_emoji"] == 30 + rare["n_novel_concepts"] + rare["n_unseen_val_pairs"]
     assert rare["groups"]["country-flag"]["headline"]["baseline_top1"] > h["baseline_top1"]
 
 
@@ -226,7 +236,28 @@ def test_a_run_with_other_settings_never_overwrites_a_default_result():
     assert _result_name(Protocol(regime="rare")) == "emoji-rare-s0.json"
     other = _result_name(Protocol(query_noise=0.5, base=BaseConfig(steps=60)))
     assert other == "emoji-absent-query_noise0.5-base_steps60-s0.json"
-    assert _result_name(Protocol(regime="rare", batching="shard", pair_vendor="facebook")) == \
-        "emoji-rare-batchingshard-pair_vendorfacebook-s0.json"
+    assert _result_name(Protocol(regime="rare", batching="random", train_on="all", pair_vendor="facebook")) == \
+        "emoji-rare-batchingrandom-train_onall-pair_vendorfacebook-s0.json"
     assert _result_name(Protocol(targets=["animal-mammal+animal-bird"])) == \
         "emoji-absent-animal-mammal_animal-bird-s0.json"
+
+
+def test_crossfit_folds_split_the_held_out_subcategories_evenly():
+    from types import SimpleNamespace
+
+    sizes = {"person-role": 82, "tool": 25, "office": 23, "arrow": 21, "other-symbol": 18, "animal-marine": 17,
+             "animal-bug": 16, "plant-other": 16}
+    unseen = [SimpleNamespace(subcategory=sub) for sub, n in sizes.items() for _ in range(n)]
+    a, b = folds(unseen)
+    assert sorted(a + b) == sorted(sizes) and not set(a) & set(b)
+    size = lambda f: sum(sizes[s] for s in f)  # noqa: E731
+    assert abs(size(a) - size(b)) <= 16 and "person-role" in a  # the largest first
+    assert folds(list(reversed(unseen))) == [a, b]
+
+
+def test_crossfit_keeps_the_start_unless_a_recipe_clears_one_standard_error():
+    cells = [{"lr": 0.01, "epochs": 40, "minus_start": 2.1, "se": 1.4},
+             {"lr": 0.1, "epochs": 5, "minus_start": 0.7, "se": 1.7}]
+    assert pick(cells) is cells[0]
+    cells[0]["se"] = 2.5  # the highest gain, but within its noise: the start stays
+    assert pick(cells) is None

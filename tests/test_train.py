@@ -216,7 +216,7 @@ def test_select_1se_picks_the_earliest_checkpoint_within_one_standard_error():
     assert pick["step"] == 5 and keep == {5}
 
 
-@pytest.mark.parametrize("rule", ["1se", "best"])
+@pytest.mark.parametrize("rule", ["1se", "best", "last"])
 def test_the_selected_checkpoint_is_the_one_inference_loads(rt, memory, rule):
     from app.checkpoint import load
     from app.train import select_1se
@@ -227,7 +227,8 @@ def test_the_selected_checkpoint_is_the_one_inference_loads(rt, memory, rule):
     _, last = load(ckdir, "last")
     validated = [h for h in last["history"] if h["val"]]
     top = max(validated, key=lambda h: h["val"]["acc"])
-    expected = select_1se(last["history"], metrics["val_pairs"])[0] if rule == "1se" else top
+    expected = {"1se": lambda: select_1se(last["history"], metrics["val_pairs"])[0], "best": lambda: top,
+                "last": lambda: last["history"][-1]}[rule]()
     best = metrics["best"]
     assert best["step"] == expected["step"] and best["rule"] == rule
     if rule == "1se":

@@ -32,9 +32,10 @@ from .common import val_line, warn_without_workers
               "so each image is told apart among its own group's captions (one fine-grained set per shard).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--checkpoint-every", default=200, show_default=True, help="Steps between checkpoints.")
-@click.option("--select", type=click.Choice(["best", "1se"]), default="best", show_default=True,
-              help="Checkpoint inference uses: the best validation accuracy, or the earliest within one standard "
-              "error of it (with --val-pairs on concepts the backbone never saw).")
+@click.option("--select", type=click.Choice(["best", "1se", "last"]), default="best", show_default=True,
+              help="Checkpoint inference uses: the best validation accuracy, the earliest within one standard "
+              "error of it (with --val-pairs on concepts the backbone never saw), or the last step (a recipe fixed "
+              "beforehand; with --val-fraction 0 every pair trains).")
 @click.option("--heads", type=int, default=None, help="Attention heads (default dim/64).")
 @click.option("--dropout", default=0.0, show_default=True)
 @click.option("--neighbour-dropout", default=0.1, show_default=True)

@@ -3,6 +3,7 @@
     python -m benchmarks.emoji [--regime absent|rare] [--seeds 0,1,2] [--targets country-flag,animal-mammal,...]
     python -m benchmarks.emoji summary          # emoji-summary.{json,md} from the runs in benchmarks/results
     python -m benchmarks.emoji balance          # can validation see a better query/memory balance than the start?
+    python -m benchmarks.emoji crossfit         # which gate recipe, trained on held-out subcategories, carries over?
 
 Installs the emoji npm packages into a cache when missing (RECO_BENCH_CACHE, default ~/.cache/reco/bench),
 pretrains or reuses the base model (cached under --home by a hash of config, data and seed), then builds the
@@ -45,6 +46,10 @@ def main(argv=None) -> int:
         from benchmarks.emoji.balance import main as balance
 
         return balance(argv[1:])
+    if argv[:1] == ["crossfit"]:
+        from benchmarks.emoji.crossfit import main as crossfit
+
+        return crossfit(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m benchmarks.emoji", description=__doc__.split("\n")[0])
     ap.add_argument("--regime", choices=REGIMES, default="absent",
                     help="absent: the targets are not in the base's pretraining; rare: they are, rarely")
@@ -70,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ablations", action="store_true",
                     help="also the paper's plain layer, identity start, cross search, uni fusion and the swap")
     ap.add_argument("--epochs", type=int, default=Protocol.epochs, help="RECO training epochs")
+    ap.add_argument("--lr", type=float, default=Protocol.lr, help="RECO training's learning rate")
     ap.add_argument("--pretrain-steps", type=int, default=BaseConfig.steps, help="base image tower steps")
     ap.add_argument("--augment", choices=("geometric", "strong"), default=BaseConfig.augment,
                     help="base pretraining augmentation (strong adds flips, ink / saturation jitter, grayscale)")
@@ -95,7 +101,8 @@ def main(argv=None) -> int:
     written = []
     for seed in seeds:
         p = Protocol(targets=[t.strip() for t in args.targets.split(",") if t.strip()], regime=args.regime,
-                     seed=seed, epochs=args.epochs, unseen_val=args.unseen_val, novel_pairs=args.novel_pairs,
+                     seed=seed, epochs=args.epochs, lr=args.lr, unseen_val=args.unseen_val,
+                     novel_pairs=args.novel_pairs,
                      query_noise=args.query_noise, batching=args.batching, tune=args.tune, gate=args.gate,
                      val_vendor=args.val_vendor, pair_vendor=args.pair_vendor, train_on=args.train_on,
                      max_targets=args.max_targets,

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import data
 from .protocol import Protocol, _train_cfg, base_model, concepts, val_subcategories
-from .report import BOOTSTRAP
+from .report import BOOTSTRAP, paired_gains
 
 BIASES = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 
@@ -121,24 +121,10 @@ def target_hits(p: Protocol, home: Path, cache: Path, cell: tuple[float, float])
 
 
 def pooled_grid(per_seed: list[dict]) -> list[dict]:
-    """Per cell: pooled accuracy, minus the start, and its paired bootstrap 95 % interval (images resampled with
-    replacement within each seed, the cell and the start on the same resample)."""
-    rng = np.random.default_rng(0)
-    start = [h[(0.0, 0.0)].astype(float) for h in per_seed]
-    draws = [rng.integers(len(s), size=(BOOTSTRAP, len(s))) for s in start]
-    n = sum(len(s) for s in start)
-    cells = []
-    for cell in per_seed[0]:
-        diffs = [h[cell].astype(float) - s for h, s in zip(per_seed, start)]
-        boot = sum(d[ix].sum(axis=1) for d, ix in zip(diffs, draws)) / n
-        low, high = 100 * np.percentile(boot, [2.5, 97.5])
-        acc = 100 * sum(h[cell].sum() for h in per_seed) / n
-        cells.append({"image_bias": cell[0], "text_bias": cell[1], "memory_weight_image": float(np.exp(cell[0])),
-                      "memory_weight_text": float(np.exp(cell[1])), "top1": float(acc),
-                      "minus_start": float(acc - 100 * sum(s.sum() for s in start) / n),
-                      "ci95_low": float(low), "ci95_high": float(high),
-                      "per_seed": [float(100 * h[cell].mean()) for h in per_seed]})
-    return cells
+    """Per cell: pooled accuracy, minus the start, and its paired bootstrap 95 % interval (`paired_gains`)."""
+    return [{"image_bias": cell[0], "text_bias": cell[1], "memory_weight_image": float(np.exp(cell[0])),
+             "memory_weight_text": float(np.exp(cell[1])), **gain}
+            for cell, gain in paired_gains(per_seed, (0.0, 0.0)).items()]
 
 
 def markdown(r: dict) -> str:

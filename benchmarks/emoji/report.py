@@ -18,14 +18,19 @@ def _subcategories(subs: dict) -> str:
 
 def markdown(r: dict) -> str:
     p = r["protocol"]
-    lines = [f"Regime **{p['regime']}**, seed {p['seed']}; memory: twitter ({r['n_memory_v2']} emoji); "
+    held = p.get("train_on") == "unseen"
+    pairs = (f"RECO trains on the held-out concepts' facebook drawings, {r['n_train_pairs']}, and keeps the last "
+             f"step of a recipe fixed by cross-fitting them (no validation is left); held out" if held else
              f"RECO training pairs: {r['n_train_pairs']} ({r['n_novel_pairs']} of them concepts the base knows as "
-             f"it knows the targets); validation: {r['n_unseen_val_pairs']} unseen concepts"
+             f"it knows the targets); validation")
+    lines = [f"Regime **{p['regime']}**, seed {p['seed']}; memory: twitter ({r['n_memory_v2']} emoji); {pairs}: "
+             f"{r['n_unseen_val_pairs']} unseen concepts"
              + (f" in {len(subs)} whole subcategories ({_subcategories(subs)})"
                 if (subs := r.get("validation_subcategories")) else "") + ".", ""]
     for name, m in r["training"].items():
         lines.append(f"- {name}: validation {m['start']['acc']:.3f} untrained → {m['best']['score']:.3f} at step "
-                     f"{m['best']['step']} of {m['steps']} (frozen {m['best']['val']['baseline_acc']:.3f})")
+                     f"{m['best']['step']} of {m['steps']} (frozen {m['best']['val']['baseline_acc']:.3f})"
+                     if m["start"] else f"- {name}: {m['steps']} steps, the last kept")
     for g, res in r["groups"].items():
         h = res["headline"]
         base, start = h["baseline_top1"], h["untrained_top1"]
@@ -77,6 +82,26 @@ def plot(r: dict, path: Path) -> None:
 
 BOOTSTRAP = 10_000  # resamples of the paired bootstrap
 DEV = "dev"
+
+
+def paired_gains(per_seed: list[dict], start) -> dict:
+    """{key: pooled top-1, minus the start's, and its paired bootstrap 95 % interval} for per-seed dicts of
+    {key: bool hits on that seed's drawings} (the key `start` among them): drawings are resampled with replacement
+    within each seed, every key and the start on the same resample. For non-target diagnostics (validation)."""
+    rng = np.random.default_rng(0)
+    base = [h[start].astype(float) for h in per_seed]
+    draws = [rng.integers(len(b), size=(BOOTSTRAP, len(b))) for b in base]
+    n = sum(len(b) for b in base)
+    out = {}
+    for key in per_seed[0]:
+        diffs = [h[key].astype(float) - b for h, b in zip(per_seed, base)]
+        boot = sum(d[ix].sum(axis=1) for d, ix in zip(diffs, draws)) / n
+        low, high = 100 * np.percentile(boot, [2.5, 97.5])
+        acc = 100 * sum(h[key].sum() for h in per_seed) / n
+        out[key] = {"top1": float(acc), "minus_start": float(acc - 100 * sum(b.sum() for b in base) / n),
+                    "ci95_low": float(low), "ci95_high": float(high), "se": float(100 * boot.std()),
+                    "per_seed": [float(100 * h[key].mean()) for h in per_seed]}
+    return out
 
 
 def pooled(rs: list[dict]) -> dict | None:
@@ -154,7 +179,7 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
         val = {r["protocol"]["seed"]: r["validation_subcategories"] for r in rs if "validation_subcategories" in r}
         if val:
             out["regimes"][regime]["validation_subcategories"] = {str(k): v for k, v in val.items()}
-            lines += ["", "Validation (whole subcategories): " + "; ".join(
+            lines += ["", "Held-out subcategories (RECO's training or validation pairs, `dev`): " + "; ".join(
                 f"seed {seed}: {_subcategories(subs)}" for seed, subs in val.items()) + "."]
         lines.append("")
     return out, "\n".join(lines)

@@ -1,0 +1,201 @@
+"""Which recipe for training the gate on held-out subcategories carries over to other held-out subcategories?
+Cross-fitting on non-target data only.
+
+    python -m benchmarks.emoji crossfit --regime rare --seeds 0,1,2
+
+Per seed: the protocol's held-out subcategories (its validation and `dev` concepts) in two folds of about equal
+size. The protocol's gated layers, only the gate learning, are trained with each recipe (lr × epochs, one
+subcategory per batch, the last step kept) on one fold's facebook drawings and scored on the other fold's, each
+drawing told apart among its own subcategory's captions; then the folds swap. Pooled over folds and seeds: each
+recipe's accuracy minus the untrained start's on the same drawings, with a paired bootstrap. `--train-on unseen`
+(the protocol's default) trains the recipe of the highest pooled gain on all the held-out subcategories, so every
+drawing the recipe was judged on was out of its fold's training. No target is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+from .protocol import Protocol, _train_cfg, base_model, concepts
+from .report import BOOTSTRAP, paired_gains
+
+LRS = (1e-2, 3e-2, 1e-1)
+EPOCHS = (5, 10, 20, 40)
+START = ("start", 0)
+
+
+def folds(unseen: list) -> list[list[str]]:
+    """The held-out subcategories in two folds of about equal drawings: largest first, each to the smaller fold."""
+    sizes = Counter(e.subcategory for e in unseen)
+    out, total = [[], []], [0, 0]
+    for sub in sorted(sizes, key=lambda s: (-sizes[s], s)):
+        i = int(total[1] < total[0])
+        out[i].append(sub)
+        total[i] += sizes[sub]
+    return [sorted(f) for f in out]
+
+
+def _saved(p: Protocol, home: Path) -> Path:
+    return home / "runs" / f"crossfit-{p.regime}-s{p.seed}.npz"
+
+
+def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=print, reuse: bool = False) -> dict:
+    """{(lr, epochs): bool per held-out drawing, out of fold} for one seed; START is the untrained start on the
+    same drawings (fold 1's drawings, then fold 0's). Saved beside the seed's run; `reuse` loads a saved seed
+    that holds every recipe asked for (its base cache key must not have changed)."""
+    wanted = [START, *itertools.product(lrs, epochs)]
+    if reuse and _saved(p, home).is_file():
+        with np.load(_saved(p, home), allow_pickle=False) as z:
+            saved = {_key(name): z[name] for name in z.files}
+        if all(k in saved for k in wanted):
+            log(f"{p.regime} seed {p.seed}: held-out hits from {_saved(p, home)}")
+            return {k: saved[k] for k in wanted}
+    import torch
+
+    from app import checkpoint
+    from app.build import build_in_process
+    from app.db.models import FusionModel
+    from app.fusion import build
+    from app.runtime import Runtime
+    from app.train import NeighbourCache, TrainConfig, create_job, evaluate, fusion_config, load_pairs, run_training
+
+    c = concepts(p, cache)
+    backbone, _ = base_model(p, home, c, log)
+    work = home / "runs" / f"crossfit-{p.regime}-s{p.seed}"
+    shutil.rmtree(work, ignore_errors=True)
+    unseen = c["unseen"]
+    row = lambda e: (e.key, data.rgb_png(e.images[p.val_vendor]), data.pair_caption(e, p.seed))  # noqa: E731
+    sources = [data.write_wds(work / "corpora" / f"fold{i}", [], groups=[
+        [row(e) for e in unseen if e.subcategory == sub] for sub in subs]) for i, subs in enumerate(folds(unseen))]
+    mem_src = data.write_wds(work / "corpora" / "twitter", [
+        (e.key, data.rgb_png(e.images["twitter"]), data.memory_caption(e)) for e in c["rest"] + c["targets"]])
+    os.environ["RECO_HOME"] = str(work / "home")
+    for var in ("RECO_DATABASE_URL", "RECO_QDRANT_URL", "RECO_BROKER_URL"):
+        os.environ.pop(var, None)
+    rt = Runtime()
+    for i, src in enumerate(sources):
+        build_in_process(rt, f"fold{i}", str(src), backbone=backbone, activate=True)
+    build_in_process(rt, "twitter", str(mem_src), backbone=backbone, activate=True)  # v2 of the runs
+
+    def scored(name: str, untrained: bool = False) -> np.ndarray:
+        """The model's hits on its job's validation fold (the layers at step 0 when `untrained`)."""
+        with rt.db.session() as s:
+            m = s.query(FusionModel).filter_by(name=name).one()
+            job, dim, ckdir = m.config["job"], m.dim, Path(m.checkpoint_dir)
+        cfg = TrainConfig(**job["train"])
+        vjob = {**job, "pairs": job["val_pairs"]}
+        pairs = load_pairs(rt, vjob["pairs"][2], vjob["pairs"][3])
+        nbrs = NeighbourCache(rt, vjob, cfg, dim, "cpu").get(pairs)
+        model = build(fusion_config(cfg, dim), cfg.seed)
+        if not untrained:
+            model.load_state_dict(checkpoint.load(ckdir, "best")[0])
+        return evaluate(model, pairs, nbrs, np.arange(len(pairs.ids)), cfg.batch_size, torch.device("cpu"),
+                        "shard", hits=True)["hits"]
+
+    out: dict = {}
+    for train, val in ((0, 1), (1, 0)):
+        for lr, ep in itertools.product(lrs, epochs):
+            name = f"fold{train}-lr{lr:.0e}-e{ep}".replace("+", "").replace(".", "_")
+            # the protocol's training as `--train-on unseen` runs it; validating on the other fold only records it
+            create_job(rt, name, f"fold{train}", "twitter", _train_cfg(
+                p, lr=lr, epochs=ep, batching="shard", select="last", val_pairs=f"fold{val}"))
+            run_training(rt, name, progress=False)
+            out.setdefault((lr, ep), []).append(scored(name))
+        out.setdefault(START, []).append(scored(name, untrained=True))
+    hits = {key: np.concatenate(parts) for key, parts in out.items()}
+    np.savez(_saved(p, home), **{_name(k): v for k, v in hits.items()})
+    log(f"{p.regime} seed {p.seed}: {len(hits[START])} held-out drawings in two folds, start "
+        f"{100 * hits[START].mean():.1f} %, best recipe here "
+        + "{:+.1f}".format(100 * max(h.mean() - hits[START].mean() for k, h in hits.items() if k != START)))
+    return hits
+
+
+def _name(key) -> str:
+    return "start" if key == START else f"{key[0]!r}_{key[1]}"
+
+
+def _key(name: str):
+    return START if name == "start" else (float(name.split("_")[0]), int(name.split("_")[1]))
+
+
+def recipes(per_seed: list[dict]) -> list[dict]:
+    """Per recipe: pooled out-of-fold accuracy, minus the start, with its paired bootstrap 95 % interval."""
+    return [{"lr": key[0], "epochs": key[1], **gain} for key, gain in paired_gains(per_seed, START).items()
+            if key != START]
+
+
+def pick(cells: list[dict]) -> dict | None:
+    """The recipe of the highest pooled out-of-fold gain, if that gain is more than one standard error (of the
+    paired bootstrap) above the start; else None: keep the untrained start. `reco train --select 1se`'s rule, over
+    recipes instead of checkpoints."""
+    best = max(cells, key=lambda c: c["minus_start"])
+    return best if best["minus_start"] > best["se"] else None
+
+
+def markdown(r: dict) -> str:
+    cells = {(c["lr"], c["epochs"]): c for c in r["recipes"]}
+    lrs, eps = sorted({c["lr"] for c in r["recipes"]}), sorted({c["epochs"] for c in r["recipes"]})
+    lines = [f"### {r['regime']} regime: held-out subcategories, out-of-fold top-1 minus the untrained start, by "
+             f"recipe (gate only, one subcategory per batch; pooled over seeds {', '.join(map(str, r['seeds']))} "
+             f"and both folds, {r['images']} drawings)", "",
+             "| lr \\ epochs | " + " | ".join(map(str, eps)) + " |", "|" + "---|" * (len(eps) + 1)]
+    cell = lambda c: f"{c['minus_start']:+.1f} [{c['ci95_low']:+.1f}, {c['ci95_high']:+.1f}]"  # noqa: E731
+    for lr in lrs:
+        lines.append(f"| {lr:g} | " + " | ".join(cell(cells[(lr, e)]) for e in eps) + " |")
+    b = r["best"]
+    lines += ["", f"Start: {r['start_top1']:.1f} %. Highest: lr {b['lr']:g}, {b['epochs']} epochs, "
+              f"{b['minus_start']:+.1f} [{b['ci95_low']:+.1f}, {b['ci95_high']:+.1f}], standard error {b['se']:.1f} "
+              "(per seed " + ", ".join(f"{a - s:+.1f}" for a, s in zip(b["per_seed"], r["start_per_seed"]))
+              + "): " + ("more than one standard error above the start, so `--train-on unseen` trains it"
+                         if r["pick"] else "within one standard error of the start, so RECO keeps the start")
+              + ". Folds: " + "; ".join(f"seed {s}: {' | '.join(', '.join(f) for f in fs)}"
+                                        for s, fs in r["folds"].items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def main(argv) -> int:
+    from benchmarks.common import log, write_result
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.emoji crossfit", description=__doc__.split("\n")[0])
+    ap.add_argument("--regime", choices=("absent", "rare"), default="rare")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="learning rates, comma-separated")
+    ap.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="epoch counts, comma-separated")
+    ap.add_argument("--home", default=os.environ.get("RECO_BENCH_HOME", ".reco-bench"))
+    ap.add_argument("--cache", default=str(data.DEFAULT_CACHE))
+    ap.add_argument("--max-others", type=int, default=None, help="keep N non-target emoji (reduced run)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a seed's held-out hits saved by an earlier run (under --home) when it has every recipe")
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+        epochs = [int(x) for x in args.epochs.split(",") if x.strip()]
+    except ValueError:
+        ap.error("--seeds and --epochs take integers (0,1,2), --lrs numbers (0.01,0.1)")
+    protocols = [Protocol(regime=args.regime, seed=s, max_rest=args.max_others) for s in seeds]
+    home, cache = Path(args.home).resolve(), Path(args.cache)
+    per_seed = [fold_hits(p, home, cache, lrs, epochs, log, reuse=args.reuse) for p in protocols]
+    cells = recipes(per_seed)
+    start = paired_gains(per_seed, START)[START]
+    result = {"benchmark": "emoji crossfit: gate recipes trained on held-out subcategories, scored out of fold",
+              "command": "python -m benchmarks.emoji crossfit " + " ".join(argv), "regime": args.regime,
+              "seeds": seeds, "images": int(sum(len(h[START]) for h in per_seed)), "start_top1": start["top1"],
+              "start_per_seed": start["per_seed"], "bootstrap": BOOTSTRAP,
+              "folds": {str(p.seed): folds(concepts(p, cache)["unseen"]) for p in protocols},
+              "best": max(cells, key=lambda c: c["minus_start"]), "pick": pick(cells), "recipes": cells}
+    out = Path(args.out_dir) / f"emoji-crossfit-{args.regime}{'-reduced' if args.max_others else ''}.json"
+    write_result(out, result)
+    out.with_suffix(".md").write_text(markdown(result))
+    log(markdown(result))
+    log(f"-> {out} (+ .md)")
+    return 0
