@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from . import data
-from .protocol import Protocol, _train_cfg, base_model, concepts, val_subcategories
+from .protocol import Protocol, _train_cfg, concepts, fresh_runtime, held_out_home, val_subcategories
 from .report import BOOTSTRAP, paired_gains
 
 BIASES = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
@@ -35,28 +34,11 @@ def validation_hits(p: Protocol, home: Path, cache: Path, log=print) -> dict:
     the seed's RECO_HOME (memories `unseen` and `twitter`, the registered model `balance`) for `target_hits`."""
     import torch
 
-    from app.build import build_in_process
     from app.db.models import FusionModel
     from app.fusion import build
-    from app.runtime import Runtime
     from app.train import NeighbourCache, create_job, evaluate, fusion_config, load_pairs
 
-    c = concepts(p, cache)
-    backbone, _ = base_model(p, home, c, log)
-    work = home / "runs" / f"balance-{p.regime}-s{p.seed}"
-    shutil.rmtree(work, ignore_errors=True)
-    unseen, memory = c["unseen"], c["rest"] + c["targets"]
-    row = lambda e, vendor: (e.key, data.rgb_png(e.images[vendor]), data.pair_caption(e, p.seed))  # noqa: E731
-    val_src = data.write_wds(work / "corpora" / "unseen", [], groups=[
-        [row(e, p.val_vendor) for e in unseen if e.subcategory == sub] for sub in val_subcategories(unseen)])
-    mem_src = data.write_wds(work / "corpora" / "twitter",
-                             [(e.key, data.rgb_png(e.images["twitter"]), data.memory_caption(e)) for e in memory])
-    os.environ["RECO_HOME"] = str(work / "home")
-    for var in ("RECO_DATABASE_URL", "RECO_QDRANT_URL", "RECO_BROKER_URL"):
-        os.environ.pop(var, None)
-    rt = Runtime()
-    build_in_process(rt, "unseen", str(val_src), backbone=backbone, activate=True)
-    build_in_process(rt, "twitter", str(mem_src), backbone=backbone, activate=True)
+    _, rt = held_out_home(p, home, cache, "balance", lambda unseen: {"unseen": val_subcategories(unseen)}, log)
     cfg = _train_cfg(p, val_pairs=None)
     create_job(rt, "balance", "unseen", "twitter", cfg)  # its job names the data (`target_hits` runs it)
     with rt.db.session() as s:
@@ -85,15 +67,13 @@ def target_hits(p: Protocol, home: Path, cache: Path, cell: tuple[float, float])
 
     from app import checkpoint
     from app.db.models import FusionModel
-    from app.runtime import Runtime
     from app.train import run_training
 
     from .protocol import DEV, EVAL_TEMPLATES, _classify, _write_group
 
     c = concepts(p, cache)
     work = home / "runs" / f"balance-{p.regime}-s{p.seed}"
-    os.environ["RECO_HOME"] = str(work / "home")
-    rt = Runtime()
+    rt = fresh_runtime(work / "home")
     # the registered job run for one epoch at lr 0: its files are the start; `best` then gets the cell's biases
     with rt.db.session() as s:
         m = s.query(FusionModel).filter_by(name="balance").one()

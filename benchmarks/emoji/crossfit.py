@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from . import data
-from .protocol import Protocol, _train_cfg, base_model, concepts
+from .protocol import Protocol, _train_cfg, concepts, held_out_home
 from .report import BOOTSTRAP, paired_gains
 
 LRS = (1e-2, 3e-2, 1e-1)
@@ -61,29 +60,12 @@ def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=
     import torch
 
     from app import checkpoint
-    from app.build import build_in_process
     from app.db.models import FusionModel
     from app.fusion import build
-    from app.runtime import Runtime
     from app.train import NeighbourCache, TrainConfig, create_job, evaluate, fusion_config, load_pairs, run_training
 
-    c = concepts(p, cache)
-    backbone, _ = base_model(p, home, c, log)
-    work = home / "runs" / f"crossfit-{p.regime}-s{p.seed}"
-    shutil.rmtree(work, ignore_errors=True)
-    unseen = c["unseen"]
-    row = lambda e: (e.key, data.rgb_png(e.images[p.val_vendor]), data.pair_caption(e, p.seed))  # noqa: E731
-    sources = [data.write_wds(work / "corpora" / f"fold{i}", [], groups=[
-        [row(e) for e in unseen if e.subcategory == sub] for sub in subs]) for i, subs in enumerate(folds(unseen))]
-    mem_src = data.write_wds(work / "corpora" / "twitter", [
-        (e.key, data.rgb_png(e.images["twitter"]), data.memory_caption(e)) for e in c["rest"] + c["targets"]])
-    os.environ["RECO_HOME"] = str(work / "home")
-    for var in ("RECO_DATABASE_URL", "RECO_QDRANT_URL", "RECO_BROKER_URL"):
-        os.environ.pop(var, None)
-    rt = Runtime()
-    for i, src in enumerate(sources):
-        build_in_process(rt, f"fold{i}", str(src), backbone=backbone, activate=True)
-    build_in_process(rt, "twitter", str(mem_src), backbone=backbone, activate=True)  # v2 of the runs
+    _, rt = held_out_home(p, home, cache, "crossfit",
+                          lambda unseen: {f"fold{i}": subs for i, subs in enumerate(folds(unseen))}, log)
 
     def scored(name: str, untrained: bool = False) -> np.ndarray:
         """The model's hits on its job's validation fold (the layers at step 0 when `untrained`)."""

@@ -223,15 +223,11 @@ def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
         evalsets = {g: _write_group(corpora / "eval" / f"g{i}", members, p.seed)
                     for i, (g, members) in enumerate(groups.items())}
 
-    os.environ["RECO_HOME"] = str(work / "home")
-    for var in ("RECO_DATABASE_URL", "RECO_QDRANT_URL", "RECO_BROKER_URL"):
-        os.environ.pop(var, None)
     from app.build import build_in_process
     from app.memory import activate
-    from app.runtime import Runtime
     from app.train import create_job, run_training
 
-    rt = Runtime()
+    rt = fresh_runtime(work / "home")
     with timed("memory_build"):
         if pairs_src is not None:
             build_in_process(rt, "pairs", str(pairs_src), backbone=backbone, activate=True)
@@ -293,6 +289,39 @@ def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
         "base_model": base_info, "backbone": backbone, "training": trained,
         "timings_s": {**timed, "total": round(time.perf_counter() - t_start, 1)},
     }
+
+
+def fresh_runtime(home: Path):
+    """The product's runtime on RECO_HOME=home, embedded whatever the caller's environment names."""
+    from app.runtime import Runtime
+
+    os.environ["RECO_HOME"] = str(home)
+    for var in ("RECO_DATABASE_URL", "RECO_QDRANT_URL", "RECO_BROKER_URL"):
+        os.environ.pop(var, None)
+    return Runtime()
+
+
+def held_out_home(p: Protocol, home: Path, cache: Path, name: str, memories, log=print) -> tuple[dict, object]:
+    """(concepts, runtime) for a diagnostic on one seed's split and base (`balance`, `crossfit`): a fresh RECO_HOME
+    under home/runs/NAME-REGIME-sSEED with the memories `memories(unseen)` names ({memory: held-out subcategories},
+    each the facebook drawings of its subcategories, one shard per subcategory, as the runs' `unseen` corpus),
+    then `twitter` (the runs' memory v2: every emoji's twitter drawing)."""
+    from app.build import build_in_process
+
+    c = concepts(p, cache)
+    backbone, _ = base_model(p, home, c, log)
+    work = home / "runs" / f"{name}-{p.regime}-s{p.seed}"
+    shutil.rmtree(work, ignore_errors=True)
+    row = lambda e: (e.key, data.rgb_png(e.images[p.val_vendor]), data.pair_caption(e, p.seed))  # noqa: E731
+    sources = {m: data.write_wds(work / "corpora" / m, [], groups=[
+        [row(e) for e in c["unseen"] if e.subcategory == sub] for sub in subs])
+        for m, subs in memories(c["unseen"]).items()}
+    sources["twitter"] = data.write_wds(work / "corpora" / "twitter", [
+        (e.key, data.rgb_png(e.images["twitter"]), data.memory_caption(e)) for e in c["rest"] + c["targets"]])
+    rt = fresh_runtime(work / "home")
+    for m, src in sources.items():
+        build_in_process(rt, m, str(src), backbone=backbone, activate=True)
+    return c, rt
 
 
 def _write_group(root: Path, members: list, seed: int) -> dict:
