@@ -8,12 +8,14 @@ run with the same seed (base model from the cache) must give the same numbers.
 import itertools
 
 import pytest
+import torch
 
+from app.memory import list_memories
 from benchmarks.emoji import data
 from benchmarks.emoji.balance import BIASES, pooled_grid, target_hits, validation_hits
 from benchmarks.emoji.base import BaseConfig
 from benchmarks.emoji.crossfit import START, fold_hits, folds, pick, recipes
-from benchmarks.emoji.protocol import Protocol, run
+from benchmarks.emoji.protocol import Protocol, fresh_runtime, run
 from benchmarks.emoji.report import markdown
 
 
@@ -43,12 +45,13 @@ def test_catalogue_has_four_vendors_and_names(npm_cache):
 def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("RECO_HOME", str(tmp_path / "unused"))
     p = Protocol(targets=["country-flag"], seed=0, epochs=10, max_targets=30, max_rest=300, ablations=True,
-                 base=BaseConfig(steps=60))
+                 held_vendors=("facebook", "google"), base=BaseConfig(steps=60))
     first = run(p, tmp_path / "home", npm_cache, log=lambda m: None)
     assert set(first["groups"]) == {"country-flag", "dev"}
     h = first["groups"]["country-flag"]["headline"]
     assert h["classes"] == 30
     assert first["base_model"]["cached"] is False
+    assert first["base_model"]["torch_threads"] == torch.get_num_threads()  # what the base's rounding depends on
     assert h["reco_top1"] >= h["baseline_top1"] + 15, first["groups"]["country-flag"]["table"]
     assert h["retrieval_off_top1"] <= h["baseline_top1"] + 7, first["groups"]["country-flag"]["table"]
     assert h["no_target_memory_top1"] <= h["baseline_top1"] + 7, first["groups"]["country-flag"]["table"]
@@ -57,7 +60,8 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
     # the gate trains on the held-out subcategories' facebook drawings, all of them, and keeps its last step
     m = first["training"]["reco"]
     assert m["start"] is None and m["best"]["rule"] == "last" and m["best"]["step"] == m["steps"] > 0
-    assert m["train_pairs"] == first["n_train_pairs"] == first["n_unseen_val_pairs"] and m["val_pairs"] == 0
+    assert m["train_pairs"] == first["n_train_pairs"] == len(p.held_vendors) * first["n_unseen_val_pairs"]
+    assert m["val_pairs"] == 0
     assert all(r["leakage_guard"]["enabled"] for r in [first["groups"]["country-flag"]["eval_run"]])
     # validation: whole subcategories of non-target emoji, reported; the gated fusion, only its gate trained
     val = first["validation_subcategories"]
@@ -75,14 +79,22 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
     assert set(hits) == set(itertools.product(BIASES, repeat=2))
     assert {len(v) for v in hits.values()} == {first["n_unseen_val_pairs"]}
     # the cross-fit on the same split: every held-out drawing scored once, out of its fold, the start's hits
-    # the balance grid's (0, 0) (each drawing told apart among its own subcategory's captions in both)
-    logged = []
-    cf = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append)
-    assert set(cf) == {START, (1e-1, 3)} and {len(v) for v in cf.values()} == {first["n_unseen_val_pairs"]}
+    # the balance grid's (0, 0) (each drawing told apart among its own subcategory's captions in both), whichever
+    # vendors' drawings trained
+    logged, fb, both = [], ("facebook", 1e-1, 3), ("facebook+google", 1e-1, 3)
+    cf = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append,
+                   vendors=("facebook", "facebook+google"))
+    assert set(cf) == {START, fb, both} and {len(v) for v in cf.values()} == {first["n_unseen_val_pairs"]}
     assert cf[START].mean() == pytest.approx(hits[(0.0, 0.0)].mean())
-    (cell,) = recipes([cf])
-    assert cell["minus_start"] == pytest.approx(100 * (cf[(1e-1, 3)].mean() - cf[START].mean()))
-    again = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append, reuse=True)
+    stored = {m["name"]: m["versions"][-1]["items_stored"] for m in list_memories(
+        fresh_runtime(tmp_path / "home" / "runs" / f"crossfit-{p.regime}-s{p.seed}" / "home"))}
+    folds_fb = stored["fold0-facebook"] + stored["fold1-facebook"]
+    assert folds_fb == first["n_unseen_val_pairs"]  # each held-out drawing in one fold: the google ones train too
+    assert stored["fold0-facebook_google"] + stored["fold1-facebook_google"] == 2 * folds_fb
+    cells = {(c["vendors"], c["lr"], c["epochs"]): c for c in recipes([cf])}
+    assert cells[both]["minus_start"] == pytest.approx(100 * (cf[both].mean() - cf[START].mean()))
+    again = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append, reuse=True,
+                      vendors=("facebook", "facebook+google"))
     assert "held-out hits from" in logged[-1] and all((again[k] == cf[k]).all() for k in cf)
     assert hits[(-3.0, -3.0)].mean() < hits[(0.0, 0.0)].mean()  # the query alone: the memory's gain is gone
     cells = {(c["image_bias"], c["text_bias"]): c for c in pooled_grid([hits, hits])}
@@ -117,7 +129,6 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
 
 
 def test_strong_augmentation_keeps_the_white_background():
-    import torch
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     from benchmarks.emoji.base import _augment
@@ -238,6 +249,7 @@ def test_a_run_with_other_settings_never_overwrites_a_default_result():
     assert other == "emoji-absent-query_noise0.5-base_steps60-s0.json"
     assert _result_name(Protocol(regime="rare", batching="random", train_on="all", pair_vendor="facebook")) == \
         "emoji-rare-batchingrandom-train_onall-pair_vendorfacebook-s0.json"
+    assert _result_name(Protocol(held_vendors=("google",))) == "emoji-absent-held_vendorsgoogle-s0.json"
     assert _result_name(Protocol(targets=["animal-mammal+animal-bird"])) == \
         "emoji-absent-animal-mammal_animal-bird-s0.json"
 
@@ -256,8 +268,8 @@ def test_crossfit_folds_split_the_held_out_subcategories_evenly():
 
 
 def test_crossfit_keeps_the_start_unless_a_recipe_clears_one_standard_error():
-    cells = [{"lr": 0.01, "epochs": 40, "minus_start": 2.1, "se": 1.4},
-             {"lr": 0.1, "epochs": 5, "minus_start": 0.7, "se": 1.7}]
+    cells = [{"vendors": "facebook+google", "lr": 0.01, "epochs": 40, "minus_start": 2.1, "se": 1.4},
+             {"vendors": "facebook", "lr": 0.1, "epochs": 5, "minus_start": 0.7, "se": 1.7}]
     assert pick(cells) is cells[0]
     cells[0]["se"] = 2.5  # the highest gain, but within its noise: the start stays
     assert pick(cells) is None

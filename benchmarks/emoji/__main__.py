@@ -31,8 +31,8 @@ from benchmarks.common import log, version, write_result  # noqa: E402
 from benchmarks.emoji import data  # noqa: E402
 from benchmarks.emoji.base import BaseConfig  # noqa: E402
 from app.train import BATCHING, TUNE  # noqa: E402
-from benchmarks.emoji.protocol import (DEFAULT_TARGETS, REGIMES, TRAIN_ON, Protocol, base_model,  # noqa: E402
-                                       concepts, run)
+from benchmarks.emoji.protocol import (DEFAULT_TARGETS, HELD_VENDORS, REGIMES, TRAIN_ON, Protocol,  # noqa: E402
+                                       base_model, concepts, run)
 from benchmarks.emoji.report import markdown, plot, summarize  # noqa: E402
 
 RESULTS = Path("benchmarks/results")
@@ -76,6 +76,9 @@ def main(argv=None) -> int:
                     help="also the paper's plain layer, identity start, cross search, uni fusion and the swap")
     ap.add_argument("--epochs", type=int, default=Protocol.epochs, help="RECO training epochs")
     ap.add_argument("--lr", type=float, default=Protocol.lr, help="RECO training's learning rate")
+    ap.add_argument("--held-vendors", default="+".join(Protocol.held_vendors),
+                    help="'+'-joined vendors whose drawings of the held-out subcategories RECO trains on "
+                         "(--train-on unseen): facebook, google")
     ap.add_argument("--pretrain-steps", type=int, default=BaseConfig.steps, help="base image tower steps")
     ap.add_argument("--augment", choices=("geometric", "strong"), default=BaseConfig.augment,
                     help="base pretraining augmentation (strong adds flips, ink / saturation jitter, grayscale)")
@@ -94,6 +97,9 @@ def main(argv=None) -> int:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
         ap.error(f"--seeds takes integers, e.g. 0,1,2, not {args.seeds!r}")
+    held_vendors = tuple(v for v in args.held_vendors.split("+") if v)
+    if not held_vendors or not set(held_vendors) <= set(HELD_VENDORS):
+        ap.error(f"--held-vendors takes {' and/or '.join(HELD_VENDORS)}, '+'-joined, not {args.held_vendors!r}")
 
     import torch
 
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
     written = []
     for seed in seeds:
         p = Protocol(targets=[t.strip() for t in args.targets.split(",") if t.strip()], regime=args.regime,
-                     seed=seed, epochs=args.epochs, lr=args.lr, unseen_val=args.unseen_val,
+                     seed=seed, epochs=args.epochs, lr=args.lr, held_vendors=held_vendors, unseen_val=args.unseen_val,
                      novel_pairs=args.novel_pairs,
                      query_noise=args.query_noise, batching=args.batching, tune=args.tune, gate=args.gate,
                      val_vendor=args.val_vendor, pair_vendor=args.pair_vendor, train_on=args.train_on,
@@ -140,8 +146,9 @@ def _result_name(p: Protocol) -> str:
     if p.targets != default.targets:
         parts.append("_".join(t.replace("+", "_") for t in p.targets))
     for f in fields(Protocol):
-        if f.name not in ("targets", "regime", "seed", "base") and getattr(p, f.name) != getattr(default, f.name):
-            parts.append(f"{f.name}{getattr(p, f.name)}")
+        value = getattr(p, f.name)
+        if f.name not in ("targets", "regime", "seed", "base") and value != getattr(default, f.name):
+            parts.append(f.name + ("+".join(map(str, value)) if isinstance(value, tuple) else str(value)))
     for f in fields(BaseConfig):
         if getattr(p.base, f.name) != getattr(default.base, f.name):
             parts.append(f"base_{f.name}{getattr(p.base, f.name)}")

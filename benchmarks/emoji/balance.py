@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .protocol import Protocol, _train_cfg, concepts, fresh_runtime, held_out_home, val_subcategories
+from .protocol import (Protocol, _train_cfg, concepts, fresh_runtime, held_out_home, held_out_shards,
+                       val_subcategories)
 from .report import BOOTSTRAP, paired_gains
 
 BIASES = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
@@ -38,7 +39,8 @@ def validation_hits(p: Protocol, home: Path, cache: Path, log=print) -> dict:
     from app.fusion import build
     from app.train import NeighbourCache, create_job, evaluate, fusion_config, load_pairs
 
-    _, rt = held_out_home(p, home, cache, "balance", lambda unseen: {"unseen": val_subcategories(unseen)}, log)
+    _, rt = held_out_home(p, home, cache, "balance", lambda unseen: {
+        "unseen": held_out_shards(val_subcategories(unseen), (p.val_vendor,))}, log)
     cfg = _train_cfg(p, val_pairs=None)
     create_job(rt, "balance", "unseen", "twitter", cfg)  # its job names the data (`target_hits` runs it)
     with rt.db.session() as s:

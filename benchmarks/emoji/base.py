@@ -195,4 +195,6 @@ def _pretrain(config_path: Path, weights_path: Path, cfg: BaseConfig, train: lis
     save_file(state, str(weights_path))
     return {"steps": cfg.steps, "final_loss": float(np.mean(losses[-50:])), "seconds": time.perf_counter() - t0,
             "train_emoji": len(train), "rare_emoji": len(rare), "vendors": list(cfg.vendors), "config": asdict(cfg),
-            "seed": seed}
+            "seed": seed,
+            # float sums round by how work is split over threads: a base pretrained on another count differs
+            "torch_threads": torch.get_num_threads()}

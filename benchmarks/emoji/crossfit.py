@@ -3,13 +3,15 @@ Cross-fitting on non-target data only.
 
     python -m benchmarks.emoji crossfit --regime rare --seeds 0,1,2
 
+    python -m benchmarks.emoji crossfit --vendors facebook,facebook+google   # also google's drawings train
+
 Per seed: the protocol's held-out subcategories (its validation and `dev` concepts) in two folds of about equal
-size. The protocol's gated layers, only the gate learning, are trained with each recipe (lr × epochs, one
-subcategory per batch, the last step kept) on one fold's facebook drawings and scored on the other fold's, each
-drawing told apart among its own subcategory's captions; then the folds swap. Pooled over folds and seeds: each
-recipe's accuracy minus the untrained start's on the same drawings, with a paired bootstrap. `--train-on unseen`
-(the protocol's default) trains the recipe of the highest pooled gain on all the held-out subcategories, so every
-drawing the recipe was judged on was out of its fold's training. No target is read.
+size. The protocol's gated layers, only the gate learning, are trained with each recipe (the vendors whose
+drawings train × lr × epochs, one vendor's drawings of one subcategory per batch, the last step kept) on one fold
+and scored on the other fold's facebook drawings, each told apart among its own subcategory's captions; then the
+folds swap. Pooled over folds and seeds: each recipe's accuracy minus the untrained start's on the same drawings,
+with a paired bootstrap. `--train-on unseen` (the protocol's default) trains the picked recipe on all the held-out
+subcategories, so every drawing the recipe was judged on was out of its fold's training. No target is read.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .protocol import Protocol, _train_cfg, concepts, held_out_home
+from .protocol import HELD_VENDORS, Protocol, _train_cfg, concepts, held_out_home, held_out_shards
 from .report import BOOTSTRAP, paired_gains
 
+VENDORS = ("facebook",)  # sets of HELD_VENDORS, '+'-joined
 LRS = (1e-2, 3e-2, 1e-1)
 EPOCHS = (5, 10, 20, 40)
-START = ("start", 0)
+START = ("start", "", 0)
 
 
 def folds(unseen: list) -> list[list[str]]:
@@ -46,11 +49,13 @@ def _saved(p: Protocol, home: Path) -> Path:
     return home / "runs" / f"crossfit-{p.regime}-s{p.seed}.npz"
 
 
-def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=print, reuse: bool = False) -> dict:
-    """{(lr, epochs): bool per held-out drawing, out of fold} for one seed; START is the untrained start on the
-    same drawings (fold 1's drawings, then fold 0's). Saved beside the seed's run; `reuse` loads a saved seed
-    that holds every recipe asked for (its base cache key must not have changed)."""
-    wanted = [START, *itertools.product(lrs, epochs)]
+def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=print, reuse: bool = False,
+              vendors=VENDORS) -> dict:
+    """{(vendors, lr, epochs): bool per held-out facebook drawing, out of fold} for one seed; START is the untrained
+    start on the same drawings (fold 1's drawings, then fold 0's). `vendors` are '+'-joined sets of vendors whose
+    drawings train. Saved beside the seed's run; `reuse` loads a saved seed that holds every recipe asked for (its
+    base cache key must not have changed)."""
+    wanted = [START, *itertools.product(vendors, lrs, epochs)]
     if reuse and _saved(p, home).is_file():
         with np.load(_saved(p, home), allow_pickle=False) as z:
             saved = {_key(name): z[name] for name in z.files}
@@ -64,8 +69,9 @@ def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=
     from app.fusion import build
     from app.train import NeighbourCache, TrainConfig, create_job, evaluate, fusion_config, load_pairs, run_training
 
-    _, rt = held_out_home(p, home, cache, "crossfit",
-                          lambda unseen: {f"fold{i}": subs for i, subs in enumerate(folds(unseen))}, log)
+    memories = lambda unseen: {_memory(i, v): held_out_shards(subs, v.split("+"))  # noqa: E731
+                               for i, subs in enumerate(folds(unseen)) for v in sorted({p.val_vendor, *vendors})}
+    _, rt = held_out_home(p, home, cache, "crossfit", memories, log)
 
     def scored(name: str, untrained: bool = False) -> np.ndarray:
         """The model's hits on its job's validation fold (the layers at step 0 when `untrained`)."""
@@ -84,13 +90,13 @@ def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=
 
     out: dict = {}
     for train, val in ((0, 1), (1, 0)):
-        for lr, ep in itertools.product(lrs, epochs):
-            name = f"fold{train}-lr{lr:.0e}-e{ep}".replace("+", "").replace(".", "_")
+        for v, lr, ep in itertools.product(vendors, lrs, epochs):
+            name = f"fold{train}-{v}-lr{lr:.0e}-e{ep}".replace("+", "_").replace(".", "_")
             # the protocol's training as `--train-on unseen` runs it; validating on the other fold only records it
-            create_job(rt, name, f"fold{train}", "twitter", _train_cfg(
-                p, lr=lr, epochs=ep, batching="shard", select="last", val_pairs=f"fold{val}"))
+            create_job(rt, name, _memory(train, v), "twitter", _train_cfg(
+                p, lr=lr, epochs=ep, batching="shard", select="last", val_pairs=_memory(val, p.val_vendor)))
             run_training(rt, name, progress=False)
-            out.setdefault((lr, ep), []).append(scored(name))
+            out.setdefault((v, lr, ep), []).append(scored(name))
         out.setdefault(START, []).append(scored(name, untrained=True))
     hits = {key: np.concatenate(parts) for key, parts in out.items()}
     np.savez(_saved(p, home), **{_name(k): v for k, v in hits.items()})
@@ -100,18 +106,25 @@ def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=
     return hits
 
 
+def _memory(fold: int, vendors: str) -> str:
+    return f"fold{fold}-{vendors.replace('+', '_')}"
+
+
 def _name(key) -> str:
-    return "start" if key == START else f"{key[0]!r}_{key[1]}"
+    return "start" if key == START else f"{key[0]}_{key[1]!r}_{key[2]}"
 
 
 def _key(name: str):
-    return START if name == "start" else (float(name.split("_")[0]), int(name.split("_")[1]))
+    if name == "start":
+        return START
+    v, lr, ep = name.split("_")
+    return v, float(lr), int(ep)
 
 
 def recipes(per_seed: list[dict]) -> list[dict]:
     """Per recipe: pooled out-of-fold accuracy, minus the start, with its paired bootstrap 95 % interval."""
-    return [{"lr": key[0], "epochs": key[1], **gain} for key, gain in paired_gains(per_seed, START).items()
-            if key != START]
+    return [{"vendors": key[0], "lr": key[1], "epochs": key[2], **gain}
+            for key, gain in paired_gains(per_seed, START).items() if key != START]
 
 
 def pick(cells: list[dict]) -> dict | None:
@@ -123,17 +136,18 @@ def pick(cells: list[dict]) -> dict | None:
 
 
 def markdown(r: dict) -> str:
-    cells = {(c["lr"], c["epochs"]): c for c in r["recipes"]}
+    cells = {(c["vendors"], c["lr"], c["epochs"]): c for c in r["recipes"]}
+    vendors = sorted({c["vendors"] for c in r["recipes"]}, key=len)
     lrs, eps = sorted({c["lr"] for c in r["recipes"]}), sorted({c["epochs"] for c in r["recipes"]})
     lines = [f"### {r['regime']} regime: held-out subcategories, out-of-fold top-1 minus the untrained start, by "
-             f"recipe (gate only, one subcategory per batch; pooled over seeds {', '.join(map(str, r['seeds']))} "
-             f"and both folds, {r['images']} drawings)", "",
-             "| lr \\ epochs | " + " | ".join(map(str, eps)) + " |", "|" + "---|" * (len(eps) + 1)]
+             f"recipe (gate only, one vendor's drawings of one subcategory per batch; scored on facebook drawings, "
+             f"pooled over seeds {', '.join(map(str, r['seeds']))} and both folds, {r['images']} drawings)", "",
+             "| trained on | lr \\ epochs | " + " | ".join(map(str, eps)) + " |", "|" + "---|" * (len(eps) + 2)]
     cell = lambda c: f"{c['minus_start']:+.1f} [{c['ci95_low']:+.1f}, {c['ci95_high']:+.1f}]"  # noqa: E731
-    for lr in lrs:
-        lines.append(f"| {lr:g} | " + " | ".join(cell(cells[(lr, e)]) for e in eps) + " |")
+    for v, lr in itertools.product(vendors, lrs):
+        lines.append(f"| {v} | {lr:g} | " + " | ".join(cell(cells[(v, lr, e)]) for e in eps) + " |")
     b = r["best"]
-    lines += ["", f"Start: {r['start_top1']:.1f} %. Highest: lr {b['lr']:g}, {b['epochs']} epochs, "
+    lines += ["", f"Start: {r['start_top1']:.1f} %. Highest: {b['vendors']}, lr {b['lr']:g}, {b['epochs']} epochs, "
               f"{b['minus_start']:+.1f} [{b['ci95_low']:+.1f}, {b['ci95_high']:+.1f}], standard error {b['se']:.1f} "
               "(per seed " + ", ".join(f"{a - s:+.1f}" for a, s in zip(b["per_seed"], r["start_per_seed"]))
               + "): " + ("more than one standard error above the start, so `--train-on unseen` trains it"
@@ -149,6 +163,8 @@ def main(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.emoji crossfit", description=__doc__.split("\n")[0])
     ap.add_argument("--regime", choices=("absent", "rare"), default="rare")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--vendors", default=",".join(VENDORS),
+                    help="sets of vendors whose held-out drawings train, comma-separated, each '+'-joined")
     ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="learning rates, comma-separated")
     ap.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="epoch counts, comma-separated")
     ap.add_argument("--home", default=os.environ.get("RECO_BENCH_HOME", ".reco-bench"))
@@ -164,9 +180,12 @@ def main(argv) -> int:
         epochs = [int(x) for x in args.epochs.split(",") if x.strip()]
     except ValueError:
         ap.error("--seeds and --epochs take integers (0,1,2), --lrs numbers (0.01,0.1)")
+    vendors = [v.strip() for v in args.vendors.split(",") if v.strip()]
+    if not all(v and set(v.split("+")) <= set(HELD_VENDORS) for v in vendors):
+        ap.error(f"--vendors takes sets of {' and '.join(HELD_VENDORS)}, '+'-joined, not {args.vendors!r}")
     protocols = [Protocol(regime=args.regime, seed=s, max_rest=args.max_others) for s in seeds]
     home, cache = Path(args.home).resolve(), Path(args.cache)
-    per_seed = [fold_hits(p, home, cache, lrs, epochs, log, reuse=args.reuse) for p in protocols]
+    per_seed = [fold_hits(p, home, cache, lrs, epochs, log, reuse=args.reuse, vendors=vendors) for p in protocols]
     cells = recipes(per_seed)
     start = paired_gains(per_seed, START)[START]
     result = {"benchmark": "emoji crossfit: gate recipes trained on held-out subcategories, scored out of fold",
@@ -175,7 +194,9 @@ def main(argv) -> int:
               "start_per_seed": start["per_seed"], "bootstrap": BOOTSTRAP,
               "folds": {str(p.seed): folds(concepts(p, cache)["unseen"]) for p in protocols},
               "best": max(cells, key=lambda c: c["minus_start"]), "pick": pick(cells), "recipes": cells}
-    out = Path(args.out_dir) / f"emoji-crossfit-{args.regime}{'-reduced' if args.max_others else ''}.json"
+    # a grid over other vendors than the default's gets its own file
+    tag = "-vendors" if tuple(vendors) != VENDORS else ""
+    out = Path(args.out_dir) / f"emoji-crossfit-{args.regime}{tag}{'-reduced' if args.max_others else ''}.json"
     write_result(out, result)
     out.with_suffix(".md").write_text(markdown(result))
     log(markdown(result))
