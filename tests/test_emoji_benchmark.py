@@ -250,6 +250,9 @@ def test_a_run_with_other_settings_never_overwrites_a_default_result():
     assert _result_name(Protocol(regime="rare", batching="random", train_on="all", pair_vendor="facebook")) == \
         "emoji-rare-batchingrandom-train_onall-pair_vendorfacebook-s0.json"
     assert _result_name(Protocol(held_vendors=("google",))) == "emoji-absent-held_vendorsgoogle-s0.json"
+    for bad in (("apple", "google"), ("twitter",), ()):  # a vendor the base or the memory holds, or none
+        with pytest.raises(SystemExit, match="--held-vendors takes facebook and/or google"):
+            Protocol(held_vendors=bad)
     assert _result_name(Protocol(targets=["animal-mammal+animal-bird"])) == \
         "emoji-absent-animal-mammal_animal-bird-s0.json"
 

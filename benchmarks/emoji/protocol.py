@@ -97,7 +97,8 @@ class Protocol:
         if self.train_on not in TRAIN_ON:
             raise SystemExit(f"--train-on must be one of {', '.join(TRAIN_ON)}, not {self.train_on!r}")
         if not self.held_vendors or not set(self.held_vendors) <= set(HELD_VENDORS):
-            raise SystemExit(f"--held-vendors takes {' and/or '.join(HELD_VENDORS)}, not {self.held_vendors!r}")
+            raise SystemExit(f"--held-vendors takes {' and/or '.join(HELD_VENDORS)}, '+'-joined, not "
+                             f"{'+'.join(self.held_vendors)!r}")
         if self.unseen_val <= 0 or self.novel_pairs < 0 or self.unseen_val + self.novel_pairs >= 0.9:
             raise SystemExit("--unseen-val must be > 0, --novel-pairs >= 0, and together below 0.9")
 
