@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import log, version, write_result  # noqa: E402
 from benchmarks.emoji import data  # noqa: E402
+from benchmarks.emoji.args import listed, shared  # noqa: E402
 from benchmarks.emoji.base import BaseConfig  # noqa: E402
 from app.train import BATCHING, TUNE  # noqa: E402
 from benchmarks.emoji.protocol import (DEFAULT_TARGETS, REGIMES, TRAIN_ON, Protocol, base_model,  # noqa: E402
@@ -55,7 +56,6 @@ def main(argv=None) -> int:
                     help="absent: the targets are not in the base's pretraining; rare: they are, rarely")
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                     help="held-out groups, comma-separated; a+b joins subcategories into one group")
-    ap.add_argument("--seeds", default="0", help="seeds, comma-separated: one run (and result file) each")
     ap.add_argument("--novel-pairs", type=float, default=Protocol.novel_pairs,
                     help="share of non-target emoji held like the targets and used as RECO training pairs")
     ap.add_argument("--train-on", choices=TRAIN_ON, default=Protocol.train_on,
@@ -85,18 +85,11 @@ def main(argv=None) -> int:
     ap.add_argument("--unseen-val", type=float, default=Protocol.unseen_val,
                     help="share of non-target emoji kept from the base and the fusion; RECO validates on them")
     ap.add_argument("--max-targets", type=int, default=None, help="keep the first N target emoji (reduced run)")
-    ap.add_argument("--max-others", type=int, default=None, help="keep N non-target emoji (reduced run)")
     ap.add_argument("--base-only", action="store_true",
                     help="only pretrain (or find cached) the base model of each seed, e.g. to warm the cache")
-    ap.add_argument("--home", default=os.environ.get("RECO_BENCH_HOME", ".reco-bench"),
-                    help="where the base model cache and the run's RECO_HOME live")
-    ap.add_argument("--cache", default=str(data.DEFAULT_CACHE), help="npm package cache")
-    ap.add_argument("--out-dir", default=str(RESULTS), help="where the result files go")
+    shared(ap, seeds="0")
     args = ap.parse_args(argv)
-    try:
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    except ValueError:
-        ap.error(f"--seeds takes integers, e.g. 0,1,2, not {args.seeds!r}")
+    seeds = listed(ap, "--seeds", args.seeds)
     held_vendors = tuple(v for v in args.held_vendors.split("+") if v)  # Protocol says what it takes
 
     import torch

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 from pathlib import Path
 
 import numpy as np
 
-from . import data
+from .args import listed, shared
 from .protocol import (Protocol, _train_cfg, concepts, fresh_runtime, held_out_home, held_out_shards,
                        val_subcategories)
 from .report import BOOTSTRAP, paired_gains
@@ -138,19 +137,12 @@ def main(argv) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.emoji balance", description=__doc__.split("\n")[0])
     ap.add_argument("--regime", choices=("absent", "rare"), default="rare")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--home", default=os.environ.get("RECO_BENCH_HOME", ".reco-bench"))
-    ap.add_argument("--cache", default=str(data.DEFAULT_CACHE))
-    ap.add_argument("--max-others", type=int, default=None, help="keep N non-target emoji (reduced run)")
     ap.add_argument("--max-targets", type=int, default=None, help="keep the first N target emoji (reduced run)")
     ap.add_argument("--targets", action="store_true",
                     help="then measure validation's best cell once on the target groups (RECO = that cell)")
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    shared(ap)
     args = ap.parse_args(argv)
-    try:
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    except ValueError:
-        ap.error(f"--seeds takes integers, e.g. 0,1,2, not {args.seeds!r}")
+    seeds = listed(ap, "--seeds", args.seeds)
     protocols = [Protocol(regime=args.regime, seed=s, max_rest=args.max_others, max_targets=args.max_targets)
                  for s in seeds]
     home, cache = Path(args.home).resolve(), Path(args.cache)

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from . import data
-from .protocol import HELD_VENDORS, Protocol, _train_cfg, concepts, held_out_home, held_out_shards
+from .args import listed, shared
+from .protocol import (HELD_VENDORS, Protocol, _train_cfg, concepts, held_out_home, held_out_shards,
+                       held_vendors_ok)
 from .report import BOOTSTRAP, paired_gains
 
 VENDORS = ("facebook",)  # sets of HELD_VENDORS, '+'-joined
@@ -45,8 +45,14 @@ def folds(unseen: list) -> list[list[str]]:
     return [sorted(f) for f in out]
 
 
+def _split(p: Protocol) -> str:
+    """'' for the protocol's concept shares, else '-unseen<share>-novel<share>' (result and save names)."""
+    default = (p.unseen_val, p.novel_pairs) == (Protocol.unseen_val, Protocol.novel_pairs)
+    return "" if default else f"-unseen{p.unseen_val:g}-novel{p.novel_pairs:g}"
+
+
 def _saved(p: Protocol, home: Path) -> Path:
-    return home / "runs" / f"crossfit-{p.regime}-s{p.seed}.npz"
+    return home / "runs" / f"crossfit-{p.regime}{_split(p)}-s{p.seed}.npz"
 
 
 def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=print, reuse: bool = False,
@@ -127,11 +133,10 @@ def recipes(per_seed: list[dict]) -> list[dict]:
             for key, gain in paired_gains(per_seed, START).items() if key != START]
 
 
-def pick(cells: list[dict]) -> dict | None:
-    """The recipe of the highest pooled out-of-fold gain, if that gain is more than one standard error (of the
-    paired bootstrap) above the start; else None: keep the untrained start. `reco train --select 1se`'s rule, over
-    recipes instead of checkpoints."""
-    best = max(cells, key=lambda c: c["minus_start"])
+def pick(best: dict) -> dict | None:
+    """The recipe of the highest pooled out-of-fold gain (`best`), if that gain is more than one standard error (of
+    the paired bootstrap) above the start; else None: keep the untrained start. `reco train --select 1se`'s rule,
+    over recipes instead of checkpoints."""
     return best if best["minus_start"] > best["se"] else None
 
 
@@ -162,40 +167,39 @@ def main(argv) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.emoji crossfit", description=__doc__.split("\n")[0])
     ap.add_argument("--regime", choices=("absent", "rare"), default="rare")
-    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--vendors", default=",".join(VENDORS),
                     help="sets of vendors whose held-out drawings train, comma-separated, each '+'-joined")
     ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="learning rates, comma-separated")
     ap.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="epoch counts, comma-separated")
-    ap.add_argument("--home", default=os.environ.get("RECO_BENCH_HOME", ".reco-bench"))
-    ap.add_argument("--cache", default=str(data.DEFAULT_CACHE))
-    ap.add_argument("--max-others", type=int, default=None, help="keep N non-target emoji (reduced run)")
+    ap.add_argument("--unseen-val", type=float, default=Protocol.unseen_val,
+                    help="share of the non-target emoji held out in whole subcategories (the protocol's option)")
+    ap.add_argument("--novel-pairs", type=float, default=Protocol.novel_pairs,
+                    help="share of the non-target emoji held like the targets (the protocol's option)")
     ap.add_argument("--reuse", action="store_true",
                     help="take a seed's held-out hits saved by an earlier run (under --home) when it has every recipe")
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    shared(ap)
     args = ap.parse_args(argv)
-    try:
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-        lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
-        epochs = [int(x) for x in args.epochs.split(",") if x.strip()]
-    except ValueError:
-        ap.error("--seeds and --epochs take integers (0,1,2), --lrs numbers (0.01,0.1)")
+    seeds, epochs = listed(ap, "--seeds", args.seeds), listed(ap, "--epochs", args.epochs)
+    lrs = listed(ap, "--lrs", args.lrs, float)
     vendors = [v.strip() for v in args.vendors.split(",") if v.strip()]
-    if not all(v and set(v.split("+")) <= set(HELD_VENDORS) for v in vendors):
+    if not vendors or not all(held_vendors_ok(v.split("+")) for v in vendors):
         ap.error(f"--vendors takes sets of {' and '.join(HELD_VENDORS)}, '+'-joined, not {args.vendors!r}")
-    protocols = [Protocol(regime=args.regime, seed=s, max_rest=args.max_others) for s in seeds]
+    protocols = [Protocol(regime=args.regime, seed=s, max_rest=args.max_others, unseen_val=args.unseen_val,
+                          novel_pairs=args.novel_pairs) for s in seeds]
     home, cache = Path(args.home).resolve(), Path(args.cache)
     per_seed = [fold_hits(p, home, cache, lrs, epochs, log, reuse=args.reuse, vendors=vendors) for p in protocols]
     cells = recipes(per_seed)
+    best = max(cells, key=lambda c: c["minus_start"])
     start = paired_gains(per_seed, START)[START]
     result = {"benchmark": "emoji crossfit: gate recipes trained on held-out subcategories, scored out of fold",
               "command": "python -m benchmarks.emoji crossfit " + " ".join(argv), "regime": args.regime,
               "seeds": seeds, "images": int(sum(len(h[START]) for h in per_seed)), "start_top1": start["top1"],
               "start_per_seed": start["per_seed"], "bootstrap": BOOTSTRAP,
               "folds": {str(p.seed): folds(concepts(p, cache)["unseen"]) for p in protocols},
-              "best": max(cells, key=lambda c: c["minus_start"]), "pick": pick(cells), "recipes": cells}
-    # a grid over other vendors than the default's gets its own file
-    tag = "-vendors" if tuple(vendors) != VENDORS else ""
+              "unseen_val": args.unseen_val, "novel_pairs": args.novel_pairs, "best": best, "pick": pick(best),
+              "recipes": cells}
+    # a grid over other vendors than the default's, or other concept shares, gets its own file
+    tag = ("-vendors" if tuple(vendors) != VENDORS else "") + _split(protocols[0])
     out = Path(args.out_dir) / f"emoji-crossfit-{args.regime}{tag}{'-reduced' if args.max_others else ''}.json"
     write_result(out, result)
     out.with_suffix(".md").write_text(markdown(result))

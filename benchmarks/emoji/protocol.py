@@ -52,6 +52,11 @@ DEV = "dev"  # the group of unseen non-target concepts: settings are chosen on i
 VAL_MIN_CLASSES = 15  # a validation subcategory holds at least this many emoji, as a target group does
 
 
+def held_vendors_ok(vendors) -> bool:
+    """Whose drawings of the held-out subcategories may train the gate: some of HELD_VENDORS, none other."""
+    return bool(vendors) and set(vendors) <= set(HELD_VENDORS)
+
+
 @dataclass
 class Protocol:
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -96,7 +101,7 @@ class Protocol:
             raise SystemExit(f"--regime must be one of {', '.join(REGIMES)}, not {self.regime!r}")
         if self.train_on not in TRAIN_ON:
             raise SystemExit(f"--train-on must be one of {', '.join(TRAIN_ON)}, not {self.train_on!r}")
-        if not self.held_vendors or not set(self.held_vendors) <= set(HELD_VENDORS):
+        if not held_vendors_ok(self.held_vendors):
             raise SystemExit(f"--held-vendors takes {' and/or '.join(HELD_VENDORS)}, '+'-joined, not "
                              f"{'+'.join(self.held_vendors)!r}")
         if self.unseen_val <= 0 or self.novel_pairs < 0 or self.unseen_val + self.novel_pairs >= 0.9:
