@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import log, version, write_result  # noqa: E402
 from benchmarks.emoji import data  # noqa: E402
-from benchmarks.emoji.args import listed, shared  # noqa: E402
+from benchmarks.emoji.args import listed, shared, split  # noqa: E402
 from benchmarks.emoji.base import BaseConfig  # noqa: E402
 from app.train import BATCHING, TUNE  # noqa: E402
 from benchmarks.emoji.protocol import (DEFAULT_TARGETS, REGIMES, TRAIN_ON, Protocol, base_model,  # noqa: E402
@@ -56,8 +56,6 @@ def main(argv=None) -> int:
                     help="absent: the targets are not in the base's pretraining; rare: they are, rarely")
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                     help="held-out groups, comma-separated; a+b joins subcategories into one group")
-    ap.add_argument("--novel-pairs", type=float, default=Protocol.novel_pairs,
-                    help="share of non-target emoji held like the targets and used as RECO training pairs")
     ap.add_argument("--train-on", choices=TRAIN_ON, default=Protocol.train_on,
                     help="RECO training pairs: base and novel concepts, base only, or novel only")
     ap.add_argument("--tune", choices=TUNE, default=Protocol.tune, help="reco train --tune")
@@ -82,11 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain-steps", type=int, default=BaseConfig.steps, help="base image tower steps")
     ap.add_argument("--augment", choices=("geometric", "strong"), default=BaseConfig.augment,
                     help="base pretraining augmentation (strong adds flips, ink / saturation jitter, grayscale)")
-    ap.add_argument("--unseen-val", type=float, default=Protocol.unseen_val,
-                    help="share of non-target emoji kept from the base and the fusion; RECO validates on them")
     ap.add_argument("--max-targets", type=int, default=None, help="keep the first N target emoji (reduced run)")
     ap.add_argument("--base-only", action="store_true",
                     help="only pretrain (or find cached) the base model of each seed, e.g. to warm the cache")
+    split(ap)
     shared(ap, seeds="0")
     args = ap.parse_args(argv)
     seeds = listed(ap, "--seeds", args.seeds)

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from . import data
+from .protocol import Protocol
 
 
 def shared(ap: argparse.ArgumentParser, seeds: str = "0,1,2") -> None:
@@ -24,3 +25,11 @@ def listed(ap: argparse.ArgumentParser, flag: str, text: str, kind=int) -> list:
         return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
         ap.error(f"{flag} takes {'integers' if kind is int else 'numbers'}, comma-separated, not {text!r}")
+
+
+def split(ap: argparse.ArgumentParser) -> None:
+    """--unseen-val and --novel-pairs: the seeded concept shares (Protocol's), for the run and the cross-fit."""
+    ap.add_argument("--unseen-val", type=float, default=Protocol.unseen_val,
+                    help="share of the non-target emoji held out in whole subcategories: the gate trains on them")
+    ap.add_argument("--novel-pairs", type=float, default=Protocol.novel_pairs,
+                    help="share of the non-target emoji the base knows as it knows the targets (absent or rare)")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .args import listed, shared
+from .args import listed, shared, split
 from .protocol import (HELD_VENDORS, Protocol, _train_cfg, concepts, held_out_home, held_out_shards,
                        held_vendors_ok)
 from .report import BOOTSTRAP, paired_gains
@@ -171,10 +171,7 @@ def main(argv) -> int:
                     help="sets of vendors whose held-out drawings train, comma-separated, each '+'-joined")
     ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="learning rates, comma-separated")
     ap.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="epoch counts, comma-separated")
-    ap.add_argument("--unseen-val", type=float, default=Protocol.unseen_val,
-                    help="share of the non-target emoji held out in whole subcategories (the protocol's option)")
-    ap.add_argument("--novel-pairs", type=float, default=Protocol.novel_pairs,
-                    help="share of the non-target emoji held like the targets (the protocol's option)")
+    split(ap)
     ap.add_argument("--reuse", action="store_true",
                     help="take a seed's held-out hits saved by an earlier run (under --home) when it has every recipe")
     shared(ap)
