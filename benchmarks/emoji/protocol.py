@@ -80,7 +80,7 @@ class Protocol:
     # round four's 0.15, taken from the novel share, which `--train-on unseen` leaves unused, so the base keeps
     # as many concepts
     unseen_val: float = 0.3
-    novel_pairs: float = 0.05  # share of the non-target emoji held like the targets and used as training pairs
+    novel_pairs: float = 0.05  # share of the non-target emoji held like the targets (pairs for --train-on all/novel)
     query_noise: float = 0.0  # reco train --query-noise
     batching: str = "shard"  # reco train --batching: one subcategory per batch
     # the per-query gate, and only it learns: the retrieval prior stays, training chooses per query how far to
