@@ -29,14 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import log, version, write_result  # noqa: E402
 from benchmarks.emoji import data  # noqa: E402
-from benchmarks.emoji.args import listed, shared, split  # noqa: E402
+from benchmarks.emoji.args import RESULTS, listed, shared, split  # noqa: E402
 from benchmarks.emoji.base import BaseConfig  # noqa: E402
 from app.train import BATCHING, TUNE  # noqa: E402
 from benchmarks.emoji.protocol import (DEFAULT_TARGETS, REGIMES, TRAIN_ON, Protocol, base_model,  # noqa: E402
                                        concepts, run)
 from benchmarks.emoji.report import markdown, plot, summarize  # noqa: E402
-
-RESULTS = Path("benchmarks/results")
 
 
 def main(argv=None) -> int:

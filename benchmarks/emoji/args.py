@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from . import data
 from .protocol import Protocol
+
+RESULTS = Path("benchmarks/results")  # where result files go, relative to the repository root
 
 
 def shared(ap: argparse.ArgumentParser, seeds: str = "0,1,2") -> None:
@@ -16,7 +19,7 @@ def shared(ap: argparse.ArgumentParser, seeds: str = "0,1,2") -> None:
                     help="where the base model cache and the runs' RECO_HOME live")
     ap.add_argument("--cache", default=str(data.DEFAULT_CACHE), help="npm package cache")
     ap.add_argument("--max-others", type=int, default=None, help="keep N non-target emoji (reduced run)")
-    ap.add_argument("--out-dir", default="benchmarks/results", help="where the result files go")
+    ap.add_argument("--out-dir", default=str(RESULTS), help="where the result files go")
 
 
 def listed(ap: argparse.ArgumentParser, flag: str, text: str, kind=int) -> list:
