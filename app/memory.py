@@ -226,13 +226,15 @@ def verify(rt, name: str, version: int | None = None, kind: str = MEMORY) -> Ver
 
 def _store_count(rt, v: MemoryVersion) -> int:
     """Points in the version's collection. A failed build may have left one the engine cannot open (it ran out of
-    disk while creating it): for a failed version that counts as none, the failure is the report."""
+    disk while creating it), and so may a building one whose worker was killed before the engine wrote its first
+    segment: for those it counts as none, the failure or the "not ready" line is the report (a building version's
+    count is not compared)."""
     if not rt.store.exists(v.collection):
         return 0
     try:
         return rt.store.count(v.collection)
     except Exception:
-        if v.status == VersionStatus.FAILED:
+        if v.status in (VersionStatus.FAILED, VersionStatus.BUILDING):
             return 0
         raise
 

@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from app import synthetic
 from app.build import start_build
-from app.db.models import IngestShard, MemoryVersion, utcnow
+from app.db.models import IngestShard, MemoryVersion, VersionStatus, utcnow
 from app.ingest import run_shard
 
 
@@ -291,3 +291,25 @@ def test_storage_options_are_recorded_and_shown(cli_run, wds_corpus, tiny_config
     cli_run("memory", "activate", "q", "1")
     hits = cli_run("memory", "query", "q", "--text", "a red circle", "-k", "3").output  # v1 quantized, searched
     assert hits.count("\n") >= 3
+
+
+def test_verify_reports_a_building_version_whose_store_cannot_be_opened(cli_run, rt, wds_corpus, tiny_config,
+                                                                        monkeypatch):
+    """A worker killed before the engine wrote its first segment leaves a collection that cannot be opened: verify
+    says the version is not ready, where it raised a traceback (seen on CI in tests/test_leases.py)."""
+    from app.memory import verify
+
+    _build(cli_run, "opening", wds_corpus, tiny_config)
+    with rt.db.session() as s:
+        s.query(MemoryVersion).update({MemoryVersion.status: VersionStatus.BUILDING})
+
+    def unopenable(collection):
+        raise RuntimeError("Service runtime error: edge config is not provided and no segments were loaded")
+
+    monkeypatch.setattr(rt.store, "count", unopenable)
+    report = verify(rt, "opening", 1)
+    assert report.store_count == 0 and any(p.startswith("not ready: building") for p in report.problems)
+    with rt.db.session() as s:  # a ready version's unopenable store is still an error, not a zero
+        s.query(MemoryVersion).update({MemoryVersion.status: VersionStatus.READY})
+    with pytest.raises(RuntimeError, match="no segments"):
+        verify(rt, "opening", 1)
