@@ -12,10 +12,11 @@ q + α·Σ softmax(score/τ)·neighbour (query projection zero, value and output
 prior that generalised to unseen concepts in shared/research/emoji-feasibility.md; training moves on from there.
 
 The per-query gate (`gate=True`) decides, for each query, how far to trust the memory: y = 2(1−g)·q + 2g·m, where
-m is the layer's fused memory term and g ∈ [0, 1] a logistic function of the signals in `GATE_FEATURES` (how sure
-and how consistent the retrieval is for this query). Its weights start at zero, so g = 0.5 and the gated layer at
-step 0 is exactly the ungated one (its untrained start). Trained, g rises where the neighbours agree with each
-other and with the query (the memory is then likely right) and falls where they scatter (tests/test_fusion_gate.py).
+m is the layer's fused memory term and g ∈ [0, 1] a logistic function of the signals `FusionConfig.gate_features`
+names (how sure and how consistent the retrieval is for this query, and how near its top-1's rival is: app/gate.py).
+Its weights start at zero, so g = 0.5 and the gated layer at step 0 is exactly the ungated one (its untrained
+start). Trained, g rises where the neighbours agree with each other and with the query (the memory is then likely
+right) and falls where they scatter (tests/test_fusion_gate.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .gate import GATE_FEATURES, gate_names
 
 
 @dataclass
@@ -44,9 +47,11 @@ class FusionConfig:
     # False: every retrieved token is masked, in training and at inference. The paper's Figure 3-left control:
     # the same layers trained the same way, so "more training" is told apart from "retrieval"
     retrieval: bool = True
-    gate: bool = False  # a per-query weight between the query and the memory term (see GATE_FEATURES)
+    gate: bool = False  # a per-query weight between the query and the memory term (app/gate.py)
+    gate_features: tuple[str, ...] = ()  # what the gate sees: app/gate.py's names (empty: GATE_FEATURES)
 
     def __post_init__(self):
+        self.gate_features = gate_names(self.gate_features or GATE_FEATURES)
         if self.heads is None:
             self.heads = max(1, self.dim // 64)
         if self.dim % self.heads:
@@ -58,14 +63,8 @@ class FusionConfig:
         return asdict(self)
 
 
-# What the gate sees, per query, from its present neighbours only (absent ones are masked out): the retrieval scores
-# (top-1, margin to the last, spread), how much the neighbours' fused vectors agree with each other (mean pairwise
-# cosine) and with the top-1's (mean cosine to it), the query's cosine to their mean, and the share present
-GATE_FEATURES = ("top1_score", "margin", "score_std", "agreement", "top1_agreement", "query_to_mean", "present")
-
-
-def gate_features(query, retrieved, scores, mask) -> torch.Tensor:
-    """[B, len(GATE_FEATURES)]; zeros where a query has no neighbour."""
+def gate_features(query, retrieved, scores, mask, names=GATE_FEATURES) -> torch.Tensor:
+    """[B, len(names)] (`GATE_SIGNALS`, in the order asked); zeros where a query has no neighbour."""
     b, k, _ = retrieved.shape
     m = mask.to(retrieved.dtype)
     n = m.sum(1)
@@ -73,18 +72,31 @@ def gate_features(query, retrieved, scores, mask) -> torch.Tensor:
     s = scores.to(retrieved.dtype) if scores is not None else torch.zeros(b, k, dtype=retrieved.dtype,
                                                                             device=retrieved.device)
     low, high = torch.finfo(s.dtype).min, torch.finfo(s.dtype).max
-    top1 = torch.where(n > 0, s.masked_fill(~mask, low).amax(1), torch.zeros_like(n))
+    ranked = s.masked_fill(~mask, low)
+    top1 = torch.where(n > 0, ranked.amax(1), torch.zeros_like(n))
     last = torch.where(n > 0, s.masked_fill(~mask, high).amin(1), torch.zeros_like(n))
     mean = (s * m).sum(1) / safe
     std = (((s - mean[:, None]) ** 2 * m).sum(1) / safe).sqrt()
     r = F.normalize(retrieved, dim=-1) * m[..., None]
     total = r.sum(1)  # [B, D]
     pairs = (n * (n - 1)).clamp(min=1)
-    agreement = ((total * total).sum(1) - n) / pairs
-    first = r[torch.arange(b, device=r.device), s.masked_fill(~mask, low).argmax(1)]  # the top-1's vector
-    top1_agreement = ((first * total).sum(1) - (n > 0).to(r.dtype)) / (n - 1).clamp(min=1)
-    query_to_mean = (F.normalize(query, dim=-1) * F.normalize(total, dim=-1)).sum(1)
-    feats = torch.stack([top1, top1 - last, std, agreement, top1_agreement, query_to_mean, n / k], dim=1)
+    rows = torch.arange(b, device=r.device)
+    i1 = ranked.argmax(1)
+    first = r[rows, i1]  # the top-1's vector
+    second_ranked = ranked.clone()
+    second_ranked[rows, i1] = low
+    i2 = second_ranked.argmax(1)
+    two = (n > 1).to(r.dtype)  # the runner-up's signals are 0 without one
+    unit_query = F.normalize(query, dim=-1)
+    signals = {
+        "top1_score": top1, "margin": top1 - last, "score_std": std,
+        "agreement": ((total * total).sum(1) - n) / pairs,
+        "top1_agreement": ((first * total).sum(1) - (n > 0).to(r.dtype)) / (n - 1).clamp(min=1),
+        "query_to_mean": (unit_query * F.normalize(total, dim=-1)).sum(1), "present": n / k,
+        "runner_up_gap": (top1 - s[rows, i2]) * two, "runner_up_agreement": (first * r[rows, i2]).sum(1) * two,
+        "query_to_top1": (unit_query * first).sum(1),
+    }
+    feats = torch.stack([signals[x] for x in names], dim=1)
     return feats * (n > 0).to(feats.dtype)[:, None]
 
 
@@ -121,7 +133,7 @@ class FusionLayer(nn.Module):
         self.gate = None
         if cfg.gate:  # drawn outside the global generator: every other parameter starts as without the gate
             with torch.random.fork_rng(devices=[]):
-                self.gate = nn.Linear(len(GATE_FEATURES), 1)
+                self.gate = nn.Linear(len(cfg.gate_features), 1)
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
 
@@ -133,7 +145,7 @@ class FusionLayer(nn.Module):
             mask = torch.ones(retrieved.shape[:2], dtype=torch.bool, device=retrieved.device)
         if not self.cfg.retrieval:
             mask = torch.zeros_like(mask)
-        return torch.sigmoid(self.gate(gate_features(query, retrieved, scores, mask)))[:, 0]
+        return torch.sigmoid(self.gate(gate_features(query, retrieved, scores, mask, self.cfg.gate_features)))[:, 0]
 
     def forward(self, query, retrieved, scores=None, mask=None):
         b, k, d = retrieved.shape
@@ -165,7 +177,7 @@ class FusionLayer(nn.Module):
         if self.gate is None:
             y = q_tok + memory
         else:  # at g = 0.5 both factors are exactly 1: the ungated sum
-            g = torch.sigmoid(self.gate(gate_features(query, retrieved, scores, mask)))
+            g = torch.sigmoid(self.gate(gate_features(query, retrieved, scores, mask, self.cfg.gate_features)))
             y = 2 * (1 - g) * q_tok + 2 * g * memory
         y = y + self.drop(self.mlp(self.ln2(y)))
         return F.normalize(y, dim=-1)

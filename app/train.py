@@ -23,6 +23,7 @@ from . import __version__, checkpoint, device_search
 from .caches import cache_dir, open_dir
 from .db.models import FusionModel, ModelStatus, VersionStatus, utcnow
 from .errors import NotFound, RecoError
+from .gate import gate_names
 from .names import check_name, parse_memory_ref  # noqa: F401 (train.parse_memory_ref: used by others)
 from .retrieval import modes, search_hits
 
@@ -76,6 +77,8 @@ class TrainConfig:
     batching: str = "random"
     tune: str = "all"  # which parameters learn: all, attention, scalars or gate (see app/fusion.py param_groups)
     gate: bool = False  # a learned per-query weight between the query and the memory term (app/fusion.py)
+    # what the gate sees: a set of app/fusion.py's GATE_SETS (scores, rivals) or signal names, comma-separated
+    gate_features: str = "scores"
     # validation batches: None as `batching`; "shard": one batch per shard of the validation pairs, so each image
     # is told apart among its own group's captions (a fine-grained set per shard, as targets are classified among
     # their own names) instead of among unrelated concepts that coarse kind already separates
@@ -100,6 +103,10 @@ class TrainConfig:
             raise RecoError(f"--val-batching must be one of {', '.join(BATCHING)}, not {self.val_batching!r}")
         if self.tune == "gate" and not self.gate:
             raise RecoError("--tune gate trains only the per-query gate: add --gate")
+        try:
+            gate_names(self.gate_features)
+        except ValueError as e:
+            raise RecoError(f"--gate-features: {e}") from None
         if self.precision not in PRECISIONS:
             raise RecoError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.query_noise < 0:
@@ -712,7 +719,8 @@ def fusion_config(cfg: TrainConfig, dim: int):
 
     return FusionConfig(dim=dim, k=cfg.k, heads=cfg.heads, dropout=cfg.dropout,
                         neighbour_dropout=cfg.neighbour_dropout, use_rank=cfg.use_rank, use_score=cfg.use_score,
-                        init=cfg.init, score_scale_init=cfg.score_scale, retrieval=cfg.retrieval, gate=cfg.gate)
+                        init=cfg.init, score_scale_init=cfg.score_scale, retrieval=cfg.retrieval, gate=cfg.gate,
+                        gate_features=gate_names(cfg.gate_features))
 
 
 def run_training(rt, name: str, progress: bool = True,

@@ -81,20 +81,22 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
     # the cross-fit on the same split: every held-out drawing scored once, out of its fold, the start's hits
     # the balance grid's (0, 0) (each drawing told apart among its own subcategory's captions in both), whichever
     # vendors' drawings trained
-    logged, fb, both = [], ("facebook", 1e-1, 3), ("facebook+google", 1e-1, 3)
+    logged, fb, both = [], ("facebook", 1e-1, 3, "scores"), ("facebook+google", 1e-1, 3, "scores")
+    rivals = ("facebook", 1e-1, 3, "rivals")  # the gate sees the top-1's rival too
     cf = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append,
-                   vendors=("facebook", "facebook+google"))
-    assert set(cf) == {START, fb, both} and {len(v) for v in cf.values()} == {first["n_unseen_val_pairs"]}
+                   vendors=("facebook", "facebook+google"), features=("scores", "rivals"))
+    assert set(cf) == {START, fb, both, rivals, ("facebook+google", 1e-1, 3, "rivals")}
+    assert {len(v) for v in cf.values()} == {first["n_unseen_val_pairs"]}
     assert cf[START].mean() == pytest.approx(hits[(0.0, 0.0)].mean())
     stored = {m["name"]: m["versions"][-1]["items_stored"] for m in list_memories(
         fresh_runtime(tmp_path / "home" / "runs" / f"crossfit-{p.regime}-s{p.seed}" / "home"))}
     folds_fb = stored["fold0-facebook"] + stored["fold1-facebook"]
     assert folds_fb == first["n_unseen_val_pairs"]  # each held-out drawing in one fold: the google ones train too
     assert stored["fold0-facebook_google"] + stored["fold1-facebook_google"] == 2 * folds_fb
-    cells = {(c["vendors"], c["lr"], c["epochs"]): c for c in recipes([cf])}
+    cells = {(c["vendors"], c["lr"], c["epochs"], c["features"]): c for c in recipes([cf])}
     assert cells[both]["minus_start"] == pytest.approx(100 * (cf[both].mean() - cf[START].mean()))
     again = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append, reuse=True,
-                      vendors=("facebook", "facebook+google"))
+                      vendors=("facebook", "facebook+google"), features=("scores", "rivals"))
     assert "held-out hits from" in logged[-1] and all((again[k] == cf[k]).all() for k in cf)
     assert hits[(-3.0, -3.0)].mean() < hits[(0.0, 0.0)].mean()  # the query alone: the memory's gain is gone
     cells = {(c["image_bias"], c["text_bias"]): c for c in pooled_grid([hits, hits])}

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.fusion import GATE_FEATURES, FusionConfig, build, gate_features, info_nce, param_groups
+from app.fusion import FusionConfig, build, gate_features, info_nce, param_groups
+from app.gate import GATE_FEATURES, GATE_SETS, GATE_SIGNALS, gate_names
 from tests.test_train import memory  # noqa: F401 (the fixture)
 
 D, K = 32, 6
@@ -24,9 +25,11 @@ def _inputs(b=16, seed=0):
     return q, r, s, mask
 
 
-@pytest.mark.parametrize("init", ["retrieval", "identity"])
-def test_a_gated_model_at_step_0_is_the_ungated_untrained_start_exactly(init):
-    plain, gated = (build(FusionConfig(dim=D, k=K, init=init, gate=g), 7) for g in (False, True))
+@pytest.mark.parametrize("init,features", [("retrieval", "scores"), ("identity", "scores"), ("retrieval", "rivals")])
+def test_a_gated_model_at_step_0_is_the_ungated_untrained_start_exactly(init, features):
+    plain, gated = (build(FusionConfig(dim=D, k=K, init=init, gate=g, gate_features=features), 7)
+                    for g in (False, True))
+    assert gated.image.gate.in_features == len(GATE_SETS[features])
     for key, value in plain.state_dict().items():  # the gate takes nothing from the others' random start
         assert torch.equal(value, gated.state_dict()[key]), key
     q, r, s, mask = _inputs()
@@ -55,6 +58,36 @@ def test_gate_features_see_scores_and_agreement_of_present_neighbours_only():
     r2 = r.clone()
     r2[~mask] = 100.0
     torch.testing.assert_close(gate_features(q, r2, s, mask), f)
+    torch.testing.assert_close(gate_features(q, r2, s, mask, GATE_SIGNALS), gate_features(q, r, s, mask, GATE_SIGNALS))
+
+
+def test_rival_signals_measure_the_top_1_against_its_runner_up():
+    """The "rivals" set adds the look-alike beside the top-1: its score gap, whether it says the same, and whether
+    the top-1's vector fits the query; with one neighbour (no runner-up) the first two are 0."""
+    q, r, s, mask = _inputs()
+    f = gate_features(q, r, s, mask, GATE_SETS["rivals"])
+    col = {name: i for i, name in enumerate(GATE_SETS["rivals"])}
+    torch.testing.assert_close(f[:, :len(GATE_FEATURES)], gate_features(q, r, s, mask))  # the scores set, first
+    assert f[1, col["runner_up_gap"]] == 0 and f[1, col["runner_up_agreement"]] == 0
+    unit = F.normalize(r, dim=-1)
+    for i in range(2, 16):
+        present = mask[i].nonzero()[:, 0]  # scores are sorted: the first two present are the top-1 and runner-up
+        if len(present) < 2:
+            continue
+        a, b = present[:2]
+        torch.testing.assert_close(f[i, col["runner_up_gap"]], s[i, a] - s[i, b])
+        torch.testing.assert_close(f[i, col["runner_up_agreement"]], unit[i, a] @ unit[i, b])
+        torch.testing.assert_close(f[i, col["query_to_top1"]], F.normalize(q[i], dim=-1) @ unit[i, a])
+
+
+def test_gate_features_are_a_set_or_known_names_and_old_models_see_the_scores():
+    assert gate_names("rivals") == GATE_SIGNALS and gate_names("margin, present") == ("margin", "present")
+    for bad in ("bogus", "margin,margin", ""):
+        with pytest.raises(ValueError, match="gate features take a set"):
+            gate_names(bad)
+    # a model saved before the field existed (its stored config has no gate_features) sees round six's signals
+    assert FusionConfig(dim=D, gate=True).gate_features == GATE_FEATURES == GATE_SETS["scores"]
+    assert FusionConfig(dim=D, gate=True, gate_features=["margin"]).gate_features == ("margin",)  # from JSON
 
 
 def _task(n, gen):
@@ -126,14 +159,16 @@ def test_train_cli_gate_and_shard_validation(cli_run, rt, memory, tmp_path, tiny
     build_memory(rt, "val", tmp_path / "val", tiny_config)
     common = ["--pairs", "mem", "--memory", "mem", "-k", "5", "--epochs", "2", "--batch-size", "64",
               "--val-pairs", "val", "--select", "1se", "--val-batching", "shard"]
-    cli_run("train", "gated", *common, "--gate", "--tune", "gate")
+    cli_run("train", "gated", *common, "--gate", "--tune", "gate", "--gate-features", "rivals")
     cli_run("train", "plain", *common)
     shown = json.loads(cli_run("model", "show", "gated", "--json").stdout)
     assert shown["train"]["gate"] is True and shown["train"]["tune"] == "gate"
+    assert shown["train"]["gate_features"] == "rivals"
     assert shown["train"]["val_batching"] == "shard" and shown["metrics"]["val_pairs"] == 36
     gated = RecoEncoder.load("gated", runtime=rt, load_backbone=False, checkpoint="start")
     plain = RecoEncoder.load("plain", runtime=rt, load_backbone=False, checkpoint="start")
     assert gated.fusion.image.gate is not None and plain.fusion.image.gate is None
+    assert gated.fusion.cfg.gate_features == GATE_SIGNALS and gated.fusion.text.gate.in_features == len(GATE_SIGNALS)
     for key, value in plain.fusion.state_dict().items():
         assert torch.equal(value, gated.fusion.state_dict()[key]), key
     with rt.db.session() as s:
@@ -146,3 +181,5 @@ def test_train_cli_gate_and_shard_validation(cli_run, rt, memory, tmp_path, tiny
     assert all(len({val.shards[i] for i in b}) == 1 for b in batches)
     bad = cli_run("train", "bad", "--pairs", "mem", "--memory", "mem", "--tune", "gate", ok=False)
     assert bad.exit_code != 0 and "add --gate" in bad.output
+    bad = cli_run("train", "bad", *common, "--gate", "--gate-features", "top1_score,bogus", ok=False)
+    assert bad.exit_code != 0 and "--gate-features: gate features take a set (scores, rivals)" in bad.output

@@ -31,6 +31,7 @@ from benchmarks.common import log, version, write_result  # noqa: E402
 from benchmarks.emoji import data  # noqa: E402
 from benchmarks.emoji.args import RESULTS, listed, shared, split  # noqa: E402
 from benchmarks.emoji.base import BaseConfig  # noqa: E402
+from app.gate import GATE_SETS  # noqa: E402
 from app.train import BATCHING, TUNE  # noqa: E402
 from benchmarks.emoji.protocol import (DEFAULT_TARGETS, REGIMES, TRAIN_ON, Protocol, base_model,  # noqa: E402
                                        concepts, run)
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", choices=TUNE, default=Protocol.tune, help="reco train --tune")
     ap.add_argument("--gate", action=argparse.BooleanOptionalAction, default=Protocol.gate,
                     help="reco train --gate: the per-query gate between query and memory")
+    ap.add_argument("--gate-features", choices=tuple(GATE_SETS), default=Protocol.gate_features,
+                    help="reco train --gate-features: what the gate sees")
     ap.add_argument("--batching", choices=BATCHING, default=Protocol.batching,
                     help="reco train --batching")
     ap.add_argument("--query-noise", type=float, default=Protocol.query_noise, help="reco train --query-noise")
@@ -96,6 +99,7 @@ def main(argv=None) -> int:
                      seed=seed, epochs=args.epochs, lr=args.lr, held_vendors=held_vendors, unseen_val=args.unseen_val,
                      novel_pairs=args.novel_pairs,
                      query_noise=args.query_noise, batching=args.batching, tune=args.tune, gate=args.gate,
+                     gate_features=args.gate_features,
                      val_vendor=args.val_vendor, pair_vendor=args.pair_vendor, train_on=args.train_on,
                      max_targets=args.max_targets,
                      max_rest=args.max_others,

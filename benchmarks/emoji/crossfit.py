@@ -5,13 +5,16 @@ Cross-fitting on non-target data only.
 
     python -m benchmarks.emoji crossfit --vendors facebook,facebook+google   # also google's drawings train
 
+    python -m benchmarks.emoji crossfit --features scores,rivals   # what the gate sees (app/gate.py's sets)
+
 Per seed: the protocol's held-out subcategories (its validation and `dev` concepts) in two folds of about equal
 size. The protocol's gated layers, only the gate learning, are trained with each recipe (the vendors whose
-drawings train × lr × epochs, one vendor's drawings of one subcategory per batch, the last step kept) on one fold
-and scored on the other fold's facebook drawings, each told apart among its own subcategory's captions; then the
-folds swap. Pooled over folds and seeds: each recipe's accuracy minus the untrained start's on the same drawings,
-with a paired bootstrap. `--train-on unseen` (the protocol's default) trains the picked recipe on all the held-out
-subcategories, so every drawing the recipe was judged on was out of its fold's training. No target is read.
+drawings train × lr × epochs × what the gate sees; one vendor's drawings of one subcategory per batch, the last step
+kept) on one fold and scored on the other fold's facebook drawings, each told apart among its own subcategory's
+captions; then the folds swap. Pooled over folds and seeds: each recipe's accuracy minus the untrained start's on
+the same drawings, with a paired bootstrap. `--train-on unseen` (the protocol's default) trains the picked recipe on
+all the held-out subcategories, so every drawing the recipe was judged on was out of its fold's training. No target
+is read.
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
+from app.gate import GATE_SETS
+
 from .args import listed, shared, split
 from .protocol import (HELD_VENDORS, Protocol, _train_cfg, concepts, held_out_home, held_out_shards,
                        held_vendors_ok)
 from .report import BOOTSTRAP, paired_gains
 
 VENDORS = ("facebook",)  # sets of HELD_VENDORS, '+'-joined
+FEATURES = ("scores",)  # app/gate.py's GATE_SETS
 LRS = (1e-2, 3e-2, 1e-1)
 EPOCHS = (5, 10, 20, 40)
-START = ("start", "", 0)
+START = ("start", "", 0, "")
 
 
 def folds(unseen: list) -> list[list[str]]:
@@ -56,12 +62,12 @@ def _saved(p: Protocol, home: Path) -> Path:
 
 
 def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=print, reuse: bool = False,
-              vendors=VENDORS) -> dict:
-    """{(vendors, lr, epochs): bool per held-out facebook drawing, out of fold} for one seed; START is the untrained
-    start on the same drawings (fold 1's drawings, then fold 0's). `vendors` are '+'-joined sets of vendors whose
-    drawings train. Saved beside the seed's run; `reuse` loads a saved seed that holds every recipe asked for (its
-    base cache key must not have changed)."""
-    wanted = [START, *itertools.product(vendors, lrs, epochs)]
+              vendors=VENDORS, features=FEATURES) -> dict:
+    """{(vendors, lr, epochs, features): bool per held-out facebook drawing, out of fold} for one seed; START is the
+    untrained start on the same drawings (fold 1's drawings, then fold 0's). `vendors` are '+'-joined sets of vendors
+    whose drawings train, `features` names of app/gate.py's sets (what the gate sees). Saved beside the seed's run;
+    `reuse` loads a saved seed that holds every recipe asked for (its base cache key must not have changed)."""
+    wanted = [START, *itertools.product(vendors, lrs, epochs, features)]
     if reuse and _saved(p, home).is_file():
         with np.load(_saved(p, home), allow_pickle=False) as z:
             saved = {_key(name): z[name] for name in z.files}
@@ -96,13 +102,15 @@ def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=
 
     out: dict = {}
     for train, val in ((0, 1), (1, 0)):
-        for v, lr, ep in itertools.product(vendors, lrs, epochs):
-            name = f"fold{train}-{v}-lr{lr:.0e}-e{ep}".replace("+", "_").replace(".", "_")
+        for v, lr, ep, feats in itertools.product(vendors, lrs, epochs, features):
+            name = f"fold{train}-{v}-lr{lr:.0e}-e{ep}{'' if feats == 'scores' else '-' + feats}"
+            name = name.replace("+", "_").replace(".", "_")
             # the protocol's training as `--train-on unseen` runs it; validating on the other fold only records it
             create_job(rt, name, _memory(train, v), "twitter", _train_cfg(
-                p, lr=lr, epochs=ep, batching="shard", select="last", val_pairs=_memory(val, p.val_vendor)))
+                p, lr=lr, epochs=ep, batching="shard", select="last", val_pairs=_memory(val, p.val_vendor),
+                gate_features=feats))
             run_training(rt, name, progress=False)
-            out.setdefault((v, lr, ep), []).append(scored(name))
+            out.setdefault((v, lr, ep, feats), []).append(scored(name))
         out.setdefault(START, []).append(scored(name, untrained=True))
     hits = {key: np.concatenate(parts) for key, parts in out.items()}
     np.savez(_saved(p, home), **{_name(k): v for k, v in hits.items()})
@@ -117,19 +125,19 @@ def _memory(fold: int, vendors: str) -> str:
 
 
 def _name(key) -> str:
-    return "start" if key == START else f"{key[0]}_{key[1]!r}_{key[2]}"
+    return "start" if key == START else f"{key[0]}_{key[1]!r}_{key[2]}_{key[3]}"
 
 
 def _key(name: str):
     if name == "start":
         return START
-    v, lr, ep = name.split("_")
-    return v, float(lr), int(ep)
+    v, lr, ep, *feats = name.split("_")  # saved before round seven: no features, so the gate saw "scores"
+    return v, float(lr), int(ep), feats[0] if feats else "scores"
 
 
 def recipes(per_seed: list[dict]) -> list[dict]:
     """Per recipe: pooled out-of-fold accuracy, minus the start, with its paired bootstrap 95 % interval."""
-    return [{"vendors": key[0], "lr": key[1], "epochs": key[2], **gain}
+    return [{"vendors": key[0], "lr": key[1], "epochs": key[2], "features": key[3], **gain}
             for key, gain in paired_gains(per_seed, START).items() if key != START]
 
 
@@ -141,18 +149,22 @@ def pick(best: dict) -> dict | None:
 
 
 def markdown(r: dict) -> str:
-    cells = {(c["vendors"], c["lr"], c["epochs"]): c for c in r["recipes"]}
+    feats = lambda c: c.get("features", "scores")  # noqa: E731 (a result from before round seven: scores)
+    cells = {(c["vendors"], feats(c), c["lr"], c["epochs"]): c for c in r["recipes"]}
     vendors = sorted({c["vendors"] for c in r["recipes"]}, key=len)
+    sets = sorted({feats(c) for c in r["recipes"]}, key=list(GATE_SETS).index)
     lrs, eps = sorted({c["lr"] for c in r["recipes"]}), sorted({c["epochs"] for c in r["recipes"]})
     lines = [f"### {r['regime']} regime: held-out subcategories, out-of-fold top-1 minus the untrained start, by "
              f"recipe (gate only, one vendor's drawings of one subcategory per batch; scored on facebook drawings, "
              f"pooled over seeds {', '.join(map(str, r['seeds']))} and both folds, {r['images']} drawings)", "",
-             "| trained on | lr \\ epochs | " + " | ".join(map(str, eps)) + " |", "|" + "---|" * (len(eps) + 2)]
+             "| trained on | gate sees | lr \\ epochs | " + " | ".join(map(str, eps)) + " |",
+             "|" + "---|" * (len(eps) + 3)]
     cell = lambda c: f"{c['minus_start']:+.1f} [{c['ci95_low']:+.1f}, {c['ci95_high']:+.1f}]"  # noqa: E731
-    for v, lr in itertools.product(vendors, lrs):
-        lines.append(f"| {v} | {lr:g} | " + " | ".join(cell(cells[(v, lr, e)]) for e in eps) + " |")
+    for v, f, lr in itertools.product(vendors, sets, lrs):
+        lines.append(f"| {v} | {f} | {lr:g} | " + " | ".join(cell(cells[(v, f, lr, e)]) for e in eps) + " |")
     b = r["best"]
-    lines += ["", f"Start: {r['start_top1']:.1f} %. Highest: {b['vendors']}, lr {b['lr']:g}, {b['epochs']} epochs, "
+    lines += ["", f"Start: {r['start_top1']:.1f} %. Highest: {b['vendors']}, gate sees {feats(b)}, lr {b['lr']:g}, "
+              f"{b['epochs']} epochs, "
               f"{b['minus_start']:+.1f} [{b['ci95_low']:+.1f}, {b['ci95_high']:+.1f}], standard error {b['se']:.1f} "
               "(per seed " + ", ".join(f"{a - s:+.1f}" for a, s in zip(b["per_seed"], r["start_per_seed"]))
               + "): " + ("more than one standard error above the start, so `--train-on unseen` trains it"
@@ -169,6 +181,8 @@ def main(argv) -> int:
     ap.add_argument("--regime", choices=("absent", "rare"), default="rare")
     ap.add_argument("--vendors", default=",".join(VENDORS),
                     help="sets of vendors whose held-out drawings train, comma-separated, each '+'-joined")
+    ap.add_argument("--features", default=",".join(FEATURES),
+                    help=f"what the gate sees: sets of app/gate.py ({', '.join(GATE_SETS)}), comma-separated")
     ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="learning rates, comma-separated")
     ap.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="epoch counts, comma-separated")
     split(ap)
@@ -181,10 +195,14 @@ def main(argv) -> int:
     vendors = [v.strip() for v in args.vendors.split(",") if v.strip()]
     if not vendors or not all(held_vendors_ok(v.split("+")) for v in vendors):
         ap.error(f"--vendors takes sets of {' and '.join(HELD_VENDORS)}, '+'-joined, not {args.vendors!r}")
+    features = [f.strip() for f in args.features.split(",") if f.strip()]
+    if not features or not set(features) <= set(GATE_SETS):
+        ap.error(f"--features takes {', '.join(GATE_SETS)}, comma-separated, not {args.features!r}")
     protocols = [Protocol(regime=args.regime, seed=s, max_rest=args.max_others, unseen_val=args.unseen_val,
                           novel_pairs=args.novel_pairs) for s in seeds]
     home, cache = Path(args.home).resolve(), Path(args.cache)
-    per_seed = [fold_hits(p, home, cache, lrs, epochs, log, reuse=args.reuse, vendors=vendors) for p in protocols]
+    per_seed = [fold_hits(p, home, cache, lrs, epochs, log, reuse=args.reuse, vendors=vendors, features=features)
+                for p in protocols]
     cells = recipes(per_seed)
     best = max(cells, key=lambda c: c["minus_start"])
     start = paired_gains(per_seed, START)[START]
@@ -195,8 +213,9 @@ def main(argv) -> int:
               "folds": {str(p.seed): folds(concepts(p, cache)["unseen"]) for p in protocols},
               "unseen_val": args.unseen_val, "novel_pairs": args.novel_pairs, "best": best, "pick": pick(best),
               "recipes": cells}
-    # a grid over other vendors than the default's, or other concept shares, gets its own file
-    tag = ("-vendors" if tuple(vendors) != VENDORS else "") + _split(protocols[0])
+    # a grid over other vendors or gate features than the default's, or other concept shares, gets its own file
+    tag = ("-vendors" if tuple(vendors) != VENDORS else "") + ("-features" if tuple(features) != FEATURES else "") \
+        + _split(protocols[0])
     out = Path(args.out_dir) / f"emoji-crossfit-{args.regime}{tag}{'-reduced' if args.max_others else ''}.json"
     write_result(out, result)
     out.with_suffix(".md").write_text(markdown(result))
