@@ -77,7 +77,7 @@ class TrainConfig:
     batching: str = "random"
     tune: str = "all"  # which parameters learn: all, attention, scalars or gate (see app/fusion.py param_groups)
     gate: bool = False  # a learned per-query weight between the query and the memory term (app/fusion.py)
-    # what the gate sees: a set of app/fusion.py's GATE_SETS (scores, rivals) or signal names, comma-separated
+    # what the gate sees: a set of app/gate.py's GATE_SETS (scores, rivals) or signal names, comma-separated
     gate_features: str = "scores"
     # validation batches: None as `batching`; "shard": one batch per shard of the validation pairs, so each image
     # is told apart among its own group's captions (a fine-grained set per shard, as targets are classified among

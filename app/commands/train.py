@@ -58,7 +58,7 @@ from .common import val_line, warn_without_workers
 @click.option("--gate-features", default="scores", show_default=True,
               help="What the gate sees: scores (retrieval scores and neighbour agreement), rivals (also the top-1's "
               "gap to and agreement with the runner-up, and the query's cosine to the top-1), or signal names, "
-              "comma-separated (app/fusion.py GATE_SIGNALS).")
+              "comma-separated (app/gate.py GATE_SIGNALS).")
 @click.option("--batching", type=click.Choice(["random", "similar", "shard"]), default="random", show_default=True,
               help="similar: each batch is a group of pairs with near captions, so in-batch negatives are hard. "
               "shard: each batch is one shard of the pairs (in chunks of --batch-size), for pairs written one "
