@@ -48,7 +48,8 @@ class FusionConfig:
     # the same layers trained the same way, so "more training" is told apart from "retrieval"
     retrieval: bool = True
     gate: bool = False  # a per-query weight between the query and the memory term (app/gate.py)
-    gate_features: tuple[str, ...] = ()  # what the gate sees: app/gate.py's names (empty: GATE_FEATURES)
+    # what the gate sees: app/gate.py's names, or a set's name (resolved to its names); empty: GATE_FEATURES
+    gate_features: tuple[str, ...] | str = ()
 
     def __post_init__(self):
         self.gate_features = gate_names(self.gate_features or GATE_FEATURES)

@@ -720,7 +720,7 @@ def fusion_config(cfg: TrainConfig, dim: int):
     return FusionConfig(dim=dim, k=cfg.k, heads=cfg.heads, dropout=cfg.dropout,
                         neighbour_dropout=cfg.neighbour_dropout, use_rank=cfg.use_rank, use_score=cfg.use_score,
                         init=cfg.init, score_scale_init=cfg.score_scale, retrieval=cfg.retrieval, gate=cfg.gate,
-                        gate_features=gate_names(cfg.gate_features))
+                        gate_features=cfg.gate_features)
 
 
 def run_training(rt, name: str, progress: bool = True,
