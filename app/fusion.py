@@ -14,9 +14,11 @@ prior that generalised to unseen concepts in shared/research/emoji-feasibility.m
 The per-query gate (`gate=True`) decides, for each query, how far to trust the memory: y = 2(1−g)·q + 2g·m, where
 m is the layer's fused memory term and g ∈ [0, 1] a logistic function of the signals `FusionConfig.gate_features`
 names (how sure and how consistent the retrieval is for this query, and how near its top-1's rival is: app/gate.py).
-Its weights start at zero, so g = 0.5 and the gated layer at step 0 is exactly the ungated one (its untrained
-start). Trained, g rises where the neighbours agree with each other and with the query (the memory is then likely
-right) and falls where they scatter (tests/test_fusion_gate.py).
+With `gate_temperature` a second linear read of the same signals, z, also sets how sharply this query's memory
+term follows its top-1: the score softmax's scale is multiplied by e^z (a near tie can average its look-alikes'
+votes, a clear match keep only its own). Its weights start at zero, so g = 0.5, e^z = 1 and the gated layer at
+step 0 is exactly the ungated one (its untrained start). Trained, g rises where the neighbours agree with each other
+and with the query (the memory is then likely right) and falls where they scatter (tests/test_fusion_gate.py).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class FusionConfig:
     gate: bool = False  # a per-query weight between the query and the memory term (app/gate.py)
     # what the gate sees: app/gate.py's names, or a set's name (resolved to its names); empty: GATE_FEATURES
     gate_features: tuple[str, ...] | str = ()
+    # the gate also scales, per query, the score softmax's sharpness (needs `gate`; False in models saved before it)
+    gate_temperature: bool = False
 
     def __post_init__(self):
         self.gate_features = gate_names(self.gate_features or GATE_FEATURES)
@@ -57,6 +61,8 @@ class FusionConfig:
             self.heads = max(1, self.dim // 64)
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.gate_temperature and not self.gate:
+            raise ValueError("gate_temperature is an output of the per-query gate: it needs gate=True")
         if self.init not in ("identity", "retrieval"):
             raise ValueError(f"fusion init must be identity or retrieval, not {self.init!r}")
 
@@ -133,20 +139,30 @@ class FusionLayer(nn.Module):
                 self.out.weight.copy_(torch.eye(d) * cfg.alpha_init / math.sqrt(d))
         self.gate = None
         if cfg.gate:  # drawn outside the global generator: every other parameter starts as without the gate
-            with torch.random.fork_rng(devices=[]):
-                self.gate = nn.Linear(len(cfg.gate_features), 1)
+            with torch.random.fork_rng(devices=[]):  # outputs: the memory's share, then the sharpness's log-scale
+                self.gate = nn.Linear(len(cfg.gate_features), 1 + cfg.gate_temperature)
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
 
     def gate_value(self, query, retrieved, scores=None, mask=None) -> torch.Tensor:
         """g ∈ [0, 1] per query [B]: the memory term's share (0.5 at step 0)."""
+        return torch.sigmoid(self._gate_logits(query, retrieved, scores, mask)[:, 0])
+
+    def sharpness(self, query, retrieved, scores=None, mask=None) -> torch.Tensor:
+        """e^z per query [B]: what the gate multiplies the score softmax's scale by (1 at step 0, or without
+        `gate_temperature`)."""
+        z = self._gate_logits(query, retrieved, scores, mask)
+        return _sharpness(z) if self.cfg.gate_temperature else torch.ones_like(z[:, 0])
+
+    def _gate_logits(self, query, retrieved, scores, mask) -> torch.Tensor:
+        """The gate's outputs [B, 1 or 2] (the memory's share, then the sharpness), before their squashing."""
         if self.gate is None:
             raise ValueError("this layer has no gate (FusionConfig.gate is False)")
         if mask is None:
             mask = torch.ones(retrieved.shape[:2], dtype=torch.bool, device=retrieved.device)
         if not self.cfg.retrieval:
             mask = torch.zeros_like(mask)
-        return torch.sigmoid(self.gate(gate_features(query, retrieved, scores, mask, self.cfg.gate_features)))[:, 0]
+        return self.gate(gate_features(query, retrieved, scores, mask, self.cfg.gate_features))
 
     def forward(self, query, retrieved, scores=None, mask=None):
         b, k, d = retrieved.shape
@@ -163,25 +179,35 @@ class FusionLayer(nn.Module):
         r_tok = retrieved + self.type_emb[1]
         if self.rank_emb is not None:
             r_tok = r_tok + self.rank_emb[:k]
+        z = None if self.gate is None else self._gate_logits(query, retrieved, scores, mask)  # [B, 1 or 2]
         tokens = torch.cat([q_tok[:, None], r_tok], dim=1)  # [B, 1+k, D]
         x = self.ln1(tokens)
         qh = self.q(x[:, :1]).view(b, 1, h, d // h).transpose(1, 2)  # [B, h, 1, dh]
         kh, vh = self.kv(x).view(b, 1 + k, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [B, h, 1+k, dh] each
         logits = (qh @ kh.transpose(-1, -2)) / math.sqrt(d // h)  # [B, h, 1, 1+k]
-        bias = torch.zeros(b, 1 + k, device=query.device, dtype=logits.dtype)
+        score_bias = torch.zeros(b, k, device=query.device, dtype=logits.dtype)
         if self.score_scale is not None and scores is not None:
-            bias[:, 1:] = self.score_scale * scores.to(logits.dtype)
-        bias[:, 1:] = bias[:, 1:].masked_fill(~mask, float("-inf"))
+            scale = self.score_scale
+            if self.cfg.gate_temperature:
+                scale = scale * _sharpness(z).to(logits.dtype)[:, None]
+            score_bias = scale * scores.to(logits.dtype)
+        bias = torch.cat([score_bias.new_zeros(b, 1), score_bias.masked_fill(~mask, float("-inf"))], dim=1)
         attn = torch.softmax(logits + bias[:, None, None, :], dim=-1)
         ctx = (self.drop(attn) @ vh).transpose(1, 2).reshape(b, d)
         memory = self.drop(self.out(ctx))
         if self.gate is None:
             y = q_tok + memory
         else:  # at g = 0.5 both factors are exactly 1: the ungated sum
-            g = torch.sigmoid(self.gate(gate_features(query, retrieved, scores, mask, self.cfg.gate_features)))
+            g = torch.sigmoid(z[:, :1])
             y = 2 * (1 - g) * q_tok + 2 * g * memory
         y = y + self.drop(self.mlp(self.ln2(y)))
         return F.normalize(y, dim=-1)
+
+
+def _sharpness(z: torch.Tensor) -> torch.Tensor:
+    """The gate's second output as a factor on the score scale, bounded at e^±4 (55 times sharper is already a hard
+    top-1, 55 times softer a flat average), so that an outlier query cannot overflow the softmax."""
+    return z[:, 1].clamp(-4.0, 4.0).exp()
 
 
 class RecoFusion(nn.Module):

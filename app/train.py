@@ -79,6 +79,8 @@ class TrainConfig:
     gate: bool = False  # a learned per-query weight between the query and the memory term (app/fusion.py)
     # what the gate sees: a set of app/gate.py's GATE_SETS (scores, rivals) or signal names, comma-separated
     gate_features: str = "scores"
+    # the gate also sets, per query, how sharply the memory term follows the top-1 (a second output: app/fusion.py)
+    gate_temperature: bool = False
     # validation batches: None as `batching`; "shard": one batch per shard of the validation pairs, so each image
     # is told apart among its own group's captions (a fine-grained set per shard, as targets are classified among
     # their own names) instead of among unrelated concepts that coarse kind already separates
@@ -103,6 +105,8 @@ class TrainConfig:
             raise RecoError(f"--val-batching must be one of {', '.join(BATCHING)}, not {self.val_batching!r}")
         if self.tune == "gate" and not self.gate:
             raise RecoError("--tune gate trains only the per-query gate: add --gate")
+        if self.gate_temperature and not self.gate:
+            raise RecoError("--gate-temperature is an output of the per-query gate: add --gate")
         try:
             gate_names(self.gate_features)
         except ValueError as e:
@@ -720,7 +724,7 @@ def fusion_config(cfg: TrainConfig, dim: int):
     return FusionConfig(dim=dim, k=cfg.k, heads=cfg.heads, dropout=cfg.dropout,
                         neighbour_dropout=cfg.neighbour_dropout, use_rank=cfg.use_rank, use_score=cfg.use_score,
                         init=cfg.init, score_scale_init=cfg.score_scale, retrieval=cfg.retrieval, gate=cfg.gate,
-                        gate_features=cfg.gate_features)
+                        gate_features=cfg.gate_features, gate_temperature=cfg.gate_temperature)
 
 
 def run_training(rt, name: str, progress: bool = True,

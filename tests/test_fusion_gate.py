@@ -25,11 +25,13 @@ def _inputs(b=16, seed=0):
     return q, r, s, mask
 
 
-@pytest.mark.parametrize("init,features", [("retrieval", "scores"), ("identity", "scores"), ("retrieval", "rivals")])
-def test_a_gated_model_at_step_0_is_the_ungated_untrained_start_exactly(init, features):
-    plain, gated = (build(FusionConfig(dim=D, k=K, init=init, gate=g, gate_features=features), 7)
-                    for g in (False, True))
+@pytest.mark.parametrize("init,features,temperature", [("retrieval", "scores", False), ("identity", "scores", False),
+                                                       ("retrieval", "rivals", False), ("retrieval", "scores", True)])
+def test_a_gated_model_at_step_0_is_the_ungated_untrained_start_exactly(init, features, temperature):
+    plain, gated = (build(FusionConfig(dim=D, k=K, init=init, gate=g, gate_features=features,
+                                       gate_temperature=temperature and g), 7) for g in (False, True))
     assert gated.image.gate.in_features == len(GATE_SETS[features])
+    assert gated.image.gate.out_features == 1 + temperature
     for key, value in plain.state_dict().items():  # the gate takes nothing from the others' random start
         assert torch.equal(value, gated.state_dict()[key]), key
     q, r, s, mask = _inputs()
@@ -38,6 +40,34 @@ def test_a_gated_model_at_step_0_is_the_ungated_untrained_start_exactly(init, fe
         a.eval(), b.eval()
         assert torch.equal(a(q, r, s, mask), b(q, r, s, mask))
         assert torch.equal(b.gate_value(q, r, s, mask), torch.full((16,), 0.5))
+        assert torch.equal(b.sharpness(q, r, s, mask), torch.ones(16))
+
+
+def test_the_gate_temperature_multiplies_the_score_scale_per_query():
+    """--gate-temperature: the gate's second output z sets the score softmax's scale to score_scale·e^z (bounded at
+    e^±4), so a gate whose weights are zero is the layer built with that scale, and a query-dependent z sharpens one
+    query's memory term and not another's."""
+    q, r, s, mask = _inputs()
+    for z, factor in ((0.7, 0.7), (-1.5, -1.5), (9.0, 4.0)):
+        sharp = build(FusionConfig(dim=D, k=K, gate=True, gate_temperature=True, init="retrieval"), 3)
+        fixed = build(FusionConfig(dim=D, k=K, gate=True, init="retrieval",
+                                   score_scale_init=10.0 * torch.tensor(factor).exp().item()), 3)
+        with torch.no_grad():
+            sharp.image.gate.bias[1] = z
+        for m in (sharp, fixed):
+            m.eval()
+        torch.testing.assert_close(sharp.image(q, r, s, mask), fixed.image(q, r, s, mask))
+        torch.testing.assert_close(sharp.image.sharpness(q, r, s, mask), torch.full((16,), factor).exp())
+    # z from a signal: the query whose top-1 leads by more gets the sharper memory term
+    layer = build(FusionConfig(dim=D, k=K, gate=True, gate_temperature=True, init="retrieval"), 3).image.eval()
+    with torch.no_grad():
+        layer.gate.weight[1, GATE_FEATURES.index("margin")] = 5.0
+    full = torch.ones(2, K, dtype=torch.bool)
+    wide = torch.tensor([[0.9] + [0.3] * (K - 1), [0.9] + [0.85] * (K - 1)])
+    factor = layer.sharpness(q[:2], r[:2], wide, full)
+    assert factor[0] > factor[1] > 1.0 and layer.gate_value(q[:2], r[:2], wide, full).eq(0.5).all()
+    with pytest.raises(ValueError, match="needs gate=True"):
+        FusionConfig(dim=D, gate_temperature=True)
 
 
 def test_gate_features_see_scores_and_agreement_of_present_neighbours_only():
@@ -143,6 +173,8 @@ def test_tune_gate_needs_the_gate():
         param_groups(build(FusionConfig(dim=D, k=K), 0), "gate", 0.0)
     with pytest.raises(RecoError, match="add --gate"):
         TrainConfig(tune="gate").check()
+    with pytest.raises(RecoError, match="--gate-temperature is an output of the per-query gate: add --gate"):
+        TrainConfig(gate_temperature=True).check()
     with pytest.raises(RecoError, match="--val-batching must be"):
         TrainConfig(val_batching="groups").check()
 
@@ -159,16 +191,17 @@ def test_train_cli_gate_and_shard_validation(cli_run, rt, memory, tmp_path, tiny
     build_memory(rt, "val", tmp_path / "val", tiny_config)
     common = ["--pairs", "mem", "--memory", "mem", "-k", "5", "--epochs", "2", "--batch-size", "64",
               "--val-pairs", "val", "--select", "1se", "--val-batching", "shard"]
-    cli_run("train", "gated", *common, "--gate", "--tune", "gate", "--gate-features", "rivals")
+    cli_run("train", "gated", *common, "--gate", "--tune", "gate", "--gate-features", "rivals", "--gate-temperature")
     cli_run("train", "plain", *common)
     shown = json.loads(cli_run("model", "show", "gated", "--json").stdout)
     assert shown["train"]["gate"] is True and shown["train"]["tune"] == "gate"
-    assert shown["train"]["gate_features"] == "rivals"
+    assert shown["train"]["gate_features"] == "rivals" and shown["train"]["gate_temperature"] is True
     assert shown["train"]["val_batching"] == "shard" and shown["metrics"]["val_pairs"] == 36
     gated = RecoEncoder.load("gated", runtime=rt, load_backbone=False, checkpoint="start")
     plain = RecoEncoder.load("plain", runtime=rt, load_backbone=False, checkpoint="start")
     assert gated.fusion.image.gate is not None and plain.fusion.image.gate is None
     assert gated.fusion.cfg.gate_features == GATE_SIGNALS and gated.fusion.text.gate.in_features == len(GATE_SIGNALS)
+    assert gated.fusion.cfg.gate_temperature and gated.fusion.text.gate.out_features == 2
     for key, value in plain.fusion.state_dict().items():
         assert torch.equal(value, gated.fusion.state_dict()[key]), key
     with rt.db.session() as s:

@@ -59,6 +59,9 @@ from .common import val_line, warn_without_workers
               help="What the gate sees: scores (retrieval scores and neighbour agreement), rivals (also the top-1's "
               "gap to and agreement with the runner-up, and the query's cosine to the top-1), or signal names, "
               "comma-separated (app/gate.py GATE_SIGNALS).")
+@click.option("--gate-temperature", is_flag=True, default=False,
+              help="The gate also sets, per query, how sharply the memory term follows the top-1 neighbour (the score "
+              "softmax's scale times e^z, z from the same signals; 1 at step 0). Needs --gate.")
 @click.option("--batching", type=click.Choice(["random", "similar", "shard"]), default="random", show_default=True,
               help="similar: each batch is a group of pairs with near captions, so in-batch negatives are hard. "
               "shard: each batch is one shard of the pairs (in chunks of --batch-size), for pairs written one "

@@ -62,6 +62,8 @@ def main(argv=None) -> int:
                     help="reco train --gate: the per-query gate between query and memory")
     ap.add_argument("--gate-features", choices=tuple(GATE_SETS), default=Protocol.gate_features,
                     help="reco train --gate-features: what the gate sees")
+    ap.add_argument("--gate-temperature", action=argparse.BooleanOptionalAction, default=Protocol.gate_temperature,
+                    help="reco train --gate-temperature: the gate also sets each query's sharpness")
     ap.add_argument("--batching", choices=BATCHING, default=Protocol.batching,
                     help="reco train --batching")
     ap.add_argument("--query-noise", type=float, default=Protocol.query_noise, help="reco train --query-noise")
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
                      seed=seed, epochs=args.epochs, lr=args.lr, held_vendors=held_vendors, unseen_val=args.unseen_val,
                      novel_pairs=args.novel_pairs,
                      query_noise=args.query_noise, batching=args.batching, tune=args.tune, gate=args.gate,
-                     gate_features=args.gate_features,
+                     gate_features=args.gate_features, gate_temperature=args.gate_temperature,
                      val_vendor=args.val_vendor, pair_vendor=args.pair_vendor, train_on=args.train_on,
                      max_targets=args.max_targets,
                      max_rest=args.max_others,

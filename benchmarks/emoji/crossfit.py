@@ -7,14 +7,16 @@ Cross-fitting on non-target data only.
 
     python -m benchmarks.emoji crossfit --features scores,rivals   # what the gate sees (app/gate.py's sets)
 
+    python -m benchmarks.emoji crossfit --temperature off,on   # does the gate also set each query's sharpness?
+
 Per seed: the protocol's held-out subcategories (its validation and `dev` concepts) in two folds of about equal
 size. The protocol's gated layers, only the gate learning, are trained with each recipe (the vendors whose
-drawings train × lr × epochs × what the gate sees; one vendor's drawings of one subcategory per batch, the last step
-kept) on one fold and scored on the other fold's facebook drawings, each told apart among its own subcategory's
-captions; then the folds swap. Pooled over folds and seeds: each recipe's accuracy minus the untrained start's on
-the same drawings, with a paired bootstrap. `--train-on unseen` (the protocol's default) trains the picked recipe on
-all the held-out subcategories, so every drawing the recipe was judged on was out of its fold's training. No target
-is read.
+drawings train × lr × epochs × what the gate sees × whether it also sets the sharpness; one vendor's drawings of
+one subcategory per batch, the last step kept) on one fold and scored on the other fold's facebook drawings, each
+told apart among its own subcategory's captions; then the folds swap. Pooled over folds and seeds: each recipe's
+accuracy minus the untrained start's on the same drawings, with a paired bootstrap. `--train-on unseen` (the
+protocol's default) trains the picked recipe on all the held-out subcategories, so every drawing the recipe was
+judged on was out of its fold's training. No target is read.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ from .report import BOOTSTRAP, paired_gains
 
 VENDORS = ("facebook",)  # sets of HELD_VENDORS, '+'-joined
 FEATURES = ("scores",)  # app/gate.py's GATE_SETS
+TEMPERATURE = (False,)  # reco train --gate-temperature
+SWITCH = {False: "off", True: "on"}
 LRS = (1e-2, 3e-2, 1e-1)
 EPOCHS = (5, 10, 20, 40)
-START = ("start", "", 0, "")
+START = ("start", "", 0, "", False)
 
 
 def folds(unseen: list) -> list[list[str]]:
@@ -63,12 +67,13 @@ def _saved(p: Protocol, home: Path) -> Path:
 
 
 def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=print, reuse: bool = False,
-              vendors=VENDORS, features=FEATURES) -> dict:
-    """{(vendors, lr, epochs, features): bool per held-out facebook drawing, out of fold} for one seed; START is the
-    untrained start on the same drawings (fold 1's drawings, then fold 0's). `vendors` are '+'-joined sets of vendors
-    whose drawings train, `features` names of app/gate.py's sets (what the gate sees). Saved beside the seed's run;
+              vendors=VENDORS, features=FEATURES, temperature=TEMPERATURE) -> dict:
+    """{(vendors, lr, epochs, features, temperature): bool per held-out facebook drawing, out of fold} for one seed;
+    START is the untrained start on the same drawings (fold 1's drawings, then fold 0's). `vendors` are '+'-joined
+    sets of vendors whose drawings train, `features` names of app/gate.py's sets (what the gate sees), `temperature`
+    whether the gate also sets each query's sharpness (reco train --gate-temperature). Saved beside the seed's run;
     `reuse` loads a saved seed that holds every recipe asked for (its base cache key must not have changed)."""
-    wanted = [START, *itertools.product(vendors, lrs, epochs, features)]
+    wanted = [START, *itertools.product(vendors, lrs, epochs, features, temperature)]
     if reuse and _saved(p, home).is_file():
         with np.load(_saved(p, home), allow_pickle=False) as z:
             saved = {_key(name): z[name] for name in z.files}
@@ -103,15 +108,15 @@ def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=
 
     out: dict = {}
     for train, val in ((0, 1), (1, 0)):
-        for v, lr, ep, feats in itertools.product(vendors, lrs, epochs, features):
-            name = f"fold{train}-{v}-lr{lr:.0e}-e{ep}{'' if feats == 'scores' else '-' + feats}"
+        for v, lr, ep, feats, temp in itertools.product(vendors, lrs, epochs, features, temperature):
+            name = f"fold{train}-{v}-lr{lr:.0e}-e{ep}{'' if feats == 'scores' else '-' + feats}{'-temp' * temp}"
             name = name.replace("+", "_").replace(".", "_")
             # the protocol's training as `--train-on unseen` runs it; validating on the other fold only records it
             create_job(rt, name, _memory(train, v), "twitter", _train_cfg(
                 p, lr=lr, epochs=ep, batching="shard", select="last", val_pairs=_memory(val, p.val_vendor),
-                gate_features=feats))
+                gate_features=feats, gate_temperature=temp))
             run_training(rt, name, progress=False)
-            out.setdefault((v, lr, ep, feats), []).append(scored(name))
+            out.setdefault((v, lr, ep, feats, temp), []).append(scored(name))
         out.setdefault(START, []).append(scored(name, untrained=True))
     hits = {key: np.concatenate(parts) for key, parts in out.items()}
     np.savez(_saved(p, home), **{_name(k): v for k, v in hits.items()})
@@ -126,19 +131,20 @@ def _memory(fold: int, vendors: str) -> str:
 
 
 def _name(key) -> str:
-    return "start" if key == START else f"{key[0]}_{key[1]!r}_{key[2]}_{key[3]}"
+    return "start" if key == START else f"{key[0]}_{key[1]!r}_{key[2]}_{key[3]}" + "_temperature" * key[4]
 
 
 def _key(name: str):
     if name == "start":
         return START
-    v, lr, ep, *feats = name.split("_")  # saved before round seven: no features, so the gate saw "scores"
-    return v, float(lr), int(ep), feats[0] if feats else "scores"
+    # saved before round seven: no features (the gate saw "scores"); before round eight: no temperature
+    v, lr, ep, *rest = name.split("_")
+    return v, float(lr), int(ep), rest[0] if rest else "scores", rest[1:] == ["temperature"]
 
 
 def recipes(per_seed: list[dict]) -> list[dict]:
     """Per recipe: pooled out-of-fold accuracy, minus the start, with its paired bootstrap 95 % interval."""
-    return [{"vendors": key[0], "lr": key[1], "epochs": key[2], "features": key[3], **gain}
+    return [{"vendors": key[0], "lr": key[1], "epochs": key[2], "features": key[3], "temperature": key[4], **gain}
             for key, gain in paired_gains(per_seed, START).items() if key != START]
 
 
@@ -151,20 +157,25 @@ def pick(best: dict) -> dict | None:
 
 def markdown(r: dict) -> str:
     feats = lambda c: c.get("features", "scores")  # noqa: E731 (a result from before round seven: scores)
-    cells = {(c["vendors"], feats(c), c["lr"], c["epochs"]): c for c in r["recipes"]}
+    temp = lambda c: c.get("temperature", False)  # noqa: E731 (... before round eight: a fixed sharpness)
+    cells = {(c["vendors"], feats(c), temp(c), c["lr"], c["epochs"]): c for c in r["recipes"]}
     vendors = sorted({c["vendors"] for c in r["recipes"]}, key=len)
     sets = sorted({feats(c) for c in r["recipes"]}, key=list(GATE_SETS).index)
+    temps = sorted({temp(c) for c in r["recipes"]})
+    sharp = lambda t: "| per query " if t else "| fixed " if temps != [False] else ""  # noqa: E731
     lrs, eps = sorted({c["lr"] for c in r["recipes"]}), sorted({c["epochs"] for c in r["recipes"]})
     lines = [f"### {r['regime']} regime: held-out subcategories, out-of-fold top-1 minus the untrained start, by "
              f"recipe (gate only, one vendor's drawings of one subcategory per batch; scored on facebook drawings, "
              f"pooled over seeds {', '.join(map(str, r['seeds']))} and both folds, {r['images']} drawings)", "",
-             "| trained on | gate sees | lr \\ epochs | " + " | ".join(map(str, eps)) + " |",
-             "|" + "---|" * (len(eps) + 3)]
+             "| trained on | gate sees " + ("| sharpness " if temps != [False] else "") + "| lr \\ epochs | "
+             + " | ".join(map(str, eps)) + " |", "|" + "---|" * (len(eps) + 3 + (temps != [False]))]
     cell = lambda c: f"{c['minus_start']:+.1f} [{c['ci95_low']:+.1f}, {c['ci95_high']:+.1f}]"  # noqa: E731
-    for v, f, lr in itertools.product(vendors, sets, lrs):
-        lines.append(f"| {v} | {f} | {lr:g} | " + " | ".join(cell(cells[(v, f, lr, e)]) for e in eps) + " |")
+    for v, f, t, lr in itertools.product(vendors, sets, temps, lrs):
+        lines.append(f"| {v} | {f} {sharp(t)}| {lr:g} | " + " | ".join(cell(cells[(v, f, t, lr, e)]) for e in eps)
+                     + " |")
     b = r["best"]
-    lines += ["", f"Start: {r['start_top1']:.1f} %. Highest: {b['vendors']}, gate sees {feats(b)}, lr {b['lr']:g}, "
+    lines += ["", f"Start: {r['start_top1']:.1f} %. Highest: {b['vendors']}, gate sees {feats(b)}"
+              + (", sets each query's sharpness" if temp(b) else "") + f", lr {b['lr']:g}, "
               f"{b['epochs']} epochs, "
               f"{b['minus_start']:+.1f} [{b['ci95_low']:+.1f}, {b['ci95_high']:+.1f}], standard error {b['se']:.1f} "
               "(per seed " + ", ".join(f"{a - s:+.1f}" for a, s in zip(b["per_seed"], r["start_per_seed"]))
@@ -184,6 +195,9 @@ def main(argv) -> int:
                     help="sets of vendors whose held-out drawings train, comma-separated, each '+'-joined")
     ap.add_argument("--features", default=",".join(FEATURES),
                     help=f"what the gate sees: sets of app/gate.py ({', '.join(GATE_SETS)}), comma-separated")
+    ap.add_argument("--temperature", default=",".join(SWITCH[t] for t in TEMPERATURE),
+                    help="off: the score softmax's sharpness stays fixed; on: the gate also sets it per query "
+                         "(reco train --gate-temperature); comma-separated")
     ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="learning rates, comma-separated")
     ap.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="epoch counts, comma-separated")
     split(ap)
@@ -199,11 +213,15 @@ def main(argv) -> int:
     features = [f.strip() for f in args.features.split(",") if f.strip()]
     if not features or not set(features) <= set(GATE_SETS):
         ap.error(f"--features takes {', '.join(GATE_SETS)}, comma-separated, not {args.features!r}")
+    temperature = [t.strip() for t in args.temperature.split(",") if t.strip()]
+    if not temperature or not set(temperature) <= set(SWITCH.values()):
+        ap.error(f"--temperature takes off and/or on, comma-separated, not {args.temperature!r}")
+    temperature = [t == "on" for t in temperature]
     protocols = [Protocol(regime=args.regime, seed=s, max_rest=args.max_others, unseen_val=args.unseen_val,
                           novel_pairs=args.novel_pairs) for s in seeds]
     home, cache = Path(args.home).resolve(), Path(args.cache)
-    per_seed = [fold_hits(p, home, cache, lrs, epochs, log, reuse=args.reuse, vendors=vendors, features=features)
-                for p in protocols]
+    per_seed = [fold_hits(p, home, cache, lrs, epochs, log, reuse=args.reuse, vendors=vendors, features=features,
+                          temperature=temperature) for p in protocols]
     cells = recipes(per_seed)
     best = max(cells, key=lambda c: c["minus_start"])
     start = paired_gains(per_seed, START)[START]
@@ -214,9 +232,10 @@ def main(argv) -> int:
               "folds": {str(p.seed): folds(concepts(p, cache)["unseen"]) for p in protocols},
               "unseen_val": args.unseen_val, "novel_pairs": args.novel_pairs, "best": best, "pick": pick(best),
               "recipes": cells, "versions": versions()}
-    # a grid over other vendors or gate features than the default's, or other concept shares, gets its own file
+    # a grid over other vendors, gate features or sharpness than the default's, or other concept shares, gets its
+    # own file
     tag = ("-vendors" if tuple(vendors) != VENDORS else "") + ("-features" if tuple(features) != FEATURES else "") \
-        + _split(protocols[0])
+        + ("-temperature" if tuple(temperature) != TEMPERATURE else "") + _split(protocols[0])
     out = Path(args.out_dir) / f"emoji-crossfit-{args.regime}{tag}{'-reduced' if args.max_others else ''}.json"
     write_result(out, result)
     out.with_suffix(".md").write_text(markdown(result))
