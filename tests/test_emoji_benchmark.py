@@ -72,6 +72,10 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
     hits = first["groups"]["country-flag"]["top1_hits"]
     assert {len(v) for v in hits.values()} == {30}  # one per facebook drawing, the pooled summary's input
     assert 100 * hits["reco"].count("1") / 30 == pytest.approx(h["reco_top1"])
+    # the second look: the same targets' google drawings, classified by the same models, one hit per drawing
+    google = first["groups"]["country-flag"]["second_look"]["google"]
+    assert {len(v) for v in google["top1_hits"].values()} == {30} and "second_look" not in first["groups"]["dev"]
+    assert 100 * google["top1_hits"]["untrained"].count("1") / 30 == pytest.approx(google["untrained_top1"])
 
     # the balance diagnostic on the same split and base: its cell (0, 0) is this run's untrained start on
     # validation, and every global balance is scored on the same drawings (python -m benchmarks.emoji balance)
@@ -198,6 +202,9 @@ def test_pooled_rows_pool_every_target_image_with_a_paired_bootstrap():
             head = {k: 0.0 for k in SUMMARY_KEYS} | {"classes": n, "reco_top1": 100 * reco.mean(),
                                                      "untrained_top1": 100 * start.mean()}
             groups[g] = {"headline": head, "top1_hits": bits}
+            if lift:  # google's drawings of the same targets: RECO gains nothing on them
+                gbits = {m: "".join("1" if h else "0" for h in start) for m in ("untrained", "reco")}
+                groups[g]["second_look"] = {"google": {"top1_hits": {"baseline": bits["baseline"], **gbits}}}
         groups["dev"] = {"headline": {k: 0.0 for k in SUMMARY_KEYS} | {"classes": 5}, "top1_hits": {"baseline": "0", "untrained": "1", "reco": "1"}}
         return {"protocol": {"seed": seed, "regime": "rare"}, "groups": groups}
 
@@ -214,8 +221,19 @@ def test_pooled_rows_pool_every_target_image_with_a_paired_bootstrap():
     assert flat["reco_minus_untrained"] == 0 and flat["ci95_low"] == flat["ci95_high"] == 0
     for r in runs:  # each seed's validation subcategories are reported beside the tables
         r["validation_subcategories"] = {f"tool-{r['protocol']['seed']}": 15, "arrow": 21}
+    # the second look: google's drawings alone (no gain), and both vendors' with a target's two drawings together
+    google, both = pooled(runs, ("google",)), pooled(runs, ("facebook", "google"))
+    assert google["reco_minus_untrained"] == google["ci95_low"] == 0 and google["images"] == 100
+    assert both["images"] == 200 and both["emoji"] == 100 and both["classes"] == 100
+    assert both["reco_minus_untrained"] == pytest.approx(pool["reco_minus_untrained"] / 2)
+    # a target's two drawings are resampled together: google's add nothing here, so every bootstrap draw is half
+    # the facebook one's (drawings resampled one by one would not give exactly half)
+    assert (both["ci95_low"], both["ci95_high"]) == pytest.approx((pool["ci95_low"] / 2, pool["ci95_high"] / 2))
+    assert pooled(same, ("google",)) is None  # runs without the second look: no row
     summary, md = summarize({"rare": runs})
     assert summary["regimes"]["rare"]["pooled"]["reco_top1"] == pool["reco_top1"]
+    assert summary["regimes"]["rare"]["second_look"]["facebook+google"] == both
+    assert "| rare, google | 100 | 100 |" in md and "| rare, facebook+google | 100 | 200 |" in md
     assert summary["regimes"]["rare"]["validation_subcategories"]["2"] == {"tool-2": 15, "arrow": 21}
     assert "seed 1: tool-1 15, arrow 21; seed 2: tool-2 15, arrow 21." in md
     assert md.splitlines()[0].startswith("### pooled") and "| rare | 100 | 100 |" in md

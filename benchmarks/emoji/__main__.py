@@ -64,6 +64,9 @@ def main(argv=None) -> int:
                     help="reco train --gate-features: what the gate sees")
     ap.add_argument("--gate-temperature", action=argparse.BooleanOptionalAction, default=Protocol.gate_temperature,
                     help="reco train --gate-temperature: the gate also sets each query's sharpness")
+    ap.add_argument("--second-look", choices=("google", "none"), default="+".join(Protocol.second_look) or "none",
+                    help="also classify the targets' drawings by this vendor with the same models (pooled beside "
+                    "the facebook drawings in the summary); none: facebook's only")
     ap.add_argument("--batching", choices=BATCHING, default=Protocol.batching,
                     help="reco train --batching")
     ap.add_argument("--query-noise", type=float, default=Protocol.query_noise, help="reco train --query-noise")
@@ -102,6 +105,7 @@ def main(argv=None) -> int:
                      novel_pairs=args.novel_pairs,
                      query_noise=args.query_noise, batching=args.batching, tune=args.tune, gate=args.gate,
                      gate_features=args.gate_features, gate_temperature=args.gate_temperature,
+                     second_look=() if args.second_look == "none" else (args.second_look,),
                      val_vendor=args.val_vendor, pair_vendor=args.pair_vendor, train_on=args.train_on,
                      max_targets=args.max_targets,
                      max_rest=args.max_others,

@@ -24,7 +24,9 @@ Corpora (WebDataset shards written here, built into memories with `build_in_proc
   twitter    v1: twitter drawings of every non-target emoji; v2: all of them, targets included;
              captions `{name} emoji` + emojilib keywords
   eval       per group: facebook drawings of its targets, classified among the group's names with CLIP-style
-             prompts, and an image-caption retrieval set (one caption per drawing)
+             prompts, and an image-caption retrieval set (one caption per drawing); `second_look`: the same
+             targets' drawings by other vendors (google's: never in the base, the memory or training), classified
+             the same way by the same models, a second sample of the targets beside the facebook one
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ class Protocol:
     train_on: str = "unseen"
     val_vendor: str = "facebook"  # whose drawings of the unseen concepts RECO validates on
     pair_vendor: str = "google"  # whose drawings of the base and novel concepts RECO trains on
+    # vendors whose drawings of the targets are also classified, by the same models (round eight: google's, a second
+    # sample of each target; the facebook drawings stay the tables' and the bar's)
+    second_look: tuple[str, ...] = ("google",)
     max_targets: int | None = None  # a reduced run (the test suite) keeps the first N emoji of each group
     max_rest: int | None = None  # ... and N non-target emoji
     ablations: bool = False  # also the paper's plain layer, identity start, cross search, uni fusion, the swap
@@ -109,6 +114,9 @@ class Protocol:
         if not held_vendors_ok(self.held_vendors):
             raise SystemExit(f"--held-vendors takes {' and/or '.join(HELD_VENDORS)}, '+'-joined, not "
                              f"{'+'.join(self.held_vendors)!r}")
+        if not set(self.second_look) <= set(HELD_VENDORS) - {"facebook"}:
+            raise SystemExit(f"--second-look takes google (a vendor the base, memory and eval never show), not "
+                             f"{'+'.join(self.second_look)!r}")
         if self.unseen_val <= 0 or self.novel_pairs < 0 or self.unseen_val + self.novel_pairs >= 0.9:
             raise SystemExit("--unseen-val must be > 0, --novel-pairs >= 0, and together below 0.9")
 
@@ -243,6 +251,8 @@ def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
         templates.write_text("".join(t + "\n" for t in EVAL_TEMPLATES))
         evalsets = {g: _write_group(corpora / "eval" / f"g{i}", members, p.seed)
                     for i, (g, members) in enumerate(groups.items())}
+        second = {(g, v): data.write_eval_folder(corpora / "eval" / f"g{i}-{v}", members, v)
+                  for i, (g, members) in enumerate(groups.items()) if g != DEV for v in p.second_look}
 
     from app.build import build_in_process
     from app.memory import activate
@@ -283,6 +293,9 @@ def run(p: Protocol, home: Path, cache: Path, log=print) -> dict:
     for g, es in evalsets.items():
         with timed("eval"):
             results[g] = _evaluate_group(rt, p, es, templates, ablations=p.ablations and g != DEV)
+    for (g, v), (images, classnames) in second.items():
+        with timed("eval"):
+            results[g].setdefault("second_look", {})[v] = _second_look(rt, p, images, classnames, templates)
     if p.ablations:  # the swap: the v1-trained model follows the active version, now v2, with no retraining
         activate(rt, "twitter", 2)
         for g, es in evalsets.items():
@@ -426,6 +439,19 @@ def _evaluate_group(rt, p: Protocol, es: dict, templates: Path, ablations: bool)
     }
     return {"headline": headline, "table": table, "retrieval": retrieval, "top1_hits": hits,
             "eval_run": {key: main.get(key) for key in ("run", "model", "memory", "retrieval", "leakage_guard")}}
+
+
+def _second_look(rt, p: Protocol, images: Path, classnames: Path, templates: Path) -> dict:
+    """Another vendor's drawings of a group's targets, classified like the facebook ones: top-1 and per-image hits
+    of the baseline, the untrained start and RECO (the summary pools them beside the facebook drawings)."""
+    es = {"images": images, "classnames": classnames}
+    hk = str(p.headline_k)
+    main = _classify(rt, p, "reco", "twitter@2", es, templates, full=True)
+    start = _classify(rt, p, "reco", "twitter@2", es, templates, checkpoint="start", full=True)
+    hits = {"baseline": main["top1_hits"]["baseline"], "untrained": start["top1_hits"]["reco"][hk],
+            "reco": main["top1_hits"]["reco"][hk]}
+    return {"baseline_top1": _top(main, None)["top1"], "untrained_top1": _top(start, p.headline_k)["top1"],
+            "reco_top1": _top(main, p.headline_k)["top1"], "top1_hits": hits}
 
 
 def _ceilings(rt, backbone: str, members, es: dict) -> dict:

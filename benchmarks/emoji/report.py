@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+# the summary's second look at the targets: their google drawings, then both vendors' together (protocol.second_look)
+SECOND_LOOK = (("google",), ("facebook", "google"))
 # what the summary averages over seeds, per regime and group (points, 0-100)
 SUMMARY_KEYS = ("baseline_top1", "untrained_top1", "reco_top1", "retrieval_off_top1", "no_target_memory_top1",
                 "t2i_r1_baseline", "t2i_r1_untrained", "t2i_r1_reco")
@@ -104,17 +106,27 @@ def paired_gains(per_seed: list[dict], start) -> dict:
     return out
 
 
-def pooled(rs: list[dict]) -> dict | None:
+def _hits(group: dict, vendor: str) -> dict | None:
+    """A group's per-image top-1 hits on one vendor's drawings: facebook's are the group's own, others its
+    `second_look`'s; None where the run lacks them."""
+    return group.get("top1_hits") if vendor == "facebook" else group.get("second_look", {}).get(vendor, {}).get(
+        "top1_hits")
+
+
+def pooled(rs: list[dict], vendors: tuple[str, ...] = ("facebook",)) -> dict | None:
     """Top-1 over every target image of a regime, each group still classified among its own names, averaged over
     seeds; and the 95 % interval of a paired bootstrap for RECO − untrained start and RECO − baseline: images and
     seeds are resampled with replacement, the same images (they are the same drawings in every seed) for all three
-    models, so what varies between models stays paired. None when a run lacks the per-image hits."""
+    models, so what varies between models stays paired. With several `vendors` an image is a target emoji and its
+    vendors' drawings are resampled together (they are one concept, not independent samples). None when a run
+    lacks the per-image hits."""
     groups = [g for g in rs[0]["groups"] if g != DEV]
-    if not groups or any("top1_hits" not in r["groups"].get(g, {}) for r in rs for g in groups):
+    if not groups or any(_hits(r["groups"].get(g, {}), v) is None for r in rs for g in groups for v in vendors):
         return None
-    hits = {m: np.array([[c == "1" for g in groups for c in r["groups"][g]["top1_hits"][m]] for r in rs], float)
-            for m in ("baseline", "untrained", "reco")}
-    n_seeds, n_images = hits["reco"].shape
+    hits = {m: np.array([[[c == "1" for g in groups for c in _hits(r["groups"][g], v)[m]] for v in vendors]
+                         for r in rs], float).transpose(0, 2, 1)
+            for m in ("baseline", "untrained", "reco")}  # [seeds, emoji, vendors]
+    n_seeds, n_images, _ = hits["reco"].shape
     rng = np.random.default_rng(0)
     diffs = {"untrained": hits["reco"] - hits["untrained"], "baseline": hits["reco"] - hits["baseline"]}
     boot = {m: [] for m in diffs}
@@ -123,10 +135,11 @@ def pooled(rs: list[dict]) -> dict | None:
         si = rng.integers(n_seeds, size=(b, n_seeds))
         ii = rng.integers(n_images, size=(b, n_images))
         for m, d in diffs.items():
-            boot[m].append(d[si[:, :, None], ii[:, None, :]].mean(axis=(1, 2)))
+            boot[m].append(d[si[:, :, None], ii[:, None, :]].mean(axis=(1, 2, 3)))
     ci = {m: 100 * np.percentile(np.concatenate(v), [2.5, 97.5]) for m, v in boot.items()}
     top = {m: 100 * float(h.mean()) for m, h in hits.items()}
-    return {"classes": int(sum(rs[0]["groups"][g]["headline"]["classes"] for g in groups)), "images": n_images,
+    return {"vendors": list(vendors), "classes": int(sum(rs[0]["groups"][g]["headline"]["classes"] for g in groups)),
+            "images": n_images * len(vendors), "emoji": n_images,
             "groups": groups, "baseline_top1": top["baseline"], "untrained_top1": top["untrained"],
             "reco_top1": top["reco"], "reco_minus_untrained": top["reco"] - top["untrained"],
             "ci95_low": float(ci["untrained"][0]), "ci95_high": float(ci["untrained"][1]),
@@ -136,22 +149,32 @@ def pooled(rs: list[dict]) -> dict | None:
             "seeds": [r["protocol"]["seed"] for r in rs], "bootstrap": BOOTSTRAP}
 
 
+def _pooled_row(label: str, pool: dict) -> str:
+    return (f"| {label} | {pool['classes']} | {pool['images']} | {pool['baseline_top1']:.1f} | "
+            f"{pool['untrained_top1']:.1f} | **{pool['reco_top1']:.1f}** | "
+            f"**{pool['reco_minus_untrained']:+.1f}** [{pool['ci95_low']:+.1f}, {pool['ci95_high']:+.1f}] | "
+            f"{pool['reco_minus_baseline']:+.1f} [{pool['ci95_low_vs_baseline']:+.1f}, "
+            f"{pool['ci95_high_vs_baseline']:+.1f}] | {', '.join(map(str, pool['seeds']))} |")
+
+
 def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
     """(emoji-summary.json, its markdown): per regime, the pooled rows with their paired bootstrap intervals
-    (`pooled`), then per group the mean over seeds of SUMMARY_KEYS, the standard deviation of RECO's top-1 and of
-    its gain over the untrained start, and the seeds."""
+    (`pooled`) and, where the runs hold it, the second look at the same targets (SECOND_LOOK), then per group the
+    mean over seeds of SUMMARY_KEYS, the standard deviation of RECO's top-1 and of its gain over the untrained
+    start, and the seeds."""
     out: dict = {"regimes": {}}
     lines = ["### pooled over every target image (mean over seeds; 95 % paired bootstrap over images and seeds)", "",
              "| regime | classes | images | baseline | untrained start | RECO | RECO − untrained [95 % CI] | "
              "RECO − baseline [95 % CI] | seeds |", "|---|---|---|---|---|---|---|---|---|"]
-    for regime, rs in runs.items():
-        pool = pooled(rs) if rs else None
-        if pool is not None:
-            lines.append(f"| {regime} | {pool['classes']} | {pool['images']} | {pool['baseline_top1']:.1f} | "
-                         f"{pool['untrained_top1']:.1f} | **{pool['reco_top1']:.1f}** | "
-                         f"**{pool['reco_minus_untrained']:+.1f}** [{pool['ci95_low']:+.1f}, {pool['ci95_high']:+.1f}] | "
-                         f"{pool['reco_minus_baseline']:+.1f} [{pool['ci95_low_vs_baseline']:+.1f}, "
-                         f"{pool['ci95_high_vs_baseline']:+.1f}] | {', '.join(map(str, pool['seeds']))} |")
+    lines += [_pooled_row(regime, pool) for regime, rs in runs.items() if rs and (pool := pooled(rs)) is not None]
+    second = {regime: {"+".join(v): pool for v in SECOND_LOOK if (pool := pooled(rs, v)) is not None}
+              for regime, rs in runs.items() if rs}
+    if any(second.values()):
+        lines += ["", "### second look: the same targets' google drawings, classified by the same models "
+                      "(facebook + google: a target's two drawings resampled together)", "",
+                  "| regime, drawings | classes | images | baseline | untrained start | RECO | "
+                  "RECO − untrained [95 % CI] | RECO − baseline [95 % CI] | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [_pooled_row(f"{regime}, {v}", pool) for regime, pools in second.items() for v, pool in pools.items()]
     lines.append("")
     for regime, rs in runs.items():
         if not rs:
@@ -166,7 +189,8 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
                       "reco_minus_untrained_std": float(np.std(gain)),
                       "classes": hs[0]["classes"], "seeds": [r["protocol"]["seed"] for r in rs if g in r["groups"]]}
         pool = pooled(rs)
-        out["regimes"][regime] = {**per, **({"pooled": pool} if pool is not None else {})}
+        out["regimes"][regime] = {**per, **({"pooled": pool} if pool is not None else {}),
+                                  **({"second_look": second[regime]} if second[regime] else {})}
         lines += [f"### {regime} regime (mean over seeds {', '.join(map(str, next(iter(per.values()))['seeds']))})",
                   "", "| group | classes | baseline | untrained start | RECO (± std) | RECO − untrained | "
                       "retrieval-off control | memory without targets | text→image R@1 baseline → RECO |",
