@@ -405,9 +405,7 @@ def _evaluate_group(rt, p: Protocol, es: dict, templates: Path, ablations: bool)
     main = _classify(rt, p, "reco", "twitter@2", es, templates, ks=p.ks, full=True)
     start = _classify(rt, p, "reco", "twitter@2", es, templates, checkpoint="start", full=True)
     baseline = _top(main, None)
-    # each image's top-1, right or not, in image order: the summary's paired bootstrap pools them over groups
-    hits = {"baseline": main["top1_hits"]["baseline"], "untrained": start["top1_hits"]["reco"][str(hk)],
-            "reco": main["top1_hits"]["reco"][str(hk)]}
+    hits = _top1_hits(main, start, hk)
     table = {"frozen baseline": baseline, "untrained start (step 0)": _top(start, hk),
              **{f"RECO k={k}": _top(main, k) for k in p.ks},
              "retrieval-off training control": _classify(rt, p, "reco-retrieval-off", "twitter@2", es, templates)}
@@ -445,13 +443,17 @@ def _second_look(rt, p: Protocol, images: Path, classnames: Path, templates: Pat
     """Another vendor's drawings of a group's targets, classified like the facebook ones: top-1 and per-image hits
     of the baseline, the untrained start and RECO (the summary pools them beside the facebook drawings)."""
     es = {"images": images, "classnames": classnames}
-    hk = str(p.headline_k)
     main = _classify(rt, p, "reco", "twitter@2", es, templates, full=True)
     start = _classify(rt, p, "reco", "twitter@2", es, templates, checkpoint="start", full=True)
-    hits = {"baseline": main["top1_hits"]["baseline"], "untrained": start["top1_hits"]["reco"][hk],
-            "reco": main["top1_hits"]["reco"][hk]}
     return {"baseline_top1": _top(main, None)["top1"], "untrained_top1": _top(start, p.headline_k)["top1"],
-            "reco_top1": _top(main, p.headline_k)["top1"], "top1_hits": hits}
+            "reco_top1": _top(main, p.headline_k)["top1"], "top1_hits": _top1_hits(main, start, p.headline_k)}
+
+
+def _top1_hits(main: dict, start: dict, k: int) -> dict:
+    """Each image's top-1, right or not, in image order, for the baseline, the untrained start and RECO at k: the
+    summary's paired bootstrap pools them over groups."""
+    return {"baseline": main["top1_hits"]["baseline"], "untrained": start["top1_hits"]["reco"][str(k)],
+            "reco": main["top1_hits"]["reco"][str(k)]}
 
 
 def _ceilings(rt, backbone: str, members, es: dict) -> dict:

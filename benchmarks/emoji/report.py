@@ -166,7 +166,8 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
     lines = ["### pooled over every target image (mean over seeds; 95 % paired bootstrap over images and seeds)", "",
              "| regime | classes | images | baseline | untrained start | RECO | RECO − untrained [95 % CI] | "
              "RECO − baseline [95 % CI] | seeds |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [_pooled_row(regime, pool) for regime, rs in runs.items() if rs and (pool := pooled(rs)) is not None]
+    pools = {regime: pooled(rs) if rs else None for regime, rs in runs.items()}
+    lines += [_pooled_row(regime, pool) for regime, pool in pools.items() if pool is not None]
     second = {regime: {"+".join(v): pool for v in SECOND_LOOK if (pool := pooled(rs, v)) is not None}
               for regime, rs in runs.items() if rs}
     if any(second.values()):
@@ -188,7 +189,7 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
                       "reco_top1_std": float(np.std(vals["reco_top1"])),
                       "reco_minus_untrained_std": float(np.std(gain)),
                       "classes": hs[0]["classes"], "seeds": [r["protocol"]["seed"] for r in rs if g in r["groups"]]}
-        pool = pooled(rs)
+        pool = pools[regime]
         out["regimes"][regime] = {**per, **({"pooled": pool} if pool is not None else {}),
                                   **({"second_look": second[regime]} if second[regime] else {})}
         lines += [f"### {regime} regime (mean over seeds {', '.join(map(str, next(iter(per.values()))['seeds']))})",
