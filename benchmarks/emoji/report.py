@@ -149,6 +149,11 @@ def pooled(rs: list[dict], vendors: tuple[str, ...] = ("facebook",)) -> dict | N
             "seeds": [r["protocol"]["seed"] for r in rs], "bootstrap": BOOTSTRAP}
 
 
+def _pooled_header(label: str) -> list[str]:
+    return [f"| {label} | classes | images | baseline | untrained start | RECO | RECO − untrained [95 % CI] | "
+            "RECO − baseline [95 % CI] | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+
+
 def _pooled_row(label: str, pool: dict) -> str:
     return (f"| {label} | {pool['classes']} | {pool['images']} | {pool['baseline_top1']:.1f} | "
             f"{pool['untrained_top1']:.1f} | **{pool['reco_top1']:.1f}** | "
@@ -164,8 +169,7 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
     start, and the seeds."""
     out: dict = {"regimes": {}}
     lines = ["### pooled over every target image (mean over seeds; 95 % paired bootstrap over images and seeds)", "",
-             "| regime | classes | images | baseline | untrained start | RECO | RECO − untrained [95 % CI] | "
-             "RECO − baseline [95 % CI] | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+             *_pooled_header("regime")]
     pools = {regime: pooled(rs) if rs else None for regime, rs in runs.items()}
     lines += [_pooled_row(regime, pool) for regime, pool in pools.items() if pool is not None]
     second = {regime: {"+".join(v): pool for v in SECOND_LOOK if (pool := pooled(rs, v)) is not None}
@@ -173,9 +177,9 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
     if any(second.values()):
         lines += ["", "### second look: the same targets' google drawings, classified by the same models "
                       "(facebook + google: a target's two drawings resampled together)", "",
-                  "| regime, drawings | classes | images | baseline | untrained start | RECO | "
-                  "RECO − untrained [95 % CI] | RECO − baseline [95 % CI] | seeds |", "|---|---|---|---|---|---|---|---|---|"]
-        lines += [_pooled_row(f"{regime}, {v}", pool) for regime, pools in second.items() for v, pool in pools.items()]
+                  *_pooled_header("regime, drawings")]
+        lines += [_pooled_row(f"{regime}, {v}", pool) for regime, by_vendors in second.items()
+                  for v, pool in by_vendors.items()]
     lines.append("")
     for regime, rs in runs.items():
         if not rs:
