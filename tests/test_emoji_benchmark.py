@@ -124,17 +124,17 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
         else:
             assert t["reco"].count("1") < t["untrained"].count("1")
 
-    # the same seed again (base model from the cache, the ablations left out): the same numbers
-    p.ablations = False
+    # the same seed again (base model from the cache, the ablations and the second look left out): the same numbers
+    p.ablations, p.second_look = False, ()
     second = run(p, tmp_path / "home", npm_cache, log=lambda m: None)
-    assert second["base_model"]["cached"] is True
+    assert second["base_model"]["cached"] is True and "second_look" not in second["groups"]["country-flag"]
     table, again = first["groups"]["country-flag"]["table"], second["groups"]["country-flag"]["table"]
     assert set(again) < set(table)
     assert again == {row: table[row] for row in again}
 
     # the rare regime shows the targets to the base (one vendor, rarely): the base knows them a little
     rare = run(Protocol(targets=["country-flag"], regime="rare", seed=0, epochs=2, max_targets=30, max_rest=300,
-                        base=BaseConfig(steps=60, rare_weight=1.0)), tmp_path / "home", npm_cache, log=lambda m: None)
+                        second_look=(), base=BaseConfig(steps=60, rare_weight=1.0)), tmp_path / "home", npm_cache, log=lambda m: None)
     assert rare["base_model"]["rare_emoji"] == 30 + rare["n_novel_concepts"] + rare["n_unseen_val_pairs"]
     assert rare["groups"]["country-flag"]["headline"]["baseline_top1"] > h["baseline_top1"]
 
@@ -241,6 +241,59 @@ def test_pooled_rows_pool_every_target_image_with_a_paired_bootstrap():
     for r in runs:
         del r["groups"]["clothing"]["top1_hits"]
     assert pooled(runs) is None and "pooled" not in summarize({"rare": runs})[0]["regimes"]["rare"]
+
+
+def test_replications_pool_the_runs_of_one_protocol_as_bases(tmp_path):
+    """Rounds rerun on rebuilt bases are one sample of bases: pooled as seeds are, each folder's row beside, and the
+    interval that resampling only the drawings leaves; a run of another protocol is refused."""
+    import numpy as np
+
+    from benchmarks.emoji.report import SUMMARY_KEYS, images_only, pooled, replications
+
+    def run(seed, gains, **protocol):
+        n = len(gains)
+        start = np.zeros(n, bool)  # the start misses every drawing: RECO's hits are its gains
+        reco = gains
+        bits = {m: "".join("1" if h else "0" for h in v) for m, v in
+                (("baseline", np.zeros(n, bool)), ("untrained", start), ("reco", reco))}
+        head = {k: 0.0 for k in SUMMARY_KEYS} | {"classes": n, "reco_top1": 100 * reco.mean(),
+                                                 "untrained_top1": 100 * start.mean()}
+        return {"protocol": {"seed": seed, "regime": "rare", "lr": 0.03, **protocol},
+                "groups": {"clothing": {"headline": head, "top1_hits": bits}}}
+
+    odd, even = np.arange(60) % 2 == 1, np.arange(60) % 2 == 0
+    old = [run(s, odd) for s in range(2)]  # written before the protocol had gate_features
+    new = [run(s, even, gate_features="scores", gate_temperature=False, second_look=["google"]) for s in range(2)]
+    out, md = replications({"round-a": {"rare": old, "absent": []}, "round-b": {"rare": new}})
+    rare = out["regimes"]["rare"]
+    assert rare["pooled"] == pooled(old + new) and rare["pooled"]["seeds"] == [0, 1, 0, 1]
+    assert rare["per_source"] == {"round-a": pooled(old), "round-b": pooled(new)}
+    assert out["sources"]["round-b"]["runs"] == {"rare": [0, 1]} and rare["clothing"]["seeds"] == [0, 1, 0, 1]
+    # one folder gains on the odd drawings, the other on the even: every drawing gains in 2 of the 4 runs, so
+    # resampling the drawings alone cannot move the mean, and resampling the runs does
+    assert images_only(old + new) == {"ci95_low": 50.0, "ci95_high": 50.0, "runs": 4}
+    assert rare["pooled"]["reco_minus_untrained"] == 50.0 and rare["pooled"]["ci95_high"] > 50.0 > \
+        rare["pooled"]["ci95_low"]
+    assert images_only(old)["ci95_low"] < 50.0 < images_only(old)["ci95_high"]  # odd drawings only: they move
+    assert "| rare, round-a | 60 | 60 |" in md and "| round-b | ? | rare 2 |" in md
+    assert md.index("### pooled") < md.index("### each folder's pooled row")
+    with pytest.raises(ValueError, match="round-c: rare seed 0 differs from the first run in gate_features"):
+        replications({"round-a": {"rare": old}, "round-c": {"rare": [run(0, odd, gate_features="rivals")]}})
+    # the command: folders of run files in, emoji-replications.{json,md} out; another protocol is an error message
+    import json
+
+    from benchmarks.emoji.__main__ import main
+
+    for name, runs in (("a", old), ("b", new), ("c", [run(0, odd, lr=0.1)])):
+        (tmp_path / name).mkdir()
+        for r in runs:
+            (tmp_path / name / f"emoji-rare-s{r['protocol']['seed']}.json").write_text(json.dumps(r))
+    assert main(["summary", "--dirs", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--out-dir", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "emoji-replications.json").read_text())["regimes"]["rare"]["pooled"]
+    assert [written[k] for k in ("reco_minus_untrained", "ci95_low", "ci95_high")] == pytest.approx(
+        [rare["pooled"][k] for k in ("reco_minus_untrained", "ci95_low", "ci95_high")])
+    with pytest.raises(SystemExit, match="differs from the first run in lr"):
+        main(["summary", "--dirs", f"{tmp_path / 'a'},{tmp_path / 'c'}", "--out-dir", str(tmp_path)])
 
 
 def test_concept_split_holds_whole_seeded_subcategories_for_validation():

@@ -35,7 +35,7 @@ from app.gate import GATE_SETS  # noqa: E402
 from app.train import BATCHING, TUNE  # noqa: E402
 from benchmarks.emoji.protocol import (DEFAULT_TARGETS, REGIMES, TRAIN_ON, Protocol, base_model,  # noqa: E402
                                        concepts, run)
-from benchmarks.emoji.report import markdown, plot, summarize  # noqa: E402
+from benchmarks.emoji.report import markdown, plot, replications, summarize  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -151,18 +151,33 @@ def _result_name(p: Protocol) -> str:
     return f"emoji-{'-'.join(parts)}-s{p.seed}.json"
 
 
-def _summary(argv) -> int:
-    """Means and standard deviations over seeds, per regime and group, of every default-protocol run found."""
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.emoji summary", description=_summary.__doc__)
-    ap.add_argument("--dir", default=str(RESULTS))
-    args = ap.parse_args(argv)
-    d = Path(args.dir)
+def _runs(d: Path) -> dict[str, list[dict]]:
+    """{regime: the default-protocol runs (emoji-REGIME-sSEED.json) in folder d}."""
     runs = {r: [json.loads(f.read_text()) for f in sorted(d.glob(f"emoji-{r}-s*.json"))
                 if re.fullmatch(rf"emoji-{r}-s\d+\.json", f.name)] for r in REGIMES}
     if not any(runs.values()):
         raise SystemExit(f"no emoji-REGIME-sSEED.json result in {d}: run `python -m benchmarks.emoji` first")
-    summary, md = summarize(runs)
-    out = d / "emoji-summary.json"
+    return runs
+
+
+def _summary(argv) -> int:
+    """Means and standard deviations over seeds, per regime and group, of every default-protocol run found; with
+    --dirs, the runs of several folders (replications of one protocol on other bases) pooled as one sample."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.emoji summary", description=_summary.__doc__)
+    ap.add_argument("--dir", default=str(RESULTS), help="the folder whose runs are summarised (and where it goes)")
+    ap.add_argument("--dirs", default=None,
+                    help="comma-separated folders of runs of one protocol: emoji-replications.{json,md} in --out-dir")
+    ap.add_argument("--out-dir", default=str(RESULTS), help="with --dirs: where the pooled summary goes")
+    args = ap.parse_args(argv)
+    if args.dirs:
+        try:
+            summary, md = replications({d: _runs(Path(d)) for d in args.dirs.split(",") if d.strip()})
+        except ValueError as e:
+            raise SystemExit(str(e))
+        out = Path(args.out_dir) / "emoji-replications.json"
+    else:
+        summary, md = summarize(_runs(Path(args.dir)))
+        out = Path(args.dir) / "emoji-summary.json"
     write_result(out, summary)
     out.with_suffix(".md").write_text(md)
     log(md)

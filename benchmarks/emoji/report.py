@@ -113,6 +113,14 @@ def _hits(group: dict, vendor: str) -> dict | None:
         "top1_hits")
 
 
+def _hit_arrays(rs: list[dict], groups: list[str], vendors: tuple[str, ...]) -> dict | None:
+    """{model: float hits [seeds, emoji, vendors]} over the groups' target drawings; None where a run lacks them."""
+    if not groups or any(_hits(r["groups"].get(g, {}), v) is None for r in rs for g in groups for v in vendors):
+        return None
+    return {m: np.array([[[c == "1" for g in groups for c in _hits(r["groups"][g], v)[m]] for v in vendors]
+                         for r in rs], float).transpose(0, 2, 1) for m in ("baseline", "untrained", "reco")}
+
+
 def pooled(rs: list[dict], vendors: tuple[str, ...] = ("facebook",)) -> dict | None:
     """Top-1 over every target image of a regime, each group still classified among its own names, averaged over
     seeds; and the 95 % interval of a paired bootstrap for RECO − untrained start and RECO − baseline: images and
@@ -121,11 +129,9 @@ def pooled(rs: list[dict], vendors: tuple[str, ...] = ("facebook",)) -> dict | N
     vendors' drawings are resampled together (they are one concept, not independent samples). None when a run
     lacks the per-image hits."""
     groups = [g for g in rs[0]["groups"] if g != DEV]
-    if not groups or any(_hits(r["groups"].get(g, {}), v) is None for r in rs for g in groups for v in vendors):
+    hits = _hit_arrays(rs, groups, vendors)
+    if hits is None:
         return None
-    hits = {m: np.array([[[c == "1" for g in groups for c in _hits(r["groups"][g], v)[m]] for v in vendors]
-                         for r in rs], float).transpose(0, 2, 1)
-            for m in ("baseline", "untrained", "reco")}  # [seeds, emoji, vendors]
     n_seeds, n_images, _ = hits["reco"].shape
     rng = np.random.default_rng(0)
     diffs = {"untrained": hits["reco"] - hits["untrained"], "baseline": hits["reco"] - hits["baseline"]}
@@ -211,4 +217,71 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
             lines += ["", "Held-out subcategories (RECO's training or validation pairs, `dev`): " + "; ".join(
                 f"seed {seed}: {_subcategories(subs)}" for seed, subs in val.items()) + "."]
         lines.append("")
+    return out, "\n".join(lines)
+
+
+# Protocol fields in which runs may differ and still be pooled as replications of one protocol: the seed (its base
+# and split) and what was measured beside the bar's reading
+REPLICATION_FREE = ("seed", "second_look")
+# fields the protocol gained after runs were written, with the value those runs had
+ADDED_FIELDS = {"held_vendors": ["facebook"], "gate_features": "scores", "gate_temperature": False}
+
+
+def _protocol(run: dict) -> dict:
+    return {k: v for k, v in {**ADDED_FIELDS, **run["protocol"]}.items() if k not in REPLICATION_FREE}
+
+
+def images_only(rs: list[dict]) -> dict | None:
+    """The 95 % interval of pooled RECO − untrained start with the runs held fixed and only the target drawings
+    resampled: the part of `pooled`'s interval that more seeds or bases cannot remove, since every run classifies
+    the same drawings. None where a run lacks the per-image hits."""
+    hits = _hit_arrays(rs, [g for g in rs[0]["groups"] if g != DEV], ("facebook",))
+    if hits is None:
+        return None
+    per_image = (hits["reco"] - hits["untrained"]).mean(axis=(0, 2))  # each drawing's gain, mean over runs
+    draws = np.random.default_rng(0).integers(len(per_image), size=(BOOTSTRAP, len(per_image)))
+    low, high = 100 * np.percentile(per_image[draws].mean(axis=1), [2.5, 97.5])
+    return {"ci95_low": float(low), "ci95_high": float(high), "runs": len(rs)}
+
+
+def replications(sources: dict[str, dict[str, list[dict]]]) -> tuple[dict, str]:
+    """(emoji-replications.json, its markdown): the runs of one protocol that several result folders hold (a round
+    rerun on rebuilt bases, another machine) pooled per regime as one sample of bases: each run is a base, resampled
+    as `pooled` resamples seeds, with `summarize`'s per-group means over every base; then each folder's own pooled
+    row and `images_only` (how narrow more bases could make the interval). Runs whose protocols differ in anything
+    but REPLICATION_FREE are refused: they are not replications."""
+    regimes = sorted({regime for runs in sources.values() for regime, rs in runs.items() if rs})
+    combined = {regime: [r for runs in sources.values() for r in runs.get(regime, [])] for regime in regimes}
+    for regime, rs in combined.items():
+        ref = _protocol(rs[0])
+        for name, runs in sources.items():
+            for r in runs.get(regime, []):
+                if (p := _protocol(r)) != ref:
+                    diff = sorted(k for k in ref.keys() | p.keys() if ref.get(k) != p.get(k))
+                    raise ValueError(f"{name}: {regime} seed {r['protocol']['seed']} differs from the first run in "
+                                     f"{', '.join(diff)}: runs of other protocols are not replications")
+    summary, md = summarize(combined)
+    out = {"sources": {name: {"runs": {regime: [r["protocol"]["seed"] for r in rs] for regime, rs in runs.items()
+                                       if rs},
+                              "cpu": sorted({(r.get("versions", {}).get("cpu") or {}).get("model", "?")
+                                             for rs in runs.values() for r in rs})}
+                       for name, runs in sources.items()}, "regimes": summary["regimes"]}
+    lines = [f"Pooled over {', '.join(f'{len(rs)} {regime}' for regime, rs in combined.items())} runs of one "
+             f"protocol from {len(sources)} result folders; each run is one base, resampled as a seed.", "",
+             "| folder | CPU | runs |", "|---|---|---|"]
+    lines += [f"| {name} | {', '.join(s['cpu'])} | "
+              f"{'; '.join(f'{regime} {len(seeds)}' for regime, seeds in s['runs'].items())} |"
+              for name, s in out["sources"].items()]
+    lines += ["", md, "### each folder's pooled row", "", *_pooled_header("regime, folder")]
+    for regime in regimes:
+        per_source = {name: pool for name, runs in sources.items() if runs.get(regime)
+                      and (pool := pooled(runs[regime])) is not None}
+        only = images_only(combined[regime])
+        out["regimes"][regime].update({"per_source": per_source, **({"images_only": only} if only else {})})
+        lines += [_pooled_row(f"{regime}, {name}", pool) for name, pool in per_source.items()]
+    only = [f"{regime} [{o['ci95_low']:+.1f}, {o['ci95_high']:+.1f}]" for regime in regimes
+            if (o := out["regimes"][regime].get("images_only"))]
+    if only:
+        lines += ["", f"Resampling only the target drawings (every run kept): RECO − untrained 95 % interval "
+                      f"{'; '.join(only)}."]
     return out, "\n".join(lines)
