@@ -268,6 +268,16 @@ def reco_loss(v_ref, t_ref, v, t, logit_scale) -> torch.Tensor:
     return info_nce(v_ref, t_ref, logit_scale) + info_nce(v_ref, t, logit_scale) + info_nce(v, t_ref, logit_scale)
 
 
+def fused_loss(v_ref, t_ref, v, t, logit_scale) -> torch.Tensor:
+    """InfoNCE(v̄, t̄) alone: the comparison zero-shot classification and retrieval make when both sides retrieve.
+    The frozen v and t are taken and unused, so that every loss has one signature."""
+    return info_nce(v_ref, t_ref, logit_scale)
+
+
+# `reco train --loss`: the paper's three terms, or the fused pair alone (app/train.py LOSSES names them torch-free)
+LOSSES = {"reco": reco_loss, "fused": fused_loss}
+
+
 def _scalar_groups(model: RecoFusion) -> list[dict]:
     """tune="scalars": per side, only how much the memory weighs against the query (the output projection's scale
     along the identity: its gradient is projected onto the identity, so the map stays alpha times the identity)

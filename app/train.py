@@ -31,6 +31,7 @@ from .retrieval import modes, search_hits
 SELECT_RULES = ("1se", "best", "last")
 BATCHING = ("random", "similar", "shard")  # training and validation batches alike
 TUNE = ("all", "attention", "scalars", "gate")
+LOSSES = ("reco", "fused")  # app/fusion.py LOSSES
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -81,6 +82,10 @@ class TrainConfig:
     gate_features: str = "scores"
     # the gate also sets, per query, how sharply the memory term follows the top-1 (a second output: app/fusion.py)
     gate_temperature: bool = False
+    # "reco": the paper's three contrastive terms (fused image vs fused text, and each fused side vs the other's
+    # frozen embedding); "fused": only fused vs fused, the comparison zero-shot classification and retrieval make
+    # when both sides retrieve (app/fusion.py LOSSES)
+    loss: str = "reco"
     # validation batches: None as `batching`; "shard": one batch per shard of the validation pairs, so each image
     # is told apart among its own group's captions (a fine-grained set per shard, as targets are classified among
     # their own names) instead of among unrelated concepts that coarse kind already separates
@@ -99,6 +104,8 @@ class TrainConfig:
             raise RecoError("k and epochs must be >= 1 and batch size >= 2")
         if self.tune not in TUNE:
             raise RecoError(f"--tune must be one of {', '.join(TUNE)}, not {self.tune!r}")
+        if self.loss not in LOSSES:
+            raise RecoError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
         if self.batching not in BATCHING:
             raise RecoError(f"--batching must be one of {', '.join(BATCHING)}, not {self.batching!r}")
         if self.val_batching is not None and self.val_batching not in BATCHING:
@@ -651,15 +658,15 @@ def _batches(pairs: Pairs, rows: np.ndarray, batch_size: int, batching: str) -> 
 
 
 def evaluate(model, pairs: Pairs, nbrs, rows: np.ndarray, batch_size: int, device, batching: str = "random",
-             data: TrainData | None = None, hits: bool = False) -> dict:
-    """Loss and in-batch image->text accuracy, refined and frozen, on fixed batches of `rows`, each weighed by its
-    size. `data`: the pairs as `place_data` placed them (training passes its own, so nothing is uploaded twice).
+             data: TrainData | None = None, hits: bool = False, loss: str = "reco") -> dict:
+    """Loss (`loss`: a name of app/fusion.py LOSSES) and in-batch image->text accuracy, refined and frozen, on fixed
+    batches of `rows`, each weighed by its size. `data`: the pairs as `place_data` placed them (training passes its own, so nothing is uploaded twice).
     `hits`: also whether each row's image found its own caption, refined, as a bool array in the order of `rows`
     (for paired comparisons of two models on the same rows). Float32 as inference runs, whatever the training
     precision (tf32 excepted: it holds for the whole job)."""
     import torch
 
-    from .fusion import reco_loss
+    from .fusion import LOSSES as LOSS_FNS
 
     if len(rows) < 2:
         return {}
@@ -671,7 +678,7 @@ def evaluate(model, pairs: Pairs, nbrs, rows: np.ndarray, batch_size: int, devic
         for chunk in chunks:
             b = data.batch(chunk)
             v_ref, t_ref, v, t = _forward(model, b)
-            losses.append(float(reco_loss(v_ref, t_ref, v, t, model.logit_scale)))
+            losses.append(float(LOSS_FNS[loss](v_ref, t_ref, v, t, model.logit_scale)))
             found = _in_batch_hits(v_ref, t_ref)
             acc.append(float(found.float().mean()))
             base.append(_in_batch_acc(v, t))
@@ -734,7 +741,8 @@ def run_training(rt, name: str, progress: bool = True,
     from tqdm import tqdm
 
     from .backbone import pick_device
-    from .fusion import build, param_groups, reco_loss
+    from .fusion import LOSSES as LOSS_FNS
+    from .fusion import build, param_groups
 
     with rt.db.session() as s:
         row = s.query(FusionModel).filter_by(name=name).one_or_none()
@@ -808,7 +816,7 @@ def run_training(rt, name: str, progress: bool = True,
         last one."""
         nonlocal best
         val = evaluate(model, val_data, val_nbrs, val_rows, bs, device, cfg.val_batching or cfg.batching,
-                       data=val_placed)
+                       data=val_placed, loss=cfg.loss)
         entry = {"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss, "train_acc": train_acc,
                  "val": val, "lr": opt.param_groups[0]["lr"]}
         history.append(entry)
@@ -845,7 +853,7 @@ def run_training(rt, name: str, progress: bool = True,
             batch = data.batch(rows_at(step), key=step)
             with _autocast(cfg.precision, device):
                 v_ref, t_ref, v, t = _forward(model, batch, cfg.query_noise)
-                loss = reco_loss(v_ref, t_ref, v, t, model.logit_scale)
+                loss = LOSS_FNS[cfg.loss](v_ref, t_ref, v, t, model.logit_scale)
             if step + 1 < total:
                 data.prefetch(rows_at(step + 1), key=step + 1)  # host data: gathered while the device computes
             loss_value = loss.item()  # the step's one wait for the device

@@ -85,11 +85,12 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
     # the cross-fit on the same split: every held-out drawing scored once, out of its fold, the start's hits
     # the balance grid's (0, 0) (each drawing told apart among its own subcategory's captions in both), whichever
     # vendors' drawings trained
-    logged, fb, both = [], ("facebook", 1e-1, 3, "scores", False), ("facebook+google", 1e-1, 3, "scores", False)
-    rivals = ("facebook", 1e-1, 3, "rivals", False)  # the gate sees the top-1's rival too
+    logged, fb, both = [], ("facebook", 1e-1, 3, "scores", False, "reco"), ("facebook+google", 1e-1, 3, "scores",
+                                                                            False, "reco")
+    rivals = ("facebook", 1e-1, 3, "rivals", False, "reco")  # the gate sees the top-1's rival too
     cf = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append,
                    vendors=("facebook", "facebook+google"), features=("scores", "rivals"))
-    assert set(cf) == {START, fb, both, rivals, ("facebook+google", 1e-1, 3, "rivals", False)}
+    assert set(cf) == {START, fb, both, rivals, ("facebook+google", 1e-1, 3, "rivals", False, "reco")}
     assert {len(v) for v in cf.values()} == {first["n_unseen_val_pairs"]}
     assert cf[START].mean() == pytest.approx(hits[(0.0, 0.0)].mean())
     stored = {m["name"]: m["versions"][-1]["items_stored"] for m in list_memories(
@@ -97,16 +98,20 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
     folds_fb = stored["fold0-facebook"] + stored["fold1-facebook"]
     assert folds_fb == first["n_unseen_val_pairs"]  # each held-out drawing in one fold: the google ones train too
     assert stored["fold0-facebook_google"] + stored["fold1-facebook_google"] == 2 * folds_fb
-    cells = {(c["vendors"], c["lr"], c["epochs"], c["features"], c["temperature"]): c for c in recipes([cf])}
+    cells = {(c["vendors"], c["lr"], c["epochs"], c["features"], c["temperature"], c["loss"]): c
+             for c in recipes([cf])}
     assert cells[both]["minus_start"] == pytest.approx(100 * (cf[both].mean() - cf[START].mean()))
     again = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append, reuse=True,
                       vendors=("facebook", "facebook+google"), features=("scores", "rivals"))
     assert "held-out hits from" in logged[-1] and all((again[k] == cf[k]).all() for k in cf)
-    # the gate that also sets each query's sharpness, beside the one that does not: the same folds, both trained
+    # the gate that also sets each query's sharpness, and the one trained on the fused term alone, beside the
+    # protocol's: the same folds, all trained
     sharp = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append, reuse=True,
-                      temperature=(False, True))
-    assert "held-out hits from" not in logged[-1] and set(sharp) == {START, fb, fb[:4] + (True,)}
+                      temperature=(False, True), loss=("reco", "fused"))
+    temp, fused = fb[:4] + (True, "reco"), fb[:5] + ("fused",)
+    assert "held-out hits from" not in logged[-1] and set(sharp) == {START, fb, temp, fused, temp[:5] + ("fused",)}
     assert (sharp[fb] == cf[fb]).all() and (sharp[START] == cf[START]).all()
+    assert not (sharp[fused] == sharp[fb]).all()  # another loss, another gate
     assert hits[(-3.0, -3.0)].mean() < hits[(0.0, 0.0)].mean()  # the query alone: the memory's gain is gone
     cells = {(c["image_bias"], c["text_bias"]): c for c in pooled_grid([hits, hits])}
     start = cells[(0.0, 0.0)]
@@ -349,12 +354,15 @@ def test_crossfit_folds_split_the_held_out_subcategories_evenly():
 
 
 def test_crossfit_hits_are_saved_under_names_that_read_back_as_their_recipe():
-    for key in (START, ("facebook", 0.03, 20, "scores", False), ("facebook+google", 0.1, 10, "rivals", True)):
+    for key in (START, ("facebook", 0.03, 20, "scores", False, "reco"), ("facebook+google", 0.1, 10, "rivals", True,
+                                                                           "reco"),
+                ("facebook", 0.1, 10, "scores", True, "fused"), ("facebook", 0.1, 10, "scores", False, "fused")):
         assert _key(_name(key)) == key
-    # names saved before round seven (no features) and before round eight (no sharpness): a fixed-sharpness gate
-    # that saw the scores, or the features named
-    assert _key("facebook_0.03_20") == ("facebook", 0.03, 20, "scores", False)
-    assert _key("facebook_0.1_10_rivals") == ("facebook", 0.1, 10, "rivals", False)
+    # names saved before round seven (no features), round eight (no sharpness) and round nine (no loss): a
+    # fixed-sharpness gate that saw the scores, or the features named, trained on the paper's loss
+    assert _key("facebook_0.03_20") == ("facebook", 0.03, 20, "scores", False, "reco")
+    assert _key("facebook_0.1_10_rivals") == ("facebook", 0.1, 10, "rivals", False, "reco")
+    assert _key("facebook_0.1_10_scores_temperature") == ("facebook", 0.1, 10, "scores", True, "reco")
 
 
 def test_crossfit_keeps_the_start_unless_a_recipe_clears_one_standard_error():

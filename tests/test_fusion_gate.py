@@ -177,6 +177,22 @@ def test_tune_gate_needs_the_gate():
         TrainConfig(gate_temperature=True).check()
     with pytest.raises(RecoError, match="--val-batching must be"):
         TrainConfig(val_batching="groups").check()
+    with pytest.raises(RecoError, match="--loss must be one of reco, fused"):
+        TrainConfig(loss="clip").check()
+
+
+def test_the_fused_loss_is_the_papers_fused_term_alone():
+    """--loss fused trains on the comparison classification makes (fused image vs fused text); the paper's loss adds
+    each fused side against the other's frozen embedding."""
+    from app.fusion import LOSSES
+
+    gen = torch.Generator().manual_seed(0)
+    v_ref, t_ref, v, t = (F.normalize(torch.randn(8, D, generator=gen), dim=-1) for _ in range(4))
+    scale = torch.tensor(2.0)
+    fused = info_nce(v_ref, t_ref, scale)
+    assert torch.equal(LOSSES["fused"](v_ref, t_ref, v, t, scale), fused)
+    assert torch.allclose(LOSSES["reco"](v_ref, t_ref, v, t, scale),
+                          fused + info_nce(v_ref, t, scale) + info_nce(v, t_ref, scale))
 
 
 def test_train_cli_gate_and_shard_validation(cli_run, rt, memory, tmp_path, tiny_config):
@@ -191,10 +207,15 @@ def test_train_cli_gate_and_shard_validation(cli_run, rt, memory, tmp_path, tiny
     build_memory(rt, "val", tmp_path / "val", tiny_config)
     common = ["--pairs", "mem", "--memory", "mem", "-k", "5", "--epochs", "2", "--batch-size", "64",
               "--val-pairs", "val", "--select", "1se", "--val-batching", "shard"]
-    cli_run("train", "gated", *common, "--gate", "--tune", "gate", "--gate-features", "rivals", "--gate-temperature")
+    cli_run("train", "gated", *common, "--gate", "--tune", "gate", "--gate-features", "rivals", "--gate-temperature",
+            "--loss", "fused")
     cli_run("train", "plain", *common)
     shown = json.loads(cli_run("model", "show", "gated", "--json").stdout)
-    assert shown["train"]["gate"] is True and shown["train"]["tune"] == "gate"
+    assert shown["train"]["gate"] is True and shown["train"]["tune"] == "gate" and shown["train"]["loss"] == "fused"
+    # the same start, validated with each job's loss: fused vs fused alone is one of the paper's three terms
+    plain_start = json.loads(cli_run("model", "show", "plain", "--json").stdout)["metrics"]["start"]
+    assert shown["metrics"]["start"]["acc"] == plain_start["acc"]
+    assert 0 < shown["metrics"]["start"]["loss"] < plain_start["loss"]
     assert shown["train"]["gate_features"] == "rivals" and shown["train"]["gate_temperature"] is True
     assert shown["train"]["val_batching"] == "shard" and shown["metrics"]["val_pairs"] == 36
     gated = RecoEncoder.load("gated", runtime=rt, load_backbone=False, checkpoint="start")

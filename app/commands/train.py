@@ -62,6 +62,10 @@ from .common import val_line, warn_without_workers
 @click.option("--gate-temperature", is_flag=True, default=False,
               help="The gate also sets, per query, how sharply the memory term follows the top-1 neighbour (the score "
               "softmax's scale times e^z, z from the same signals; 1 at step 0). Needs --gate.")
+@click.option("--loss", type=click.Choice(["reco", "fused"]), default="reco", show_default=True,
+              help="reco: the paper's three contrastive terms (fused image vs fused text, and each fused side vs the "
+              "other's frozen embedding). fused: only fused vs fused, the comparison zero-shot classification makes "
+              "when both sides retrieve.")
 @click.option("--batching", type=click.Choice(["random", "similar", "shard"]), default="random", show_default=True,
               help="similar: each batch is a group of pairs with near captions, so in-batch negatives are hard. "
               "shard: each batch is one shard of the pairs (in chunks of --batch-size), for pairs written one "

@@ -32,7 +32,7 @@ from benchmarks.emoji import data  # noqa: E402
 from benchmarks.emoji.args import RESULTS, listed, shared, split  # noqa: E402
 from benchmarks.emoji.base import BaseConfig  # noqa: E402
 from app.gate import GATE_SETS  # noqa: E402
-from app.train import BATCHING, TUNE  # noqa: E402
+from app.train import BATCHING, LOSSES, TUNE  # noqa: E402
 from benchmarks.emoji.protocol import (DEFAULT_TARGETS, REGIMES, TRAIN_ON, Protocol, base_model,  # noqa: E402
                                        concepts, run)
 from benchmarks.emoji.report import markdown, plot, replications, summarize  # noqa: E402
@@ -64,6 +64,8 @@ def main(argv=None) -> int:
                     help="reco train --gate-features: what the gate sees")
     ap.add_argument("--gate-temperature", action=argparse.BooleanOptionalAction, default=Protocol.gate_temperature,
                     help="reco train --gate-temperature: the gate also sets each query's sharpness")
+    ap.add_argument("--loss", choices=LOSSES, default=Protocol.loss,
+                    help="reco train --loss: the paper's three terms (reco), or fused vs fused alone (fused)")
     ap.add_argument("--second-look", choices=("google", "none"), default="+".join(Protocol.second_look) or "none",
                     help="also classify the targets' drawings by this vendor with the same models (pooled beside "
                     "the facebook drawings in the summary); none: facebook's only")
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
                      seed=seed, epochs=args.epochs, lr=args.lr, held_vendors=held_vendors, unseen_val=args.unseen_val,
                      novel_pairs=args.novel_pairs,
                      query_noise=args.query_noise, batching=args.batching, tune=args.tune, gate=args.gate,
-                     gate_features=args.gate_features, gate_temperature=args.gate_temperature,
+                     gate_features=args.gate_features, gate_temperature=args.gate_temperature, loss=args.loss,
                      second_look=() if args.second_look == "none" else (args.second_look,),
                      val_vendor=args.val_vendor, pair_vendor=args.pair_vendor, train_on=args.train_on,
                      max_targets=args.max_targets,

@@ -9,11 +9,13 @@ Cross-fitting on non-target data only.
 
     python -m benchmarks.emoji crossfit --temperature off,on   # does the gate also set each query's sharpness?
 
+    python -m benchmarks.emoji crossfit --loss reco,fused   # the paper's three loss terms, or fused vs fused alone
+
 Per seed: the protocol's held-out subcategories (its validation and `dev` concepts) in two folds of about equal
 size. The protocol's gated layers, only the gate learning, are trained with each recipe (the vendors whose
-drawings train × lr × epochs × what the gate sees × whether it also sets the sharpness; one vendor's drawings of
-one subcategory per batch, the last step kept) on one fold and scored on the other fold's facebook drawings, each
-told apart among its own subcategory's captions; then the folds swap. Pooled over folds and seeds: each recipe's
+drawings train × lr × epochs × what the gate sees × whether it also sets the sharpness × the loss; one vendor's
+drawings of one subcategory per batch, the last step kept) on one fold and scored on the other fold's facebook
+drawings, each told apart among its own subcategory's captions; then the folds swap. Pooled over folds and seeds: each recipe's
 accuracy minus the untrained start's on the same drawings, with a paired bootstrap. `--train-on unseen` (the
 protocol's default) trains the picked recipe on all the held-out subcategories, so every drawing the recipe was
 judged on was out of its fold's training. No target is read.
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from app.gate import GATE_SETS
+from app.train import LOSSES
 
 from .args import listed, shared, split
 from .data import versions
@@ -39,10 +42,11 @@ from .report import BOOTSTRAP, paired_gains
 VENDORS = ("facebook",)  # sets of HELD_VENDORS, '+'-joined
 FEATURES = ("scores",)  # app/gate.py's GATE_SETS
 TEMPERATURE = (False,)  # reco train --gate-temperature
+LOSS = ("reco",)  # reco train --loss
 SWITCH = {False: "off", True: "on"}
 LRS = (1e-2, 3e-2, 1e-1)
 EPOCHS = (5, 10, 20, 40)
-START = ("start", "", 0, "", False)
+START = ("start", "", 0, "", False, "")
 
 
 def folds(unseen: list) -> list[list[str]]:
@@ -67,13 +71,15 @@ def _saved(p: Protocol, home: Path) -> Path:
 
 
 def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=print, reuse: bool = False,
-              vendors=VENDORS, features=FEATURES, temperature=TEMPERATURE) -> dict:
-    """{(vendors, lr, epochs, features, temperature): bool per held-out facebook drawing, out of fold} for one seed;
+              vendors=VENDORS, features=FEATURES, temperature=TEMPERATURE, loss=LOSS) -> dict:
+    """{(vendors, lr, epochs, features, temperature, loss): bool per held-out facebook drawing, out of fold} for one
+    seed;
     START is the untrained start on the same drawings (fold 1's drawings, then fold 0's). `vendors` are '+'-joined
     sets of vendors whose drawings train, `features` names of app/gate.py's sets (what the gate sees), `temperature`
-    whether the gate also sets each query's sharpness (reco train --gate-temperature). Saved beside the seed's run;
+    whether the gate also sets each query's sharpness (reco train --gate-temperature), `loss` reco train --loss's
+    names. Saved beside the seed's run;
     `reuse` loads a saved seed that holds every recipe asked for (its base cache key must not have changed)."""
-    wanted = [START, *itertools.product(vendors, lrs, epochs, features, temperature)]
+    wanted = [START, *itertools.product(vendors, lrs, epochs, features, temperature, loss)]
     if reuse and _saved(p, home).is_file():
         with np.load(_saved(p, home), allow_pickle=False) as z:
             saved = {_key(name): z[name] for name in z.files}
@@ -108,15 +114,16 @@ def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=
 
     out: dict = {}
     for train, val in ((0, 1), (1, 0)):
-        for v, lr, ep, feats, temp in itertools.product(vendors, lrs, epochs, features, temperature):
-            name = f"fold{train}-{v}-lr{lr:.0e}-e{ep}{'' if feats == 'scores' else '-' + feats}{'-temp' * temp}"
+        for v, lr, ep, feats, temp, objective in itertools.product(vendors, lrs, epochs, features, temperature, loss):
+            name = f"fold{train}-{v}-lr{lr:.0e}-e{ep}{'' if feats == 'scores' else '-' + feats}{'-temp' * temp}" \
+                + ("" if objective == "reco" else f"-{objective}")
             name = name.replace("+", "_").replace(".", "_")
             # the protocol's training as `--train-on unseen` runs it; validating on the other fold only records it
             create_job(rt, name, _memory(train, v), "twitter", _train_cfg(
                 p, lr=lr, epochs=ep, batching="shard", select="last", val_pairs=_memory(val, p.val_vendor),
-                gate_features=feats, gate_temperature=temp))
+                gate_features=feats, gate_temperature=temp, loss=objective))
             run_training(rt, name, progress=False)
-            out.setdefault((v, lr, ep, feats, temp), []).append(scored(name))
+            out.setdefault((v, lr, ep, feats, temp, objective), []).append(scored(name))
         out.setdefault(START, []).append(scored(name, untrained=True))
     hits = {key: np.concatenate(parts) for key, parts in out.items()}
     np.savez(_saved(p, home), **{_name(k): v for k, v in hits.items()})
@@ -131,20 +138,25 @@ def _memory(fold: int, vendors: str) -> str:
 
 
 def _name(key) -> str:
-    return "start" if key == START else f"{key[0]}_{key[1]!r}_{key[2]}_{key[3]}" + "_temperature" * key[4]
+    return "start" if key == START else f"{key[0]}_{key[1]!r}_{key[2]}_{key[3]}" + "_temperature" * key[4] \
+        + ("" if key[5] == "reco" else f"_{key[5]}")
 
 
 def _key(name: str):
     if name == "start":
         return START
-    # saved before round seven: no features (the gate saw "scores"); before round eight: no temperature
+    # saved before round seven: no features (the gate saw "scores"); before round eight: no temperature; before
+    # round nine: no loss (the paper's)
     v, lr, ep, *rest = name.split("_")
-    return v, float(lr), int(ep), rest[0] if rest else "scores", rest[1:] == ["temperature"]
+    flags = rest[1:]
+    return v, float(lr), int(ep), rest[0] if rest else "scores", "temperature" in flags, \
+        next((x for x in flags if x != "temperature"), "reco")
 
 
 def recipes(per_seed: list[dict]) -> list[dict]:
     """Per recipe: pooled out-of-fold accuracy, minus the start, with its paired bootstrap 95 % interval."""
-    return [{"vendors": key[0], "lr": key[1], "epochs": key[2], "features": key[3], "temperature": key[4], **gain}
+    return [{"vendors": key[0], "lr": key[1], "epochs": key[2], "features": key[3], "temperature": key[4],
+             "loss": key[5], **gain}
             for key, gain in paired_gains(per_seed, START).items() if key != START]
 
 
@@ -158,24 +170,29 @@ def pick(best: dict) -> dict | None:
 def markdown(r: dict) -> str:
     feats = lambda c: c.get("features", "scores")  # noqa: E731 (a result from before round seven: scores)
     temp = lambda c: c.get("temperature", False)  # noqa: E731 (... before round eight: a fixed sharpness)
-    cells = {(c["vendors"], feats(c), temp(c), c["lr"], c["epochs"]): c for c in r["recipes"]}
+    loss = lambda c: c.get("loss", "reco")  # noqa: E731 (... before round nine: the paper's loss)
+    cells = {(c["vendors"], feats(c), temp(c), loss(c), c["lr"], c["epochs"]): c for c in r["recipes"]}
     vendors = sorted({c["vendors"] for c in r["recipes"]}, key=len)
     sets = sorted({feats(c) for c in r["recipes"]}, key=list(GATE_SETS).index)
     temps = sorted({temp(c) for c in r["recipes"]})
+    losses = sorted({loss(c) for c in r["recipes"]}, key=LOSSES.index)
     sharp = lambda t: "| per query " if t else "| fixed " if temps != [False] else ""  # noqa: E731
+    objective = lambda x: f"| {x} " if losses != ["reco"] else ""  # noqa: E731
     lrs, eps = sorted({c["lr"] for c in r["recipes"]}), sorted({c["epochs"] for c in r["recipes"]})
     lines = [f"### {r['regime']} regime: held-out subcategories, out-of-fold top-1 minus the untrained start, by "
              f"recipe (gate only, one vendor's drawings of one subcategory per batch; scored on facebook drawings, "
              f"pooled over seeds {', '.join(map(str, r['seeds']))} and both folds, {r['images']} drawings)", "",
-             "| trained on | gate sees " + ("| sharpness " if temps != [False] else "") + "| lr \\ epochs | "
-             + " | ".join(map(str, eps)) + " |", "|" + "---|" * (len(eps) + 3 + (temps != [False]))]
+             "| trained on | gate sees " + ("| sharpness " if temps != [False] else "")
+             + ("| loss " if losses != ["reco"] else "") + "| lr \\ epochs | " + " | ".join(map(str, eps)) + " |",
+             "|" + "---|" * (len(eps) + 3 + (temps != [False]) + (losses != ["reco"]))]
     cell = lambda c: f"{c['minus_start']:+.1f} [{c['ci95_low']:+.1f}, {c['ci95_high']:+.1f}]"  # noqa: E731
-    for v, f, t, lr in itertools.product(vendors, sets, temps, lrs):
-        lines.append(f"| {v} | {f} {sharp(t)}| {lr:g} | " + " | ".join(cell(cells[(v, f, t, lr, e)]) for e in eps)
-                     + " |")
+    for v, f, t, o, lr in itertools.product(vendors, sets, temps, losses, lrs):
+        lines.append(f"| {v} | {f} {sharp(t)}{objective(o)}| {lr:g} | "
+                     + " | ".join(cell(cells[(v, f, t, o, lr, e)]) for e in eps) + " |")
     b = r["best"]
     lines += ["", f"Start: {r['start_top1']:.1f} %. Highest: {b['vendors']}, gate sees {feats(b)}"
-              + (", sets each query's sharpness" if temp(b) else "") + f", lr {b['lr']:g}, "
+              + (", sets each query's sharpness" if temp(b) else "")
+              + (f", loss {loss(b)}" if losses != ["reco"] else "") + f", lr {b['lr']:g}, "
               f"{b['epochs']} epochs, "
               f"{b['minus_start']:+.1f} [{b['ci95_low']:+.1f}, {b['ci95_high']:+.1f}], standard error {b['se']:.1f} "
               "(per seed " + ", ".join(f"{a - s:+.1f}" for a, s in zip(b["per_seed"], r["start_per_seed"]))
@@ -198,6 +215,9 @@ def main(argv) -> int:
     ap.add_argument("--temperature", default=",".join(SWITCH[t] for t in TEMPERATURE),
                     help="off: the score softmax's sharpness stays fixed; on: the gate also sets it per query "
                          "(reco train --gate-temperature); comma-separated")
+    ap.add_argument("--loss", default=",".join(LOSS),
+                    help=f"reco train --loss: {' and/or '.join(LOSSES)} (the paper's three terms, or fused vs fused "
+                         "alone), comma-separated")
     ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="learning rates, comma-separated")
     ap.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="epoch counts, comma-separated")
     split(ap)
@@ -217,11 +237,14 @@ def main(argv) -> int:
     if not temperature or not set(temperature) <= set(SWITCH.values()):
         ap.error(f"--temperature takes off and/or on, comma-separated, not {args.temperature!r}")
     temperature = [t == "on" for t in temperature]
+    loss = [x.strip() for x in args.loss.split(",") if x.strip()]
+    if not loss or not set(loss) <= set(LOSSES):
+        ap.error(f"--loss takes {' and/or '.join(LOSSES)}, comma-separated, not {args.loss!r}")
     protocols = [Protocol(regime=args.regime, seed=s, max_rest=args.max_others, unseen_val=args.unseen_val,
                           novel_pairs=args.novel_pairs) for s in seeds]
     home, cache = Path(args.home).resolve(), Path(args.cache)
     per_seed = [fold_hits(p, home, cache, lrs, epochs, log, reuse=args.reuse, vendors=vendors, features=features,
-                          temperature=temperature) for p in protocols]
+                          temperature=temperature, loss=loss) for p in protocols]
     cells = recipes(per_seed)
     best = max(cells, key=lambda c: c["minus_start"])
     start = paired_gains(per_seed, START)[START]
@@ -232,10 +255,11 @@ def main(argv) -> int:
               "folds": {str(p.seed): folds(concepts(p, cache)["unseen"]) for p in protocols},
               "unseen_val": args.unseen_val, "novel_pairs": args.novel_pairs, "best": best, "pick": pick(best),
               "recipes": cells, "versions": versions()}
-    # a grid over other vendors, gate features or sharpness than the default's, or other concept shares, gets its
-    # own file
+    # a grid over other vendors, gate features, sharpness or loss than the default's, or other concept shares, gets
+    # its own file
     tag = ("-vendors" if tuple(vendors) != VENDORS else "") + ("-features" if tuple(features) != FEATURES else "") \
-        + ("-temperature" if tuple(temperature) != TEMPERATURE else "") + _split(protocols[0])
+        + ("-temperature" if tuple(temperature) != TEMPERATURE else "") + ("-loss" if tuple(loss) != LOSS else "") \
+        + _split(protocols[0])
     out = Path(args.out_dir) / f"emoji-crossfit-{args.regime}{tag}{'-reduced' if args.max_others else ''}.json"
     write_result(out, result)
     out.with_suffix(".md").write_text(markdown(result))
