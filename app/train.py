@@ -660,10 +660,10 @@ def _batches(pairs: Pairs, rows: np.ndarray, batch_size: int, batching: str) -> 
 def evaluate(model, pairs: Pairs, nbrs, rows: np.ndarray, batch_size: int, device, batching: str = "random",
              data: TrainData | None = None, hits: bool = False, loss: str = "reco") -> dict:
     """Loss (`loss`: a name of app/fusion.py LOSSES) and in-batch image->text accuracy, refined and frozen, on fixed
-    batches of `rows`, each weighed by its size. `data`: the pairs as `place_data` placed them (training passes its own, so nothing is uploaded twice).
-    `hits`: also whether each row's image found its own caption, refined, as a bool array in the order of `rows`
-    (for paired comparisons of two models on the same rows). Float32 as inference runs, whatever the training
-    precision (tf32 excepted: it holds for the whole job)."""
+    batches of `rows`, each weighed by its size. `data`: the pairs as `place_data` placed them (training passes its
+    own, so nothing is uploaded twice). `hits`: also whether each row's image found its own caption, refined, as a
+    bool array in the order of `rows` (for paired comparisons of two models on the same rows). Float32 as inference
+    runs, whatever the training precision (tf32 excepted: it holds for the whole job)."""
     import torch
 
     from .fusion import LOSSES as LOSS_FNS

@@ -111,7 +111,11 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
     temp, fused = fb[:4] + (True, "reco"), fb[:5] + ("fused",)
     assert "held-out hits from" not in logged[-1] and set(sharp) == {START, fb, temp, fused, temp[:5] + ("fused",)}
     assert (sharp[fb] == cf[fb]).all() and (sharp[START] == cf[START]).all()
-    assert not (sharp[fused] == sharp[fb]).all()  # another loss, another gate
+    from app.db.models import FusionModel
+
+    with fresh_runtime(tmp_path / "home" / "runs" / f"crossfit-{p.regime}-s{p.seed}" / "home").db.session() as s:
+        trained_on = {m.name: m.config["job"]["train"]["loss"] for m in s.query(FusionModel)}
+    assert trained_on["fold0-facebook-lr1e-01-e3-fused"] == "fused" and trained_on["fold0-facebook-lr1e-01-e3"] == "reco"
     assert hits[(-3.0, -3.0)].mean() < hits[(0.0, 0.0)].mean()  # the query alone: the memory's gain is gone
     cells = {(c["image_bias"], c["text_bias"]): c for c in pooled_grid([hits, hits])}
     start = cells[(0.0, 0.0)]
@@ -139,7 +143,8 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
 
     # the rare regime shows the targets to the base (one vendor, rarely): the base knows them a little
     rare = run(Protocol(targets=["country-flag"], regime="rare", seed=0, epochs=2, max_targets=30, max_rest=300,
-                        second_look=(), base=BaseConfig(steps=60, rare_weight=1.0)), tmp_path / "home", npm_cache, log=lambda m: None)
+                        second_look=(), base=BaseConfig(steps=60, rare_weight=1.0)), tmp_path / "home", npm_cache,
+               log=lambda m: None)
     assert rare["base_model"]["rare_emoji"] == 30 + rare["n_novel_concepts"] + rare["n_unseen_val_pairs"]
     assert rare["groups"]["country-flag"]["headline"]["baseline_top1"] > h["baseline_top1"]
 

@@ -350,7 +350,7 @@ def test_bad_inputs(rt, memory, tmp_path, tiny_config):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(rt, memory, monkeypatch):
     import app.fusion
 
-    real = app.fusion.reco_loss
+    real = app.fusion.LOSSES["reco"]
     seen = {"n": 0}
 
     def poisoned(*a):
@@ -361,7 +361,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(rt, memory, mo
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(app.fusion, "reco_loss", poisoned)
+    monkeypatch.setitem(app.fusion.LOSSES, "reco", poisoned)
     create_job(rt, "nan", "mem", "mem", cfg(epochs=3, checkpoint_every=4))
     with pytest.raises(RecoError, match="non-finite at step 6 .*step 4"):
         run_training(rt, "nan", progress=False)

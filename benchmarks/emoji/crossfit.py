@@ -15,10 +15,10 @@ Per seed: the protocol's held-out subcategories (its validation and `dev` concep
 size. The protocol's gated layers, only the gate learning, are trained with each recipe (the vendors whose
 drawings train × lr × epochs × what the gate sees × whether it also sets the sharpness × the loss; one vendor's
 drawings of one subcategory per batch, the last step kept) on one fold and scored on the other fold's facebook
-drawings, each told apart among its own subcategory's captions; then the folds swap. Pooled over folds and seeds: each recipe's
-accuracy minus the untrained start's on the same drawings, with a paired bootstrap. `--train-on unseen` (the
-protocol's default) trains the picked recipe on all the held-out subcategories, so every drawing the recipe was
-judged on was out of its fold's training. No target is read.
+drawings, each told apart among its own subcategory's captions; then the folds swap. Pooled over folds and
+seeds: each recipe's accuracy minus the untrained start's on the same drawings, with a paired bootstrap.
+`--train-on unseen` (the protocol's default) trains the picked recipe on all the held-out subcategories, so every
+drawing the recipe was judged on was out of its fold's training. No target is read.
 """
 
 from __future__ import annotations
