@@ -73,12 +73,11 @@ def _saved(p: Protocol, home: Path) -> Path:
 def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=print, reuse: bool = False,
               vendors=VENDORS, features=FEATURES, temperature=TEMPERATURE, loss=LOSS) -> dict:
     """{(vendors, lr, epochs, features, temperature, loss): bool per held-out facebook drawing, out of fold} for one
-    seed;
-    START is the untrained start on the same drawings (fold 1's drawings, then fold 0's). `vendors` are '+'-joined
-    sets of vendors whose drawings train, `features` names of app/gate.py's sets (what the gate sees), `temperature`
-    whether the gate also sets each query's sharpness (reco train --gate-temperature), `loss` reco train --loss's
-    names. Saved beside the seed's run;
-    `reuse` loads a saved seed that holds every recipe asked for (its base cache key must not have changed)."""
+    seed; START is the untrained start on the same drawings (fold 1's drawings, then fold 0's). `vendors` are
+    '+'-joined sets of vendors whose drawings train, `features` names of app/gate.py's sets (what the gate sees),
+    `temperature` whether the gate also sets each query's sharpness (reco train --gate-temperature), `loss` names
+    of reco train --loss. Saved beside the seed's run; `reuse` loads a saved seed that holds every recipe asked for
+    (its base cache key must not have changed)."""
     wanted = [START, *itertools.product(vendors, lrs, epochs, features, temperature, loss)]
     if reuse and _saved(p, home).is_file():
         with np.load(_saved(p, home), allow_pickle=False) as z:
