@@ -276,12 +276,12 @@ def replications(sources: dict[str, dict[str, list[dict]]]) -> tuple[dict, str]:
     for regime in regimes:
         per_source = {name: pool for name, runs in sources.items() if runs.get(regime)
                       and (pool := pooled(runs[regime])) is not None}
-        only = images_only(combined[regime])
-        out["regimes"][regime].update({"per_source": per_source, **({"images_only": only} if only else {})})
+        drawings = images_only(combined[regime])
+        out["regimes"][regime].update({"per_source": per_source, **({"images_only": drawings} if drawings else {})})
         lines += [_pooled_row(f"{regime}, {name}", pool) for name, pool in per_source.items()]
-    only = [f"{regime} [{o['ci95_low']:+.1f}, {o['ci95_high']:+.1f}]" for regime in regimes
-            if (o := out["regimes"][regime].get("images_only"))]
-    if only:
+    intervals = [f"{regime} [{o['ci95_low']:+.1f}, {o['ci95_high']:+.1f}]" for regime in regimes
+                 if (o := out["regimes"][regime].get("images_only"))]
+    if intervals:
         lines += ["", f"Resampling only the target drawings (every run kept): RECO − untrained 95 % interval "
-                      f"{'; '.join(only)}."]
+                      f"{'; '.join(intervals)}."]
     return out, "\n".join(lines)
