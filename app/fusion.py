@@ -16,7 +16,9 @@ m is the layer's fused memory term and g ∈ [0, 1] a logistic function of the s
 names (how sure and how consistent the retrieval is for this query, and how near its top-1's rival is: app/gate.py).
 With `gate_temperature` a second linear read of the same signals, z, also sets how sharply this query's memory
 term follows its top-1: the score softmax's scale is multiplied by e^z (a near tie can average its look-alikes'
-votes, a clear match keep only its own). Its weights start at zero, so g = 0.5, e^z = 1 and the gated layer at
+votes, a clear match keep only its own). With `gate_hidden` = H > 0 the gate reads the signals through one hidden
+layer of H tanh units instead of linearly, so it can weigh one signal by another (a high top-1 score means less
+when every neighbour scores as high). Its output weights start at zero, so g = 0.5, e^z = 1 and the gated layer at
 step 0 is exactly the ungated one (its untrained start). Trained, g rises where the neighbours agree with each other
 and with the query (the memory is then likely right) and falls where they scatter (tests/test_fusion_gate.py).
 """
@@ -54,6 +56,8 @@ class FusionConfig:
     gate_features: tuple[str, ...] | str = ()
     # the gate also scales, per query, the score softmax's sharpness (needs `gate`; False in models saved before it)
     gate_temperature: bool = False
+    # 0: the gate is linear in its signals (every model saved before the field); H: one hidden layer of H tanh units
+    gate_hidden: int = 0
 
     def __post_init__(self):
         self.gate_features = gate_names(self.gate_features or GATE_FEATURES)
@@ -63,6 +67,8 @@ class FusionConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.gate_temperature and not self.gate:
             raise ValueError("gate_temperature is an output of the per-query gate: it needs gate=True")
+        if self.gate_hidden < 0 or (self.gate_hidden and not self.gate):
+            raise ValueError("gate_hidden is the per-query gate's hidden width: >= 0, and > 0 only with gate=True")
         if self.init not in ("identity", "retrieval"):
             raise ValueError(f"fusion init must be identity or retrieval, not {self.init!r}")
 
@@ -140,9 +146,10 @@ class FusionLayer(nn.Module):
         self.gate = None
         if cfg.gate:  # drawn outside the global generator: every other parameter starts as without the gate
             with torch.random.fork_rng(devices=[]):  # outputs: the memory's share, then the sharpness's log-scale
-                self.gate = nn.Linear(len(cfg.gate_features), 1 + cfg.gate_temperature)
-            nn.init.zeros_(self.gate.weight)
-            nn.init.zeros_(self.gate.bias)
+                self.gate = _gate(len(cfg.gate_features), cfg.gate_hidden, 1 + cfg.gate_temperature)
+            last = self.gate if cfg.gate_hidden == 0 else self.gate[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def gate_value(self, query, retrieved, scores=None, mask=None) -> torch.Tensor:
         """g ∈ [0, 1] per query [B]: the memory term's share (0.5 at step 0)."""
@@ -202,6 +209,14 @@ class FusionLayer(nn.Module):
             y = 2 * (1 - g) * q_tok + 2 * g * memory
         y = y + self.drop(self.mlp(self.ln2(y)))
         return F.normalize(y, dim=-1)
+
+
+def _gate(signals: int, hidden: int, outputs: int) -> nn.Module:
+    """The gate's map from its signals to its outputs: linear (hidden 0: its parameters keep the names `gate.weight`
+    and `gate.bias` of every model saved before `gate_hidden`), or through one hidden layer of tanh units."""
+    if hidden == 0:
+        return nn.Linear(signals, outputs)
+    return nn.Sequential(nn.Linear(signals, hidden), nn.Tanh(), nn.Linear(hidden, outputs))
 
 
 def _sharpness(z: torch.Tensor) -> torch.Tensor:

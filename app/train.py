@@ -82,6 +82,8 @@ class TrainConfig:
     gate_features: str = "scores"
     # the gate also sets, per query, how sharply the memory term follows the top-1 (a second output: app/fusion.py)
     gate_temperature: bool = False
+    # the gate's hidden width: 0 reads its signals linearly; H > 0 through one hidden layer of H tanh units
+    gate_hidden: int = 0
     # "reco": the paper's three contrastive terms (fused image vs fused text, and each fused side vs the other's
     # frozen embedding); "fused": only fused vs fused, the comparison zero-shot classification and retrieval make
     # when both sides retrieve (app/fusion.py LOSSES)
@@ -114,6 +116,8 @@ class TrainConfig:
             raise RecoError("--tune gate trains only the per-query gate: add --gate")
         if self.gate_temperature and not self.gate:
             raise RecoError("--gate-temperature is an output of the per-query gate: add --gate")
+        if self.gate_hidden < 0 or (self.gate_hidden and not self.gate):
+            raise RecoError("--gate-hidden is the per-query gate's hidden width: >= 0, and > 0 only with --gate")
         try:
             gate_names(self.gate_features)
         except ValueError as e:
@@ -731,7 +735,8 @@ def fusion_config(cfg: TrainConfig, dim: int):
     return FusionConfig(dim=dim, k=cfg.k, heads=cfg.heads, dropout=cfg.dropout,
                         neighbour_dropout=cfg.neighbour_dropout, use_rank=cfg.use_rank, use_score=cfg.use_score,
                         init=cfg.init, score_scale_init=cfg.score_scale, retrieval=cfg.retrieval, gate=cfg.gate,
-                        gate_features=cfg.gate_features, gate_temperature=cfg.gate_temperature)
+                        gate_features=cfg.gate_features, gate_temperature=cfg.gate_temperature,
+                        gate_hidden=cfg.gate_hidden)
 
 
 def run_training(rt, name: str, progress: bool = True,

@@ -7,6 +7,7 @@ run with the same seed (base model from the cache) must give the same numbers.
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,12 +86,12 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
     # the cross-fit on the same split: every held-out drawing scored once, out of its fold, the start's hits
     # the balance grid's (0, 0) (each drawing told apart among its own subcategory's captions in both), whichever
     # vendors' drawings trained
-    logged, fb, both = [], ("facebook", 1e-1, 3, "scores", False, "reco"), ("facebook+google", 1e-1, 3, "scores",
-                                                                            False, "reco")
-    rivals = ("facebook", 1e-1, 3, "rivals", False, "reco")  # the gate sees the top-1's rival too
+    logged, fb, both = [], ("facebook", 1e-1, 3, "scores", False, "reco", 0), ("facebook+google", 1e-1, 3, "scores",
+                                                                               False, "reco", 0)
+    rivals = ("facebook", 1e-1, 3, "rivals", False, "reco", 0)  # the gate sees the top-1's rival too
     cf = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append,
                    vendors=("facebook", "facebook+google"), features=("scores", "rivals"))
-    assert set(cf) == {START, fb, both, rivals, ("facebook+google", 1e-1, 3, "rivals", False, "reco")}
+    assert set(cf) == {START, fb, both, rivals, ("facebook+google", 1e-1, 3, "rivals", False, "reco", 0)}
     assert {len(v) for v in cf.values()} == {first["n_unseen_val_pairs"]}
     assert cf[START].mean() == pytest.approx(hits[(0.0, 0.0)].mean())
     stored = {m["name"]: m["versions"][-1]["items_stored"] for m in list_memories(
@@ -98,7 +99,7 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
     folds_fb = stored["fold0-facebook"] + stored["fold1-facebook"]
     assert folds_fb == first["n_unseen_val_pairs"]  # each held-out drawing in one fold: the google ones train too
     assert stored["fold0-facebook_google"] + stored["fold1-facebook_google"] == 2 * folds_fb
-    cells = {(c["vendors"], c["lr"], c["epochs"], c["features"], c["temperature"], c["loss"]): c
+    cells = {(c["vendors"], c["lr"], c["epochs"], c["features"], c["temperature"], c["loss"], c["hidden"]): c
              for c in recipes([cf])}
     assert cells[both]["minus_start"] == pytest.approx(100 * (cf[both].mean() - cf[START].mean()))
     again = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append, reuse=True,
@@ -108,14 +109,21 @@ def test_reduced_protocol_trains_the_gate_on_held_out_subcategories(npm_cache, t
     # protocol's: the same folds, all trained
     sharp = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append, reuse=True,
                       temperature=(False, True), loss=("reco", "fused"))
-    temp, fused = fb[:4] + (True, "reco"), fb[:5] + ("fused",)
-    assert "held-out hits from" not in logged[-1] and set(sharp) == {START, fb, temp, fused, temp[:5] + ("fused",)}
+    temp, fused = fb[:4] + (True, "reco", 0), fb[:5] + ("fused", 0)
+    assert "held-out hits from" not in logged[-1] and set(sharp) == {START, fb, temp, fused, temp[:5] + ("fused", 0)}
     assert (sharp[fb] == cf[fb]).all() and (sharp[START] == cf[START]).all()
     from app.db.models import FusionModel
 
     with fresh_runtime(tmp_path / "home" / "runs" / f"crossfit-{p.regime}-s{p.seed}" / "home").db.session() as s:
         trained_on = {m.name: m.config["job"]["train"]["loss"] for m in s.query(FusionModel)}
     assert trained_on["fold0-facebook-lr1e-01-e3-fused"] == "fused" and trained_on["fold0-facebook-lr1e-01-e3"] == "reco"
+    # a gate with a hidden layer, on the same folds: its job records the width, and it is scored on the same drawings
+    wide = fold_hits(p, tmp_path / "home", npm_cache, lrs=(1e-1,), epochs=(3,), log=logged.append, reuse=True,
+                     hidden=(8,))
+    assert set(wide) == {START, fb[:6] + (8,)} and (wide[START] == cf[START]).all()
+    with fresh_runtime(tmp_path / "home" / "runs" / f"crossfit-{p.regime}-s{p.seed}" / "home").db.session() as s:
+        assert s.query(FusionModel).filter_by(name="fold1-facebook-lr1e-01-e3-h8").one() \
+            .config["job"]["train"]["gate_hidden"] == 8
     assert hits[(-3.0, -3.0)].mean() < hits[(0.0, 0.0)].mean()  # the query alone: the memory's gain is gone
     cells = {(c["image_bias"], c["text_bias"]): c for c in pooled_grid([hits, hits])}
     start = cells[(0.0, 0.0)]
@@ -359,15 +367,18 @@ def test_crossfit_folds_split_the_held_out_subcategories_evenly():
 
 
 def test_crossfit_hits_are_saved_under_names_that_read_back_as_their_recipe():
-    for key in (START, ("facebook", 0.03, 20, "scores", False, "reco"), ("facebook+google", 0.1, 10, "rivals", True,
-                                                                           "reco"),
-                ("facebook", 0.1, 10, "scores", True, "fused"), ("facebook", 0.1, 10, "scores", False, "fused")):
+    for key in (START, ("facebook", 0.03, 20, "scores", False, "reco", 0),
+                ("facebook+google", 0.1, 10, "rivals", True, "reco", 0),
+                ("facebook", 0.1, 10, "scores", True, "fused", 0), ("facebook", 0.1, 10, "scores", False, "fused", 0),
+                ("facebook", 0.1, 10, "scores", False, "reco", 16), ("facebook", 0.03, 20, "rivals", True, "fused", 8)):
         assert _key(_name(key)) == key
-    # names saved before round seven (no features), round eight (no sharpness) and round nine (no loss): a
-    # fixed-sharpness gate that saw the scores, or the features named, trained on the paper's loss
-    assert _key("facebook_0.03_20") == ("facebook", 0.03, 20, "scores", False, "reco")
-    assert _key("facebook_0.1_10_rivals") == ("facebook", 0.1, 10, "rivals", False, "reco")
-    assert _key("facebook_0.1_10_scores_temperature") == ("facebook", 0.1, 10, "scores", True, "reco")
+    # names saved before round seven (no features), round eight (no sharpness), round nine (no loss) and round ten
+    # (no hidden width): a fixed-sharpness linear gate that saw the scores, or the features named, trained on the
+    # paper's loss
+    assert _key("facebook_0.03_20") == ("facebook", 0.03, 20, "scores", False, "reco", 0)
+    assert _key("facebook_0.1_10_rivals") == ("facebook", 0.1, 10, "rivals", False, "reco", 0)
+    assert _key("facebook_0.1_10_scores_temperature") == ("facebook", 0.1, 10, "scores", True, "reco", 0)
+    assert _key("facebook_0.1_10_scores_temperature_fused") == ("facebook", 0.1, 10, "scores", True, "fused", 0)
 
 
 def test_crossfit_keeps_the_start_unless_a_recipe_clears_one_standard_error():
@@ -375,3 +386,25 @@ def test_crossfit_keeps_the_start_unless_a_recipe_clears_one_standard_error():
     assert pick(best) is best
     best["se"] = 2.5  # the highest gain, but within its noise: the start stays
     assert pick(best) is None
+
+
+def test_crossfit_table_names_the_gate_form_only_when_the_grid_varies_it():
+    """The markdown's rows: a grid over the gate's hidden width (`crossfit --hidden 0,16`) gets a `gate` column,
+    linear or N hidden; the default grid keeps the table of earlier rounds."""
+    from benchmarks.emoji.crossfit import markdown as crossfit_markdown
+
+    rng = np.random.default_rng(0)
+    start = rng.random(200) < 0.2
+    linear = ("facebook", 0.03, 20, "scores", False, "reco", 0)
+    wide = linear[:6] + (16,)
+    per_seed = [{START: start, linear: start | (rng.random(200) < 0.05), wide: start | (rng.random(200) < 0.1)}]
+    cells = recipes(per_seed)
+    best = max(cells, key=lambda c: c["minus_start"])
+    result = {"regime": "rare", "seeds": [0], "images": 200, "recipes": cells, "best": best, "pick": pick(best),
+              "start_top1": 100 * start.mean(), "start_per_seed": [100 * start.mean()], "folds": {"0": [["a"], ["b"]]}}
+    text = crossfit_markdown(result)
+    assert "| gate | lr \\ epochs | 20 |" in text and best["hidden"] == 16
+    assert "| facebook | scores | linear | 0.03 |" in text and "| facebook | scores | 16 hidden | 0.03 |" in text
+    assert ", 16 hidden units, lr 0.03," in text
+    one = crossfit_markdown({**result, "recipes": [c for c in cells if c["hidden"] == 0], "best": cells[0]})
+    assert "gate |" not in one and "| facebook | scores | 0.03 |" in one and "hidden" not in one

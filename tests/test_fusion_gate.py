@@ -25,13 +25,18 @@ def _inputs(b=16, seed=0):
     return q, r, s, mask
 
 
-@pytest.mark.parametrize("init,features,temperature", [("retrieval", "scores", False), ("identity", "scores", False),
-                                                       ("retrieval", "rivals", False), ("retrieval", "scores", True)])
-def test_a_gated_model_at_step_0_is_the_ungated_untrained_start_exactly(init, features, temperature):
+@pytest.mark.parametrize("init,features,temperature,hidden", [
+    ("retrieval", "scores", False, 0), ("identity", "scores", False, 0), ("retrieval", "rivals", False, 0),
+    ("retrieval", "scores", True, 0), ("retrieval", "rivals", True, 8), ("identity", "scores", False, 8)])
+def test_a_gated_model_at_step_0_is_the_ungated_untrained_start_exactly(init, features, temperature, hidden):
     plain, gated = (build(FusionConfig(dim=D, k=K, init=init, gate=g, gate_features=features,
-                                       gate_temperature=temperature and g), 7) for g in (False, True))
-    assert gated.image.gate.in_features == len(GATE_SETS[features])
-    assert gated.image.gate.out_features == 1 + temperature
+                                       gate_temperature=temperature and g, gate_hidden=hidden * g), 7)
+                    for g in (False, True))
+    first, last = (gated.image.gate, gated.image.gate) if hidden == 0 else (gated.image.gate[0], gated.image.gate[-1])
+    assert first.in_features == len(GATE_SETS[features]) and first.out_features == (hidden or 1 + temperature)
+    assert last.out_features == 1 + temperature
+    if hidden:  # the hidden layer starts random (the output layer at zero), so the gate can learn past step 0
+        assert first.weight.abs().sum() > 0 and not last.weight.any()
     for key, value in plain.state_dict().items():  # the gate takes nothing from the others' random start
         assert torch.equal(value, gated.state_dict()[key]), key
     q, r, s, mask = _inputs()
@@ -133,10 +138,12 @@ def _task(n, gen):
     return query, retrieved, scores, target, agree
 
 
-def test_trained_gate_trusts_the_memory_where_neighbours_agree():
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_trained_gate_trusts_the_memory_where_neighbours_agree(hidden):
     """The documented direction: after training, g is higher for queries whose neighbours agree (the memory then
-    holds the answer) than for queries whose neighbours scatter, and only the gate learned (--tune gate)."""
-    model = build(FusionConfig(dim=D, k=K, gate=True, init="retrieval", score_scale_init=100.0), 0)
+    holds the answer) than for queries whose neighbours scatter, and only the gate learned (--tune gate); for the
+    linear gate and for one with a hidden layer (--gate-hidden)."""
+    model = build(FusionConfig(dim=D, k=K, gate=True, init="retrieval", score_scale_init=100.0, gate_hidden=hidden), 0)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(param_groups(model, "gate", 0.0), lr=5e-2)
     gen = torch.Generator().manual_seed(0)
@@ -153,8 +160,8 @@ def test_trained_gate_trusts_the_memory_where_neighbours_agree():
         g = layer.gate_value(q, r, s)
         assert g[agree].mean() > 0.5 > g[~agree].mean()  # the start is 0.5 for every query
         assert g[agree].mean() > g[~agree].mean() + 0.3
-        col = GATE_FEATURES.index("agreement")
-        assert layer.gate.weight[0, col] > 0  # more agreement, more memory
+        if not hidden:
+            assert layer.gate.weight[0, GATE_FEATURES.index("agreement")] > 0  # more agreement, more memory
         # and the gate pays: top-1 against the targets beats the ungated start on the same queries
         start_model = build(FusionConfig(dim=D, k=K, gate=True, init="retrieval", score_scale_init=100.0), 0)
         start_model.eval()
@@ -175,6 +182,12 @@ def test_tune_gate_needs_the_gate():
         TrainConfig(tune="gate").check()
     with pytest.raises(RecoError, match="--gate-temperature is an output of the per-query gate: add --gate"):
         TrainConfig(gate_temperature=True).check()
+    with pytest.raises(RecoError, match="--gate-hidden is the per-query gate's hidden width"):
+        TrainConfig(gate_hidden=4).check()
+    with pytest.raises(RecoError, match=">= 0"):
+        TrainConfig(gate=True, gate_hidden=-1).check()
+    with pytest.raises(ValueError, match="gate_hidden"):
+        FusionConfig(dim=D, gate_hidden=4)
     with pytest.raises(RecoError, match="--val-batching must be"):
         TrainConfig(val_batching="groups").check()
     with pytest.raises(RecoError, match="--loss must be one of reco, fused"):
@@ -225,6 +238,15 @@ def test_train_cli_gate_and_shard_validation(cli_run, rt, memory, tmp_path, tiny
     assert gated.fusion.cfg.gate_temperature and gated.fusion.text.gate.out_features == 2
     for key, value in plain.fusion.state_dict().items():
         assert torch.equal(value, gated.fusion.state_dict()[key]), key
+    # --gate-hidden: the job records the width, the gate reads its signals through that many units, and its start
+    # is the same untrained start; a linear gate keeps the parameter names of models saved before the option
+    cli_run("train", "wide", *common, "--gate", "--tune", "gate", "--gate-hidden", "4")
+    wide_shown = json.loads(cli_run("model", "show", "wide", "--json").stdout)
+    assert wide_shown["train"]["gate_hidden"] == 4 and shown["train"]["gate_hidden"] == 0
+    assert wide_shown["metrics"]["start"] == plain_start
+    wide = RecoEncoder.load("wide", runtime=rt, load_backbone=False)
+    assert wide.fusion.cfg.gate_hidden == 4 and wide.fusion.image.gate[0].out_features == 4
+    assert {"image.gate.weight", "image.gate.bias"} <= set(gated.fusion.state_dict())
     with rt.db.session() as s:
         from app.db.models import FusionModel
 
@@ -235,5 +257,7 @@ def test_train_cli_gate_and_shard_validation(cli_run, rt, memory, tmp_path, tiny
     assert all(len({val.shards[i] for i in b}) == 1 for b in batches)
     bad = cli_run("train", "bad", "--pairs", "mem", "--memory", "mem", "--tune", "gate", ok=False)
     assert bad.exit_code != 0 and "add --gate" in bad.output
+    bad = cli_run("train", "bad", *common, "--gate-hidden", "4", ok=False)
+    assert bad.exit_code != 0 and "> 0 only with --gate" in bad.output
     bad = cli_run("train", "bad", *common, "--gate", "--gate-features", "top1_score,bogus", ok=False)
     assert bad.exit_code != 0 and "--gate-features: gate features take a set (scores, rivals)" in bad.output

@@ -62,6 +62,9 @@ from .common import val_line, warn_without_workers
 @click.option("--gate-temperature", is_flag=True, default=False,
               help="The gate also sets, per query, how sharply the memory term follows the top-1 neighbour (the score "
               "softmax's scale times e^z, z from the same signals; 1 at step 0). Needs --gate.")
+@click.option("--gate-hidden", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The gate's hidden width: 0 reads its signals linearly; H > 0 through one hidden layer of H tanh "
+              "units, so one signal can weigh another (its output still starts at zero). Needs --gate.")
 @click.option("--loss", type=click.Choice(["reco", "fused"]), default="reco", show_default=True,
               help="reco: the paper's three contrastive terms (fused image vs fused text, and each fused side vs the "
               "other's frozen embedding). fused: only fused vs fused, the comparison zero-shot classification makes "

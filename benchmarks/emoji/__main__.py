@@ -64,6 +64,8 @@ def main(argv=None) -> int:
                     help="reco train --gate-features: what the gate sees")
     ap.add_argument("--gate-temperature", action=argparse.BooleanOptionalAction, default=Protocol.gate_temperature,
                     help="reco train --gate-temperature: the gate also sets each query's sharpness")
+    ap.add_argument("--gate-hidden", type=int, default=Protocol.gate_hidden,
+                    help="reco train --gate-hidden: the gate's hidden width (0: linear in its signals)")
     ap.add_argument("--loss", choices=LOSSES, default=Protocol.loss,
                     help="reco train --loss: the paper's three terms (reco), or fused vs fused alone (fused)")
     ap.add_argument("--second-look", choices=("google", "none"), default="+".join(Protocol.second_look) or "none",
@@ -106,7 +108,8 @@ def main(argv=None) -> int:
                      seed=seed, epochs=args.epochs, lr=args.lr, held_vendors=held_vendors, unseen_val=args.unseen_val,
                      novel_pairs=args.novel_pairs,
                      query_noise=args.query_noise, batching=args.batching, tune=args.tune, gate=args.gate,
-                     gate_features=args.gate_features, gate_temperature=args.gate_temperature, loss=args.loss,
+                     gate_features=args.gate_features, gate_temperature=args.gate_temperature,
+                     gate_hidden=args.gate_hidden, loss=args.loss,
                      second_look=() if args.second_look == "none" else (args.second_look,),
                      val_vendor=args.val_vendor, pair_vendor=args.pair_vendor, train_on=args.train_on,
                      max_targets=args.max_targets,

@@ -11,9 +11,12 @@ Cross-fitting on non-target data only.
 
     python -m benchmarks.emoji crossfit --loss reco,fused   # the paper's three loss terms, or fused vs fused alone
 
+    python -m benchmarks.emoji crossfit --hidden 0,16   # a linear gate, or one hidden layer of 16 units
+
 Per seed: the protocol's held-out subcategories (its validation and `dev` concepts) in two folds of about equal
 size. The protocol's gated layers, only the gate learning, are trained with each recipe (the vendors whose
-drawings train × lr × epochs × what the gate sees × whether it also sets the sharpness × the loss; one vendor's
+drawings train × lr × epochs × what the gate sees × whether it also sets the sharpness × the loss × the gate's
+hidden width; one vendor's
 drawings of one subcategory per batch, the last step kept) on one fold and scored on the other fold's facebook
 drawings, each told apart among its own subcategory's captions; then the folds swap. Pooled over folds and
 seeds: each recipe's accuracy minus the untrained start's on the same drawings, with a paired bootstrap.
@@ -43,10 +46,11 @@ VENDORS = ("facebook",)  # sets of HELD_VENDORS, '+'-joined
 FEATURES = ("scores",)  # app/gate.py's GATE_SETS
 TEMPERATURE = (False,)  # reco train --gate-temperature
 LOSS = ("reco",)  # reco train --loss
+HIDDEN = (0,)  # reco train --gate-hidden
 SWITCH = {False: "off", True: "on"}
 LRS = (1e-2, 3e-2, 1e-1)
 EPOCHS = (5, 10, 20, 40)
-START = ("start", "", 0, "", False, "")
+START = ("start", "", 0, "", False, "", 0)
 
 
 def folds(unseen: list) -> list[list[str]]:
@@ -71,14 +75,16 @@ def _saved(p: Protocol, home: Path) -> Path:
 
 
 def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=print, reuse: bool = False,
-              vendors=VENDORS, features=FEATURES, temperature=TEMPERATURE, loss=LOSS) -> dict:
-    """{(vendors, lr, epochs, features, temperature, loss): bool per held-out facebook drawing, out of fold} for one
-    seed; START is the untrained start on the same drawings (fold 1's drawings, then fold 0's). `vendors` are
-    '+'-joined sets of vendors whose drawings train, `features` names of app/gate.py's sets (what the gate sees),
-    `temperature` whether the gate also sets each query's sharpness (reco train --gate-temperature), `loss` names
-    of reco train --loss. Saved beside the seed's run; `reuse` loads a saved seed that holds every recipe asked for
-    (its base cache key must not have changed)."""
-    wanted = [START, *itertools.product(vendors, lrs, epochs, features, temperature, loss)]
+              vendors=VENDORS, features=FEATURES, temperature=TEMPERATURE, loss=LOSS, hidden=HIDDEN) -> dict:
+    """{(vendors, lr, epochs, features, temperature, loss, hidden): bool per held-out facebook drawing, out of fold}
+    for one seed; START is the untrained start on the same drawings (fold 1's drawings, then fold 0's). `vendors`
+    are '+'-joined sets of vendors whose drawings train, `features` names of app/gate.py's sets (what the gate
+    sees), `temperature` whether the gate also sets each query's sharpness (reco train --gate-temperature), `loss`
+    names of reco train --loss, `hidden` the gate's hidden widths (reco train --gate-hidden). Saved beside the
+    seed's run; `reuse` loads a saved seed that holds every recipe asked for (its base cache key must not have
+    changed)."""
+    grid = list(itertools.product(vendors, lrs, epochs, features, temperature, loss, hidden))
+    wanted = [START, *grid]
     if reuse and _saved(p, home).is_file():
         with np.load(_saved(p, home), allow_pickle=False) as z:
             saved = {_key(name): z[name] for name in z.files}
@@ -113,16 +119,16 @@ def fold_hits(p: Protocol, home: Path, cache: Path, lrs=LRS, epochs=EPOCHS, log=
 
     out: dict = {}
     for train, val in ((0, 1), (1, 0)):
-        for v, lr, ep, feats, temp, objective in itertools.product(vendors, lrs, epochs, features, temperature, loss):
+        for v, lr, ep, feats, temp, objective, width in grid:
             name = f"fold{train}-{v}-lr{lr:.0e}-e{ep}{'' if feats == 'scores' else '-' + feats}{'-temp' * temp}" \
-                + ("" if objective == "reco" else f"-{objective}")
+                + ("" if objective == "reco" else f"-{objective}") + (f"-h{width}" if width else "")
             name = name.replace("+", "_").replace(".", "_")
             # the protocol's training as `--train-on unseen` runs it; validating on the other fold only records it
             create_job(rt, name, _memory(train, v), "twitter", _train_cfg(
                 p, lr=lr, epochs=ep, batching="shard", select="last", val_pairs=_memory(val, p.val_vendor),
-                gate_features=feats, gate_temperature=temp, loss=objective))
+                gate_features=feats, gate_temperature=temp, loss=objective, gate_hidden=width))
             run_training(rt, name, progress=False)
-            out.setdefault((v, lr, ep, feats, temp, objective), []).append(scored(name))
+            out.setdefault((v, lr, ep, feats, temp, objective, width), []).append(scored(name))
         out.setdefault(START, []).append(scored(name, untrained=True))
     hits = {key: np.concatenate(parts) for key, parts in out.items()}
     np.savez(_saved(p, home), **{_name(k): v for k, v in hits.items()})
@@ -138,24 +144,25 @@ def _memory(fold: int, vendors: str) -> str:
 
 def _name(key) -> str:
     return "start" if key == START else f"{key[0]}_{key[1]!r}_{key[2]}_{key[3]}" + "_temperature" * key[4] \
-        + ("" if key[5] == "reco" else f"_{key[5]}")
+        + ("" if key[5] == "reco" else f"_{key[5]}") + (f"_h{key[6]}" if key[6] else "")
 
 
 def _key(name: str):
     if name == "start":
         return START
     # saved before round seven: no features (the gate saw "scores"); before round eight: no temperature; before
-    # round nine: no loss (the paper's)
+    # round nine: no loss (the paper's); before round ten: no hidden width (a linear gate)
     v, lr, ep, *rest = name.split("_")
     flags = rest[1:]
+    widths = [int(x[1:]) for x in flags if x[:1] == "h" and x[1:].isdigit()]
     return v, float(lr), int(ep), rest[0] if rest else "scores", "temperature" in flags, \
-        next((x for x in flags if x != "temperature"), "reco")
+        next((x for x in flags if x in LOSSES), "reco"), widths[0] if widths else 0
 
 
 def recipes(per_seed: list[dict]) -> list[dict]:
     """Per recipe: pooled out-of-fold accuracy, minus the start, with its paired bootstrap 95 % interval."""
     return [{"vendors": key[0], "lr": key[1], "epochs": key[2], "features": key[3], "temperature": key[4],
-             "loss": key[5], **gain}
+             "loss": key[5], "hidden": key[6], **gain}
             for key, gain in paired_gains(per_seed, START).items() if key != START]
 
 
@@ -170,28 +177,34 @@ def markdown(r: dict) -> str:
     feats = lambda c: c.get("features", "scores")  # noqa: E731 (a result from before round seven: scores)
     temp = lambda c: c.get("temperature", False)  # noqa: E731 (... before round eight: a fixed sharpness)
     loss = lambda c: c.get("loss", "reco")  # noqa: E731 (... before round nine: the paper's loss)
-    cells = {(c["vendors"], feats(c), temp(c), loss(c), c["lr"], c["epochs"]): c for c in r["recipes"]}
+    width = lambda c: c.get("hidden", 0)  # noqa: E731 (... before round ten: a linear gate)
+    cells = {(c["vendors"], feats(c), temp(c), loss(c), width(c), c["lr"], c["epochs"]): c for c in r["recipes"]}
     vendors = sorted({c["vendors"] for c in r["recipes"]}, key=len)
     sets = sorted({feats(c) for c in r["recipes"]}, key=list(GATE_SETS).index)
     temps = sorted({temp(c) for c in r["recipes"]})
     losses = sorted({loss(c) for c in r["recipes"]}, key=LOSSES.index)
+    widths = sorted({width(c) for c in r["recipes"]})
     sharp = lambda t: "| per query " if t else "| fixed " if temps != [False] else ""  # noqa: E731
     objective = lambda x: f"| {x} " if losses != ["reco"] else ""  # noqa: E731
+    form = lambda h: (f"| {h} hidden " if h else "| linear ") if widths != [0] else ""  # noqa: E731
     lrs, eps = sorted({c["lr"] for c in r["recipes"]}), sorted({c["epochs"] for c in r["recipes"]})
     lines = [f"### {r['regime']} regime: held-out subcategories, out-of-fold top-1 minus the untrained start, by "
              f"recipe (gate only, one vendor's drawings of one subcategory per batch; scored on facebook drawings, "
              f"pooled over seeds {', '.join(map(str, r['seeds']))} and both folds, {r['images']} drawings)", "",
              "| trained on | gate sees " + ("| sharpness " if temps != [False] else "")
-             + ("| loss " if losses != ["reco"] else "") + "| lr \\ epochs | " + " | ".join(map(str, eps)) + " |",
-             "|" + "---|" * (len(eps) + 3 + (temps != [False]) + (losses != ["reco"]))]
+             + ("| loss " if losses != ["reco"] else "") + ("| gate " if widths != [0] else "") + "| lr \\ epochs | "
+             + " | ".join(map(str, eps)) + " |",
+             "|" + "---|" * (len(eps) + 3 + (temps != [False]) + (losses != ["reco"]) + (widths != [0]))]
     cell = lambda c: f"{c['minus_start']:+.1f} [{c['ci95_low']:+.1f}, {c['ci95_high']:+.1f}]"  # noqa: E731
-    for v, f, t, o, lr in itertools.product(vendors, sets, temps, losses, lrs):
-        lines.append(f"| {v} | {f} {sharp(t)}{objective(o)}| {lr:g} | "
-                     + " | ".join(cell(cells[(v, f, t, o, lr, e)]) for e in eps) + " |")
+    for v, f, t, o, h, lr in itertools.product(vendors, sets, temps, losses, widths, lrs):
+        lines.append(f"| {v} | {f} {sharp(t)}{objective(o)}{form(h)}| {lr:g} | "
+                     + " | ".join(cell(cells[(v, f, t, o, h, lr, e)]) for e in eps) + " |")
     b = r["best"]
     lines += ["", f"Start: {r['start_top1']:.1f} %. Highest: {b['vendors']}, gate sees {feats(b)}"
               + (", sets each query's sharpness" if temp(b) else "")
-              + (f", loss {loss(b)}" if losses != ["reco"] else "") + f", lr {b['lr']:g}, "
+              + (f", loss {loss(b)}" if losses != ["reco"] else "")
+              + ((f", {width(b)} hidden units" if width(b) else ", linear gate") if widths != [0] else "")
+              + f", lr {b['lr']:g}, "
               f"{b['epochs']} epochs, "
               f"{b['minus_start']:+.1f} [{b['ci95_low']:+.1f}, {b['ci95_high']:+.1f}], standard error {b['se']:.1f} "
               "(per seed " + ", ".join(f"{a - s:+.1f}" for a, s in zip(b["per_seed"], r["start_per_seed"]))
@@ -217,6 +230,9 @@ def main(argv) -> int:
     ap.add_argument("--loss", default=",".join(LOSS),
                     help=f"reco train --loss: {' and/or '.join(LOSSES)} (the paper's three terms, or fused vs fused "
                          "alone), comma-separated")
+    ap.add_argument("--hidden", default=",".join(map(str, HIDDEN)),
+                    help="reco train --gate-hidden: the gate's hidden widths (0: linear in its signals), "
+                         "comma-separated")
     ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="learning rates, comma-separated")
     ap.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="epoch counts, comma-separated")
     split(ap)
@@ -225,6 +241,9 @@ def main(argv) -> int:
     shared(ap)
     args = ap.parse_args(argv)
     seeds, epochs = listed(ap, "--seeds", args.seeds), listed(ap, "--epochs", args.epochs)
+    hidden = listed(ap, "--hidden", args.hidden)
+    if not hidden or min(hidden) < 0:
+        ap.error(f"--hidden takes widths >= 0 (0: a linear gate), comma-separated, not {args.hidden!r}")
     lrs = listed(ap, "--lrs", args.lrs, float)
     vendors = [v.strip() for v in args.vendors.split(",") if v.strip()]
     if not vendors or not all(held_vendors_ok(v.split("+")) for v in vendors):
@@ -243,7 +262,7 @@ def main(argv) -> int:
                           novel_pairs=args.novel_pairs) for s in seeds]
     home, cache = Path(args.home).resolve(), Path(args.cache)
     per_seed = [fold_hits(p, home, cache, lrs, epochs, log, reuse=args.reuse, vendors=vendors, features=features,
-                          temperature=temperature, loss=loss) for p in protocols]
+                          temperature=temperature, loss=loss, hidden=hidden) for p in protocols]
     cells = recipes(per_seed)
     best = max(cells, key=lambda c: c["minus_start"])
     start = paired_gains(per_seed, START)[START]
@@ -254,11 +273,11 @@ def main(argv) -> int:
               "folds": {str(p.seed): folds(concepts(p, cache)["unseen"]) for p in protocols},
               "unseen_val": args.unseen_val, "novel_pairs": args.novel_pairs, "best": best, "pick": pick(best),
               "recipes": cells, "versions": versions()}
-    # a grid over other vendors, gate features, sharpness or loss than the default's, or other concept shares, gets
-    # its own file
+    # a grid over other vendors, gate features, sharpness, loss or gate form than the default's, or other concept
+    # shares, gets its own file
     tag = ("-vendors" if tuple(vendors) != VENDORS else "") + ("-features" if tuple(features) != FEATURES else "") \
         + ("-temperature" if tuple(temperature) != TEMPERATURE else "") + ("-loss" if tuple(loss) != LOSS else "") \
-        + _split(protocols[0])
+        + ("-hidden" if tuple(hidden) != HIDDEN else "") + _split(protocols[0])
     out = Path(args.out_dir) / f"emoji-crossfit-{args.regime}{tag}{'-reduced' if args.max_others else ''}.json"
     write_result(out, result)
     out.with_suffix(".md").write_text(markdown(result))

@@ -91,6 +91,7 @@ class Protocol:
     tune: str = "gate"  # reco train --tune
     gate_features: str = "scores"  # reco train --gate-features: what the gate sees (app/gate.py)
     gate_temperature: bool = False  # reco train --gate-temperature: the gate also sets each query's sharpness
+    gate_hidden: int = 0  # reco train --gate-hidden: 0 a linear gate, H one hidden layer of H units
     loss: str = "reco"  # reco train --loss: the paper's three terms, or fused vs fused alone
     # RECO's training pairs: "unseen" (the held-out subcategories' facebook drawings, every one a training pair and
     # the last step kept: no validation is left, the recipe was fixed by cross-fitting them), "all" (base and novel
@@ -135,7 +136,8 @@ def _train_cfg(p: Protocol, **over):
                           # else the earliest checkpoint within one standard error of the best on the unseen concepts
                           "select": "last" if held else "1se", "init": p.fusion_init, "score_scale": p.score_scale,
                           "query_noise": p.query_noise, "batching": p.batching, "tune": p.tune, "gate": p.gate,
-                          "gate_features": p.gate_features, "gate_temperature": p.gate_temperature, "loss": p.loss,
+                          "gate_features": p.gate_features, "gate_temperature": p.gate_temperature,
+                          "gate_hidden": p.gate_hidden, "loss": p.loss,
                           # each validation subcategory is its own shard, told apart among its own names
                           "val_batching": "shard", **over})
 

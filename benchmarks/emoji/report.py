@@ -224,7 +224,8 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[dict, str]:
 # and split) and what was measured beside the bar's reading
 REPLICATION_FREE = ("seed", "second_look")
 # fields the protocol gained after runs were written, with the value those runs had
-ADDED_FIELDS = {"held_vendors": ["facebook"], "gate_features": "scores", "gate_temperature": False, "loss": "reco"}
+ADDED_FIELDS = {"held_vendors": ["facebook"], "gate_features": "scores", "gate_temperature": False, "loss": "reco",
+                "gate_hidden": 0}
 
 
 def _protocol(run: dict) -> dict:
