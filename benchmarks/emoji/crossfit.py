@@ -14,14 +14,13 @@ Cross-fitting on non-target data only.
     python -m benchmarks.emoji crossfit --hidden 0,16   # a linear gate, or one hidden layer of 16 units
 
 Per seed: the protocol's held-out subcategories (its validation and `dev` concepts) in two folds of about equal
-size. The protocol's gated layers, only the gate learning, are trained with each recipe (the vendors whose
-drawings train × lr × epochs × what the gate sees × whether it also sets the sharpness × the loss × the gate's
-hidden width; one vendor's
-drawings of one subcategory per batch, the last step kept) on one fold and scored on the other fold's facebook
-drawings, each told apart among its own subcategory's captions; then the folds swap. Pooled over folds and
-seeds: each recipe's accuracy minus the untrained start's on the same drawings, with a paired bootstrap.
-`--train-on unseen` (the protocol's default) trains the picked recipe on all the held-out subcategories, so every
-drawing the recipe was judged on was out of its fold's training. No target is read.
+size. The protocol's gated layers, only the gate learning, are trained with each recipe (the vendors whose drawings
+train × lr × epochs × what the gate sees × whether it also sets the sharpness × the loss × the gate's hidden width;
+one vendor's drawings of one subcategory per batch, the last step kept) on one fold and scored on the other fold's
+facebook drawings, each told apart among its own subcategory's captions; then the folds swap. Pooled over folds and
+seeds: each recipe's accuracy minus the untrained start's on the same drawings, with a paired bootstrap. `--train-on
+unseen` (the protocol's default) trains the picked recipe on all the held-out subcategories, so every drawing the
+recipe was judged on was out of its fold's training. No target is read.
 """
 
 from __future__ import annotations
