@@ -408,3 +408,23 @@ def test_crossfit_table_names_the_gate_form_only_when_the_grid_varies_it():
     assert ", 16 hidden units, lr 0.03," in text
     one = crossfit_markdown({**result, "recipes": [c for c in cells if c["hidden"] == 0], "best": cells[0]})
     assert "gate |" not in one and "| facebook | scores | 0.03 |" in one and "hidden" not in one
+
+
+def test_the_switch_oracle_takes_per_drawing_the_image_balance_that_is_right():
+    """`balance`'s hindsight headroom of a per-query image gate: per drawing, the memory off or the start, or any
+    image bias (the text side at its start), pooled against the start; a drawing only a text-side change gets right
+    does not count."""
+    from benchmarks.emoji.balance import switch_oracle
+
+    def seed(start, off, half, text_only):
+        h = {cell: np.zeros(4, bool) for cell in itertools.product(BIASES, repeat=2)}
+        h[(0.0, 0.0)], h[(BIASES[0], 0.0)], h[(-0.5, 0.0)], h[(0.0, -1.0)] = (np.array(x, bool) for x in
+                                                                             (start, off, half, text_only))
+        return h
+
+    o = switch_oracle([seed([1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]),
+                       seed([1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1])])
+    assert o["off_or_start"]["top1"] == pytest.approx(100 * 4 / 8)  # the start's 3 of 8, and one the memory off gets
+    assert o["off_or_start"]["minus_start"] == pytest.approx(100 * 1 / 8)
+    assert o["any"]["minus_start"] == pytest.approx(100 * 2 / 8)  # and one at bias -0.5; text-only ones never
+    assert o["any"]["ci95_low"] >= 0

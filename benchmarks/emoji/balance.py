@@ -9,6 +9,8 @@ the memory term weigh e^b times the query (g = σ(b); 0 is the untrained start),
 trained gate could reach. Pooled over seeds, each cell's validation accuracy minus the start's, with a paired
 bootstrap interval (images resampled within each seed). If no cell clears the start by more than validation's
 noise, no training that only re-balances query and memory can be picked on validation, whatever it learns.
+`switch_oracle` reads the same grid per drawing: the image balance that gets each drawing right, chosen with
+hindsight, bounds what a per-query image gate could gain on these drawings.
 The grid reads no target (their drawings sit in the memory, as in every run); `--targets` then measures the one
 cell validation picked on the target groups, once, beside the untrained start, through the product's evaluation.
 """
@@ -108,6 +110,18 @@ def pooled_grid(per_seed: list[dict]) -> list[dict]:
             for cell, gain in paired_gains(per_seed, (0.0, 0.0)).items()]
 
 
+def switch_oracle(per_seed: list[dict]) -> dict:
+    """The headroom of a per-query image gate, with hindsight: per drawing, the image side's balance that gets it
+    right, if any, the text side at its start. "off_or_start": the memory off (image bias BIASES[0]) or the start;
+    "any": any image bias of the grid. Upper bounds (chosen per drawing on its own answer, so luck adds to them),
+    pooled with `paired_gains` against the start; what a trained gate gains out of fold is read against them."""
+    cols = [(b, 0.0) for b in BIASES]
+    switched = [{"start": h[(0.0, 0.0)], "off_or_start": h[(0.0, 0.0)] | h[cols[0]],
+                 "any": np.logical_or.reduce([h[c] for c in cols])} for h in per_seed]
+    gains = paired_gains(switched, "start")
+    return {k: gains[k] for k in ("off_or_start", "any")}
+
+
 def markdown(r: dict) -> str:
     cells = {(c["image_bias"], c["text_bias"]): c for c in r["cells"]}
     head = "| image bias \\ text bias | " + " | ".join(f"{b:+g}" for b in BIASES) + " |"
@@ -121,6 +135,11 @@ def markdown(r: dict) -> str:
               f"{best['text_bias']:+g}: {best['minus_start']:+.1f} [{best['ci95_low']:+.1f}, {best['ci95_high']:+.1f}] "
               f"(picked on the same drawings, so its gain is an upper bound). One standard error of the start's "
               f"accuracy: {r['start_se']:.1f} points.", ""]
+    o = r.get("oracle")
+    if o:
+        lines += [f"A per-query image gate with hindsight (per drawing, the text side at its start): the memory off "
+                  f"or the start {o['off_or_start']['minus_start']:+.1f}, any image bias of the grid "
+                  f"{o['any']['minus_start']:+.1f}. Upper bounds of what a per-query image gate could gain here.", ""]
     t = r.get("targets")
     if t:
         lines += [f"That cell on the target groups, pooled over the {t['images']} drawings and the seeds (95 % paired "
@@ -166,7 +185,7 @@ def main(argv) -> int:
               "command": "python -m benchmarks.emoji balance " + " ".join(argv), "regime": args.regime,
               "seeds": seeds, "images": n, "start_top1": start["top1"],
               "start_se": 100 * float(np.sqrt(acc * (1 - acc) / n)), "bootstrap": BOOTSTRAP,
-              "best": best, "cells": cells, "targets": targets}
+              "best": best, "cells": cells, "oracle": switch_oracle(per_seed), "targets": targets}
     reduced = args.max_others or args.max_targets
     out = Path(args.out_dir) / f"emoji-balance-{args.regime}{'-reduced' if reduced else ''}.json"
     write_result(out, result)
