@@ -147,9 +147,6 @@ class FusionLayer(nn.Module):
         if cfg.gate:  # drawn outside the global generator: every other parameter starts as without the gate
             with torch.random.fork_rng(devices=[]):  # outputs: the memory's share, then the sharpness's log-scale
                 self.gate = _gate(len(cfg.gate_features), cfg.gate_hidden, 1 + cfg.gate_temperature)
-            last = self.gate if cfg.gate_hidden == 0 else self.gate[-1]
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
 
     def gate_value(self, query, retrieved, scores=None, mask=None) -> torch.Tensor:
         """g ∈ [0, 1] per query [B]: the memory term's share (0.5 at step 0)."""
@@ -212,11 +209,14 @@ class FusionLayer(nn.Module):
 
 
 def _gate(signals: int, hidden: int, outputs: int) -> nn.Module:
-    """The gate's map from its signals to its outputs: linear (hidden 0: its parameters keep the names `gate.weight`
-    and `gate.bias` of every model saved before `gate_hidden`), or through one hidden layer of tanh units."""
-    if hidden == 0:
-        return nn.Linear(signals, outputs)
-    return nn.Sequential(nn.Linear(signals, hidden), nn.Tanh(), nn.Linear(hidden, outputs))
+    """The gate's map from its signals to its outputs, its output layer at zero (every output 0 at step 0): linear
+    (hidden 0: its parameters keep the names `gate.weight` and `gate.bias` of every model saved before
+    `gate_hidden`), or through one hidden layer of tanh units."""
+    layers = [nn.Linear(signals, hidden), nn.Tanh(), nn.Linear(hidden, outputs)] if hidden else \
+        [nn.Linear(signals, outputs)]
+    nn.init.zeros_(layers[-1].weight)
+    nn.init.zeros_(layers[-1].bias)
+    return nn.Sequential(*layers) if hidden else layers[0]
 
 
 def _sharpness(z: torch.Tensor) -> torch.Tensor:
