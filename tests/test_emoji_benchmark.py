@@ -349,6 +349,13 @@ def test_a_run_with_other_settings_never_overwrites_a_default_result():
     for bad in (("apple", "google"), ("twitter",), ()):  # a vendor the base or the memory holds, or none
         with pytest.raises(SystemExit, match="--held-vendors takes facebook and/or google"):
             Protocol(held_vendors=bad)
+    # training settings `reco train` refuses are refused when the protocol is made, before any base is pretrained
+    for bad, message in (({"gate_hidden": -1}, "--gate-hidden is the per-query gate's hidden width"),
+                         ({"gate": False}, "--tune gate trains only the per-query gate: add --gate"),
+                         ({"tune": "all", "gate": False, "gate_temperature": True}, "add --gate")):
+        with pytest.raises(SystemExit, match=message):
+            Protocol(**bad)
+    assert _result_name(Protocol(gate_hidden=16)) == "emoji-absent-gate_hidden16-s0.json"
     assert _result_name(Protocol(targets=["animal-mammal+animal-bird"])) == \
         "emoji-absent-animal-mammal_animal-bird-s0.json"
 

@@ -121,6 +121,12 @@ class Protocol:
                              f"{'+'.join(self.second_look)!r}")
         if self.unseen_val <= 0 or self.novel_pairs < 0 or self.unseen_val + self.novel_pairs >= 0.9:
             raise SystemExit("--unseen-val must be > 0, --novel-pairs >= 0, and together below 0.9")
+        from app.errors import RecoError
+
+        try:  # the training settings `reco train` would refuse, refused before the base is pretrained
+            _train_cfg(self).check()
+        except RecoError as e:
+            raise SystemExit(str(e)) from None
 
     def group_subcategories(self) -> dict[str, list[str]]:
         return {g: [s.strip() for s in g.split("+") if s.strip()] for g in self.targets}
